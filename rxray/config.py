@@ -1,0 +1,289 @@
+"""Typed step configs: defaults in code, a YAML file over them, CLI flags over both.
+
+Every config is a dataclass whose fields carry their help text and bounds. It is
+validated once, in :func:`load_config`, before any work starts; a bad value raises
+:class:`ConfigError`, which the CLI prints as one line naming the field and exits 2.
+The resolved config is saved with every output (:func:`config_to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from rxray.data.layout import TREATMENT_GROUPS
+
+REQUIRED = object()
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; ``str()`` is the one-line message."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+
+
+def option(
+    default: Any = REQUIRED,
+    help: str = "",
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: typing.Sequence[Any] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """A config field with its CLI help, bounds and allowed values."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    if default is REQUIRED:
+        return field(default=None, metadata={**metadata, "required": True})
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce_scalar(tp: Any, value: Any, name: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(name, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(name, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # a programming error, not user input
+
+
+def coerce(tp: Any, value: Any, name: str) -> Any:
+    """Convert a YAML or CLI value to the field's declared type, or raise ConfigError."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(name, "must not be empty")
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (part.strip() for part in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list, got {value!r}")
+        return [_coerce_scalar(item_type, v, name) for v in value]
+    return _coerce_scalar(tp, value, name)
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, name: str) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    meta = f.metadata
+    for v in values:
+        if meta.get("choices") is not None and v not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"])
+            raise ConfigError(name, f"must be one of {allowed}, got {v!r}")
+        if meta.get("minimum") is not None and v < meta["minimum"]:
+            raise ConfigError(name, f"must be >= {meta['minimum']}, got {v!r}")
+        if meta.get("maximum") is not None and v > meta["maximum"]:
+            raise ConfigError(name, f"must be <= {meta['maximum']}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml(uri: str, name: str = "config") -> dict[str, Any]:
+    """A YAML mapping from a local path or URI; ConfigError if missing or malformed."""
+    from rxray import storage
+
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        raise ConfigError(name, f"file not found: {uri}") from None
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {uri}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, f"{uri} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(name, f"{uri} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(cls: type, yaml_uri: str | None = None, overrides: dict[str, Any] | None = None,
+                values: dict[str, Any] | None = None):
+    """Build and validate a config: code defaults < ``values`` or YAML file < non-None ``overrides``.
+
+    A YAML file may hold the step's fields at the top level, or under a key named
+    after the step (``cls.section``), as pipeline and best-config files do.
+    """
+    section = getattr(cls, "section", cls.__name__)
+    merged: dict[str, Any] = {}
+    if yaml_uri:
+        data = read_yaml(yaml_uri)
+        if section in data and isinstance(data[section], dict):
+            data = data[section]
+        merged.update(data)
+    if values:
+        merged.update(values)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in merged:
+        if key.replace("-", "_") not in fields:
+            raise ConfigError(f"{section}.{key}", "unknown key")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{section}.{name}"
+        raw = merged.get(name, merged.get(name.replace("_", "-"), dataclasses.MISSING))
+        if raw is dataclasses.MISSING:
+            if f.metadata.get("required"):
+                raise ConfigError(dotted, "is required")
+            continue
+        value = coerce(hints[name], raw, dotted)
+        _check_bounds(f, value, dotted)
+        kwargs[name] = value
+    cfg = cls(**kwargs)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as a plain dict (for manifests and saved YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, under its section key, loadable by :func:`load_config`."""
+    return yaml.safe_dump({getattr(cfg, "section", type(cfg).__name__): config_to_dict(cfg)}, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- step configs
+
+
+@dataclass
+class SynthConfig:
+    """`rxray synth`: write an RxRx2-format synthetic dataset."""
+
+    section = "synth"
+
+    out: str = option(help="output URI (local folder, s3://bucket/prefix)")
+    experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
+    plates: int = option(2, "plates per experiment", minimum=1)
+    wells: int = option(40, "wells per plate, controls included", minimum=2, maximum=1536)
+    sites: int = option(2, "sites (fields of view) per well", minimum=1)
+    size: int = option(128, "image side in pixels (the real data is 1024)", minimum=32, maximum=4096)
+    treatments: int = option(12, "number of non-control treatments (the first four are the interferons)",
+                             minimum=1)
+    controls: int = option(8, "EMPTY control wells per plate", minimum=1)
+    null_fraction: float = option(0.25, "fraction of non-interferon treatments planted with no effect",
+                                  minimum=0.0, maximum=1.0)
+    cell_type: str = option("HUVEC", "cell type written to metadata")
+    seed: int = option(0, "random seed; the same seed writes the same dataset")
+
+    def validate(self) -> None:
+        if self.controls >= self.wells:
+            raise ConfigError("synth.controls", f"must be fewer than wells ({self.wells}), got {self.controls}")
+
+
+@dataclass
+class IngestConfig:
+    """`rxray ingest`: stream RxRx2 images into Parquet shards."""
+
+    section = "ingest"
+
+    source: str = option(help="dataset root URI holding metadata.csv and images/")
+    out: str = option(help="output URI for the Parquet shards")
+    size: int = option(256, "output image side in pixels (area interpolation)", minimum=8, maximum=4096)
+    treatments: Optional[list[str]] = option(None, "comma-separated treatment names to keep (default: all)")
+    group: Optional[str] = option(None, "named treatment group to keep", choices=sorted(TREATMENT_GROUPS))
+    controls: list[str] = option(["EMPTY"], "control treatments added to a --treatments/--group subset")
+    balance: Optional[int] = option(None, "downsample every treatment to this many sites (seeded)", minimum=1)
+    labels: Optional[str] = option(None, "label CSV joined on `treatment` (e.g. moa.csv)")
+    shard_rows: int = option(256, "rows per Parquet shard (bounds memory and file size)", minimum=1)
+    max_reject_frac: float = option(0.01, "fail if more than this fraction of sites is rejected",
+                                    minimum=0.0, maximum=1.0)
+    fetch_threads: int = option(6, "concurrent PNG fetches per site batch", minimum=1)
+    seed: int = option(0, "seed for balanced downsampling")
+
+    def validate(self) -> None:
+        if self.treatments and self.group:
+            raise ConfigError("ingest.group", "give either --treatments or --group, not both")
+
+
+BACKBONES = ["densenet121", "densenet201", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
+
+
+@dataclass
+class PretrainConfig:
+    """`rxray pretrain`: SimCLR pretraining on ingest shards with Ray Train."""
+
+    section = "pretrain"
+
+    data: str = option(help="URI of the ingest shards")
+    out: str = option(help="output URI for checkpoints, metrics and config")
+    backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONES)
+    weights: Optional[str] = option(None, "torchvision state-dict file (path or URI); default random init")
+    stem: str = option("adapt", "6-channel input: adapt the first conv, or project 6->3", choices=["adapt", "project"])
+    epochs: int = option(20, "training epochs", minimum=1)
+    batch_size: int = option(64, "batch size per worker", minimum=2)
+    lr: float = option(4e-4, "Adam learning rate", minimum=0.0)
+    weight_decay: float = option(1e-6, "weight decay", minimum=0.0)
+    temperature: float = option(0.5, "NT-Xent temperature", minimum=1e-4)
+    proj_dim: int = option(128, "projection head output size", minimum=2)
+    dropout: float = option(0.1, "projection head dropout", minimum=0.0, maximum=0.95)
+    crop_size: Optional[int] = option(None, "augmented view side in pixels (default: the shard image size)",
+                                      minimum=8)
+    aug_strength: float = option(1.0, "scale of the colour/noise augmentations", minimum=0.0)
+    workers: int = option(1, "Ray Train workers", minimum=1)
+    gpu: bool = option(False, "train on GPUs (one per worker)")
+    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    seed: int = option(0, "random seed")

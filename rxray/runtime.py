@@ -1,0 +1,78 @@
+"""Connecting to Ray, and the provenance every output carries (versions, timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import ray
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start local Ray."""
+    if ray.is_initialized():
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",
+             log_to_driver=True, ignore_reinit_error=True)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide results, plus the code revision when known."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("rxray", "ray", "torch", "torchvision", "pyarrow", "numpy", "scikit-learn"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode == 0:
+            versions["git"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return versions
+
+
+class Timer:
+    """Named wall-clock timings for a manifest."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        """Time the enclosed block under `name`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def write_manifest(uri: str, step: str, config: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Write `_manifest.json` under an output URI: step name, config, versions and any counts/timings."""
+    from rxray import storage
+
+    manifest = {"step": step, "config": config, "versions": package_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    storage.write_text(storage.join(uri, "_manifest.json"), json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The `_manifest.json` under an output URI, or None if the step has not completed there."""
+    from rxray import storage
+
+    path = storage.join(uri, "_manifest.json")
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_text(path))

@@ -1,0 +1,205 @@
+"""Storage by URI: local paths, s3://bucket/prefix and gs://bucket/prefix.
+
+The S3 endpoint comes from the standard ``AWS_ENDPOINT_URL`` setting (a local S3
+server in tests, the real service otherwise); credentials follow the usual AWS
+chain (environment, profile, instance profile). Local writes are atomic
+(write to a temporary name, then rename) so a killed step never leaves a
+half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be used (unknown scheme, missing optional backend)."""
+
+
+def scheme_of(uri: str) -> str:
+    """'s3', 'gs' or 'file' for a URI or local path."""
+    parsed = urlparse(str(uri))
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+        return "file"
+    if scheme == "gcs":
+        return "gs"
+    if scheme not in REMOTE_SCHEMES:
+        raise StorageError(f"unsupported storage scheme {scheme!r} in {uri!r} (use a local path, s3:// or gs://)")
+    return scheme
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-storage URIs."""
+    return scheme_of(uri) != "file"
+
+
+def strip_scheme(uri: str) -> str:
+    """The path part of a URI as filesystems expect it ('bucket/key' or an absolute local path)."""
+    uri = str(uri)
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path))
+    return uri.split("://", 1)[1].rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (never os.path.join on object keys)."""
+    uri = str(uri)
+    base = uri.rstrip("/") if is_remote(uri) else uri
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            base = posixpath.join(base, part) if is_remote(uri) else os.path.join(base, part)
+    return base
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from AWS_ENDPOINT_URL(_S3), or None for the real service."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@lru_cache(maxsize=16)
+def _fsspec_filesystem(scheme: str, endpoint: str | None) -> fsspec.AbstractFileSystem:
+    if scheme == "file":
+        return fsspec.filesystem("file", auto_mkdir=True)
+    if scheme == "s3":
+        try:
+            import s3fs  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - s3fs is a hard dependency
+            raise StorageError("s3:// needs the s3fs package") from exc
+        client_kwargs: dict[str, Any] = {"region_name": _s3_region()}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False)
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError as exc:
+        raise StorageError("gs:// needs the optional gcsfs package: pip install gcsfs") from exc
+    return fsspec.filesystem("gcs")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path within it."""
+    scheme = scheme_of(uri)
+    return _fsspec_filesystem(scheme, s3_endpoint() if scheme == "s3" else None), strip_scheme(uri)
+
+
+def _arrow_s3_kwargs() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"region": _s3_region()}
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or "https"
+    return kwargs
+
+
+def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a URI, as Ray Data's readers and writers take them."""
+    scheme = scheme_of(uri)
+    path = strip_scheme(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), path
+    if scheme == "s3":
+        return pafs.S3FileSystem(**_arrow_s3_kwargs()), path
+    fs, path = filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def exists(uri: str) -> bool:
+    """True if a file or directory exists at the URI."""
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of one file."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_text(uri: str) -> str:
+    """The content of one UTF-8 text file."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one file atomically (object stores are atomic per PUT; local files rename into place)."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write one UTF-8 text file atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def open_file(uri: str, mode: str = "rb"):
+    """An open file object for streaming reads or writes (use as a context manager)."""
+    fs, path = filesystem(uri)
+    if "w" in mode and not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return fs.open(path, mode)
+
+
+def list_dir(uri: str) -> list[str]:
+    """Full URIs of the entries directly under a directory URI (sorted); [] if it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    entries = sorted(fs.ls(path, detail=False))
+    if not is_remote(uri):
+        return entries
+    prefix = uri.split("://", 1)[0] + "://"
+    return [prefix + entry.rstrip("/") for entry in entries]
+
+
+def makedirs(uri: str) -> None:
+    """Create a directory (a no-op on object stores, where prefixes need no creation)."""
+    if not is_remote(uri):
+        os.makedirs(strip_scheme(uri), exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Delete a file (or a whole prefix with recursive=True); missing paths are ignored."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an s3:// URI if it is missing (for local S3 servers and tests)."""
+    if scheme_of(uri) != "s3":
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        # pyarrow, not s3fs: s3fs sends a LocationConstraint of us-east-1, which S3 rejects.
+        arrow_fs = pafs.S3FileSystem(**{**_arrow_s3_kwargs(), "allow_bucket_creation": True})
+        arrow_fs.create_dir(bucket)
+        fs.invalidate_cache()

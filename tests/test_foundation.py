@@ -1,0 +1,106 @@
+"""Config, CLI and storage basics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rxray import storage
+from rxray.cli import main
+from rxray.config import ConfigError, IngestConfig, SynthConfig, load_config
+from rxray.data import layout
+
+
+def test_well_names_round_trip():
+    assert layout.well_name(0, 0) == "A01"
+    assert layout.well_name(26, 2) == "AA03"
+    assert layout.well_name(31, 47) == "AF48"
+    for row in range(32):
+        for col in (0, 17, 47):
+            assert layout.parse_well(layout.well_name(row, col)) == (row, col)
+    for bad in ("AG01", "A49", "A00", "a01", "A1", "../x"):
+        with pytest.raises(ValueError):
+            layout.parse_well(bad)
+
+
+def test_site_ids_and_paths_match_rxrx2():
+    assert layout.make_site_id("HUVEC-1", 1, "AA03", 1) == "HUVEC-1_1_AA03_1"
+    assert layout.make_well_id("HUVEC-1", 1, "AA03") == "HUVEC-1_1_AA03"
+    path = layout.image_path("HUVEC-2", 12, "B07", 3, 5)
+    assert path == "images/HUVEC-2/Plate12/B07_s3_w5.png"
+    key = layout.parse_image_path(path)
+    assert (key.experiment, key.plate, key.well, key.site, key.channel) == ("HUVEC-2", 12, "B07", 3, 5)
+
+
+def test_config_overrides_yaml_and_defaults(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("ingest:\n  source: /data\n  out: /out\n  size: 128\n  treatments: [IFN-beta]\n")
+    cfg = load_config(IngestConfig, str(cfg_file), {"size": "64"})
+    assert cfg.size == 64 and cfg.source == "/data" and cfg.treatments == ["IFN-beta"]
+    assert cfg.controls == ["EMPTY"] and cfg.shard_rows == 256
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"out": "x", "sizee": 3}, "synth.sizee"),
+        ({"out": "x", "size": "big"}, "synth.size"),
+        ({"out": "x", "size": -4}, "synth.size"),
+        ({"size": 64}, "synth.out"),
+        ({"out": "x", "controls": 50, "wells": 10}, "synth.controls"),
+    ],
+)
+def test_config_errors_name_the_field(values, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(SynthConfig, values=values)
+    assert err.value.field_name == field
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["synth", "--out", "x", "--size", "-5"], "synth.size"),
+        (["synth", "--out", "x", "--plates", "two"], "synth.plates"),
+        (["ingest", "--config", "/nonexistent/config.yaml"], "file not found"),
+        (["ingest", "--source", "a", "--out", "b", "--group", "kinases"], "ingest.group"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_line(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "rxray.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_error_in_process(capsys):
+    assert main(["synth", "--out", "x", "--wells", "0"]) == 2
+    assert "synth.wells" in capsys.readouterr().err
+
+
+def test_local_storage_round_trip(tmp_path):
+    uri = storage.join(str(tmp_path), "a", "b.txt")
+    storage.write_text(uri, "hello")
+    assert storage.exists(uri) and storage.read_text(uri) == "hello"
+    assert storage.list_dir(storage.join(str(tmp_path), "a")) == [uri]
+    storage.remove(uri)
+    assert not storage.exists(uri)
+
+
+def test_s3_storage_round_trip(s3_bucket):
+    uri = storage.join(s3_bucket, "prefix", "obj.bin")
+    storage.write_bytes(uri, b"\x00\x01\x02")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"\x00\x01\x02"
+    assert storage.list_dir(storage.join(s3_bucket, "prefix")) == [uri]
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_stream(path) as handle:
+        assert handle.read() == b"\x00\x01\x02"
+
+
+def test_unknown_scheme_is_a_clear_error():
+    with pytest.raises(storage.StorageError, match="unsupported storage scheme"):
+        storage.exists("ftp://host/x")
