@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "stream images from storage into Parquet shards"),
     "pretrain": ("rxray.config:PretrainConfig", "rxray.train.simclr:pretrain",
                  "SimCLR pretraining with Ray Train"),
+    "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
+              "Random-Forest scores, batch correction and mAP per treatment"),
 }
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "ingest": ("rxray.bench.ingest:BenchIngestConfig", "rxray.bench.ingest:bench_ingest",

@@ -287,3 +287,24 @@ class PretrainConfig:
     gpu: bool = option(False, "train on GPUs (one per worker)")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
     seed: int = option(0, "random seed")
+
+
+@dataclass
+class ScoreConfig:
+    """`rxray score`: Random-Forest scores, batch correction and mAP activity per treatment."""
+
+    section = "score"
+
+    embeddings: str = option(help="URI of `rxray embed` output, or an RxRx2 embeddings.csv")
+    out: str = option(help="output URI for the score tables")
+    metadata: Optional[str] = option(None, "metadata.csv to join when --embeddings is an embeddings.csv "
+                                           "(default: the metadata.csv beside it)")
+    treatments: Optional[list[str]] = option(None, "treatments to score (default: every non-control treatment)")
+    controls: list[str] = option(["EMPTY"], "control treatments")
+    correct: list[str] = option(["none", "center", "tvn"], "batch corrections to report",
+                                choices=["none", "center", "tvn"])
+    trees: int = option(100, "trees per Random Forest", minimum=1)
+    folds: int = option(5, "cross-validation folds, grouped by plate", minimum=2)
+    permutations: int = option(1000, "label permutations for mAP p-values", minimum=10)
+    fdr: float = option(0.05, "false-discovery rate for calling a treatment active", minimum=0.0, maximum=1.0)
+    seed: int = option(0, "random seed for forests, folds and permutations")

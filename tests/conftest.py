@@ -50,7 +50,7 @@ def ray_local(s3_server):
     """One local Ray for the whole session (started after the S3 server so workers see it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, logging_level="ERROR", log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
