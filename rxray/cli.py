@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "stream images from storage into Parquet shards"),
     "pretrain": ("rxray.config:PretrainConfig", "rxray.train.simclr:pretrain",
                  "SimCLR pretraining with Ray Train"),
+    "embed": ("rxray.config:EmbedConfig", "rxray.batch.embed:embed",
+              "embeddings for every site with a Ray Data actor pool"),
     "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
               "Random-Forest scores, batch correction and mAP per treatment"),
 }
@@ -38,6 +40,8 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
                "ingest throughput against a decode-only ceiling and the seeds' loop"),
     "train": ("rxray.bench.train:BenchTrainConfig", "rxray.bench.train:bench_train",
               "Ray Train images/s against a plain PyTorch loop"),
+    "embed": ("rxray.bench.embed:BenchEmbedConfig", "rxray.bench.embed:bench_embed",
+              "actor-pool embedding images/s against a plain PyTorch loop, and Grad-CAM images/s"),
 }
 
 

@@ -308,3 +308,19 @@ class ScoreConfig:
     permutations: int = option(1000, "label permutations for mAP p-values", minimum=10)
     fdr: float = option(0.05, "false-discovery rate for calling a treatment active", minimum=0.0, maximum=1.0)
     seed: int = option(0, "random seed for forests, folds and permutations")
+
+
+@dataclass
+class EmbedConfig:
+    """`rxray embed`: embeddings for every shard row with a Ray Data actor pool."""
+
+    section = "embed"
+
+    data: str = option(help="URI of the ingest shards")
+    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it")
+    out: str = option(help="output URI for the embedding Parquet")
+    batch_size: int = option(64, "images per inference batch", minimum=1)
+    actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else CPUs // 2)",
+                                   minimum=1)
+    gpu: bool = option(False, "run the actors on GPUs")
+    per_well: bool = option(True, "also write per-well mean profiles")
