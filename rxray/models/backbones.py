@@ -1,0 +1,122 @@
+"""Torchvision backbones as feature encoders for 6-channel microscopy images.
+
+Two ways to feed six stain channels to an RGB architecture:
+
+- ``adapt``: the first convolution is rebuilt for ``in_channels`` inputs. With
+  pretrained weights every input channel gets the mean of the RGB kernels, scaled
+  by ``3 / in_channels``, so a grey input produces the same activations as before.
+- ``project``: a learned 1x1 convolution (+ batch norm) maps ``in_channels`` to 3
+  in front of the unmodified RGB backbone (the approach of the RxRx2 study).
+
+Models are built with ``weights=None``: nothing downloads, pretrained weights come
+from a file (:mod:`rxray.models.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from rxray.config import BACKBONES
+from rxray.models.weights import load_backbone_weights, load_state_dict_uri
+
+STEMS = ("adapt", "project")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the parts of one torchvision family live (dotted module paths)."""
+
+    first_conv: str
+    head: str  # the classifier, replaced by Identity so the model returns pooled features
+    target: str  # the last conv block, as pytorch-grad-cam recommends for the family
+
+
+_LAYOUTS = {
+    "densenet": _Layout(first_conv="features.conv0", head="classifier", target="features.norm5"),
+    "resnet": _Layout(first_conv="conv1", head="fc", target="layer4"),
+    "mobilenet_v2": _Layout(first_conv="features.0.0", head="classifier", target="features.18"),
+    "efficientnet": _Layout(first_conv="features.0.0", head="classifier", target="features.8"),
+}
+
+
+def _layout(name: str) -> _Layout:
+    return next(layout for family, layout in _LAYOUTS.items() if name.startswith(family))
+
+
+class Encoder(nn.Module):
+    """A backbone mapping (B, in_channels, H, W) float images to (B, feature_dim) pooled features."""
+
+    def __init__(self, name: str, stem: str, in_channels: int, backbone: nn.Module, feature_dim: int,
+                 stem_projection: nn.Module | None = None):
+        super().__init__()
+        self.name = name
+        self.stem = stem
+        self.in_channels = in_channels
+        self.feature_dim = feature_dim
+        self.stem_projection = stem_projection
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, feature_dim) for images (B, in_channels, H, W)."""
+        if self.stem_projection is not None:
+            images = self.stem_projection(images)
+        return self.backbone(images)
+
+    def target_layer(self) -> nn.Module:
+        """The last convolutional block, whose activations Grad-CAM weighs."""
+        return self.backbone.get_submodule(_layout(self.name).target)
+
+
+def build_encoder(name: str, stem: str = "adapt", weights: str | None = None, in_channels: int = 6) -> Encoder:
+    """A torchvision ``name`` encoder for ``in_channels`` inputs, random init or RGB weights from a URI."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+
+    layout = _layout(name)
+    backbone = torchvision.models.get_model(name, weights=None)
+    if weights:
+        load_backbone_weights(backbone, load_state_dict_uri(weights), name, source=weights)
+    feature_dim = _head_in_features(backbone.get_submodule(layout.head))
+    setattr(backbone, layout.head, nn.Identity())
+
+    stem_projection = None
+    if stem == "project":
+        # Batch norm puts the mixed channels at zero mean and unit variance, the input statistics
+        # an ImageNet-trained backbone expects.
+        stem_projection = nn.Sequential(nn.Conv2d(in_channels, 3, kernel_size=1, bias=False), nn.BatchNorm2d(3))
+    elif in_channels != 3:
+        _replace_module(backbone, layout.first_conv,
+                        _adapted_conv(backbone.get_submodule(layout.first_conv), in_channels, pretrained=bool(weights)))
+    return Encoder(name, stem, in_channels, backbone, feature_dim, stem_projection)
+
+
+def _adapted_conv(rgb_conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
+    """The first convolution rebuilt for ``in_channels`` inputs; pretrained kernels spread over them."""
+    conv = nn.Conv2d(in_channels, rgb_conv.out_channels, kernel_size=rgb_conv.kernel_size, stride=rgb_conv.stride,
+                     padding=rgb_conv.padding, dilation=rgb_conv.dilation, groups=rgb_conv.groups,
+                     bias=rgb_conv.bias is not None, padding_mode=rgb_conv.padding_mode)
+    if pretrained:
+        with torch.no_grad():
+            grey_kernel = rgb_conv.weight.mean(dim=1, keepdim=True)
+            conv.weight.copy_(grey_kernel.repeat(1, in_channels, 1, 1) * (rgb_conv.in_channels / in_channels))
+            if rgb_conv.bias is not None:
+                conv.bias.copy_(rgb_conv.bias)
+    return conv
+
+
+def _head_in_features(head: nn.Module) -> int:
+    linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    return linear.in_features
+
+
+def _replace_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_path, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
