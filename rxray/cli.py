@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "SimCLR pretraining with Ray Train"),
     "embed": ("rxray.config:EmbedConfig", "rxray.batch.embed:embed",
               "embeddings for every site with a Ray Data actor pool"),
+    "explain": ("rxray.config:ExplainConfig", "rxray.batch.gradcam:explain",
+                "Grad-CAM maps and per-stain attributions of a classifier"),
     "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
               "Random-Forest scores, batch correction and mAP per treatment"),
 }

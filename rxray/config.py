@@ -226,12 +226,25 @@ class SynthConfig:
     controls: int = option(8, "EMPTY control wells per plate", minimum=1)
     null_fraction: float = option(0.25, "fraction of non-interferon treatments planted with no effect",
                                   minimum=0.0, maximum=1.0)
+    doses: int = option(3, "concentrations per treatment (a halving ladder; effects grow with dose)", minimum=1)
+    batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
+                                  minimum=0.0, maximum=5.0)
+    chunk_sites: int = option(64, "sites per Ray task (the output does not depend on it)", minimum=1)
     cell_type: str = option("HUVEC", "cell type written to metadata")
-    seed: int = option(0, "random seed; the same seed writes the same dataset")
+    seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
 
     def validate(self) -> None:
+        from rxray.data.layout import is_safe_component
+
         if self.controls >= self.wells:
             raise ConfigError("synth.controls", f"must be fewer than wells ({self.wells}), got {self.controls}")
+        slots = self.experiments * self.plates * (self.wells - self.controls)
+        if self.treatments > slots:
+            raise ConfigError("synth.treatments", f"{self.treatments} treatments need as many treated wells, "
+                                                  f"but experiments x plates x (wells - controls) = {slots}")
+        if not is_safe_component(self.cell_type) or "_" in self.cell_type:
+            raise ConfigError("synth.cell_type", f"must be usable in paths and ids (no '/', '_'), "
+                                                 f"got {self.cell_type!r}")
 
 
 @dataclass
@@ -286,6 +299,9 @@ class PretrainConfig:
     workers: int = option(1, "Ray Train workers", minimum=1)
     gpu: bool = option(False, "train on GPUs (one per worker)")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    worker_cpus: Optional[float] = option(None, "CPUs reserved per worker (default: 1, or less on a small "
+                                                "machine so Ray Data keeps a CPU to feed them)", minimum=0.1)
+    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
     seed: int = option(0, "random seed")
 
 
@@ -324,3 +340,21 @@ class EmbedConfig:
                                    minimum=1)
     gpu: bool = option(False, "run the actors on GPUs")
     per_well: bool = option(True, "also write per-well mean profiles")
+
+
+@dataclass
+class ExplainConfig:
+    """`rxray explain`: Grad-CAM maps and per-stain attributions of a trained classifier."""
+
+    section = "explain"
+
+    data: str = option(help="URI of the ingest shards")
+    model: str = option(help="output URI of `rxray finetune`, or one checkpoint in it")
+    out: str = option(help="output URI for heatmaps, panels and channel-importance tables")
+    n: int = option(64, "images explained per target treatment", minimum=1)
+    targets: Optional[list[str]] = option(None, "treatments whose images to explain (default: every "
+                                                "non-control class of the model)")
+    batch_size: int = option(16, "images per Grad-CAM batch", minimum=1)
+    actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else 1)", minimum=1)
+    gpu: bool = option(False, "run the actors on GPUs")
+    seed: int = option(0, "seed for choosing which images to explain")

@@ -1,0 +1,85 @@
+"""The transfer-learning classifier: a 6-channel encoder, an optional stain subset, and a dense head.
+
+It always takes the full (B, 6, H, W) normalised image, so Grad-CAM and per-channel
+attributions are computed over all six stains even when the model uses a subset
+(unused stains then get exactly zero attribution).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rxray.data.layout import N_CHANNELS
+from rxray.models.backbones import Encoder
+from rxray.models.heads import ClassifierHead
+
+
+def concentration_feature(conc: torch.Tensor) -> torch.Tensor:
+    """Treatment concentration as a head input: log1p keeps doses spanning decades on one scale."""
+    return torch.log1p(conc.clamp_min(0).float()).reshape(-1, 1)
+
+
+class Classifier(nn.Module):
+    """(B, 6, H, W) normalised images [+ (B,) concentrations] -> (B, n_classes) logits."""
+
+    def __init__(self, encoder: Encoder, head: ClassifierHead, channels: Sequence[int] | None = None,
+                 with_conc: bool = False):
+        super().__init__()
+        channels = list(channels or range(1, N_CHANNELS + 1))
+        if len(channels) != encoder.in_channels:
+            raise ValueError(f"encoder takes {encoder.in_channels} channels but {len(channels)} were selected")
+        if with_conc != bool(head.extra_inputs):
+            raise ValueError("with_conc needs a head with one extra input, and only then")
+        self.encoder = encoder
+        self.head = head
+        self.channels = channels
+        self.with_conc = with_conc
+        self.register_buffer("channel_index", torch.tensor([c - 1 for c in channels]), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, D) of the selected stains."""
+        if images.shape[1] != N_CHANNELS:
+            raise ValueError(f"expected {N_CHANNELS}-channel images, got shape {tuple(images.shape)}")
+        if len(self.channels) != N_CHANNELS:
+            images = images.index_select(1, self.channel_index)
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, conc: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, n_classes); ``conc`` is required exactly when the model was built with_conc."""
+        extra = None
+        if self.with_conc:
+            if conc is None:
+                raise ValueError("this classifier was trained with --with-conc: pass treatment_conc")
+            extra = concentration_feature(conc).to(images.device)
+        return self.head(self.features(images), extra)
+
+
+def classifier_from_checkpoint(state: dict) -> Classifier:
+    """Rebuild a trained Classifier (eval mode, CPU) from a finetune checkpoint dict.
+
+    The dict holds: encoder and head state dicts, backbone, stem, channels (1-based),
+    with_conc, classes (class names in logit order), head_hidden and dropout.
+    """
+    from rxray.models.backbones import build_encoder
+
+    channels = list(state.get("channels") or range(1, N_CHANNELS + 1))
+    encoder = build_encoder(state["backbone"], stem=state["stem"], weights=None, in_channels=len(channels))
+    head = ClassifierHead(encoder.feature_dim, len(state["classes"]), hidden_dim=state.get("head_hidden", 256),
+                          dropout=state.get("dropout", 0.3), extra_inputs=1 if state.get("with_conc") else 0)
+    model = Classifier(encoder, head, channels=channels, with_conc=bool(state.get("with_conc")))
+    model.encoder.load_state_dict(state["encoder"])
+    model.head.load_state_dict(state["head"])
+    return model.eval()
+
+
+def load_classifier(uri: str) -> tuple[Classifier, dict]:
+    """The trained classifier at or under a finetune output URI, and its checkpoint dict."""
+    from rxray.train.checkpoints import load_checkpoint
+
+    state = load_checkpoint(uri)
+    if "classes" not in state or state.get("head") is None:
+        raise ValueError(f"{state['uri']} is not a classifier checkpoint (run `rxray finetune` first)")
+    return classifier_from_checkpoint(state), state
