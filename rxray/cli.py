@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "stream images from storage into Parquet shards"),
     "pretrain": ("rxray.config:PretrainConfig", "rxray.train.simclr:pretrain",
                  "SimCLR pretraining with Ray Train"),
+    "finetune": ("rxray.config:FinetuneConfig", "rxray.train.classify:finetune",
+                 "transfer-learning classifiers (linear probe or fine-tuning) with Ray Train"),
     "embed": ("rxray.config:EmbedConfig", "rxray.batch.embed:embed",
               "embeddings for every site with a Ray Data actor pool"),
     "explain": ("rxray.config:ExplainConfig", "rxray.batch.gradcam:explain",
@@ -70,8 +72,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(_flag(f), dest=f.name, action="store_const", const="true", default=None,
                                help=help_text)
-            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
-                               const="false", help=argparse.SUPPRESS)
+            group.add_argument(meta.get("negative_flag") or "--no-" + f.name.replace("_", "-"), dest=f.name,
+                               action="store_const", const="false",
+                               help=argparse.SUPPRESS if not meta.get("negative_flag") else None)
         else:
             parser.add_argument(_flag(f), dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

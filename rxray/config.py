@@ -37,9 +37,11 @@ def option(
     maximum: float | None = None,
     choices: typing.Sequence[Any] | None = None,
     flag: str | None = None,
+    negative_flag: str | None = None,
 ) -> Any:
-    """A config field with its CLI help, bounds and allowed values."""
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "flag": flag}
+    """A config field with its CLI help, bounds and allowed values (and flag names for booleans)."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "flag": flag,
+                "negative_flag": negative_flag}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     if default is REQUIRED:
@@ -229,7 +231,7 @@ class SynthConfig:
     doses: int = option(3, "concentrations per treatment (a halving ladder; effects grow with dose)", minimum=1)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
                                   minimum=0.0, maximum=5.0)
-    chunk_sites: int = option(64, "sites per Ray task (the output does not depend on it)", minimum=1)
+    chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
     cell_type: str = option("HUVEC", "cell type written to metadata")
     seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
 
@@ -357,4 +359,62 @@ class ExplainConfig:
     batch_size: int = option(16, "images per Grad-CAM batch", minimum=1)
     actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else 1)", minimum=1)
     gpu: bool = option(False, "run the actors on GPUs")
+    panels: int = option(4, "PNG panels (six stains, composite, heatmap) per target treatment", minimum=0)
+    occlusion: bool = option(True, "also measure the target-logit drop when each used stain is blanked "
+                                   "(one extra forward pass per stain)")
+    truth: Optional[str] = option(None, "truth.json of a synthetic dataset, to rank each treatment's planted "
+                                        "stain (default: the one beside the ingest source, if present)")
     seed: int = option(0, "seed for choosing which images to explain")
+
+
+@dataclass
+class FinetuneConfig:
+    """`rxray finetune`: transfer-learning classifiers (linear probe or fine-tuning) with Ray Train."""
+
+    section = "finetune"
+
+    data: str = option(help="URI of the ingest shards")
+    out: str = option(help="output URI for checkpoints, splits, metrics and plots")
+    task: str = option("binary", "binary (positive vs negative) or multiclass", choices=["binary", "multiclass"])
+    label_col: str = option("treatment", "label column: treatment, or one joined at ingest (e.g. moa)")
+    positive: Optional[str] = option(None, "binary: the positive class (e.g. IFN-beta, or GPCR with --label-col moa)")
+    negative: Optional[list[str]] = option(None, "binary: negative classes, or 'rest' for every other class "
+                                                 "(default: EMPTY for treatment labels, rest otherwise)")
+    classes: Optional[list[str]] = option(None, "multiclass: classes to keep (default: all in the data)")
+    encoder: Optional[str] = option(None, "start from a SimCLR run or checkpoint (`rxray pretrain` output)")
+    weights: Optional[str] = option(None, "start from a torchvision state-dict file (path or URI)")
+    backbone: str = option("mobilenet_v2", "torchvision backbone (ignored with --encoder)", choices=BACKBONES)
+    stem: str = option("adapt", "6-channel input (ignored with --encoder)", choices=["adapt", "project"])
+    freeze: bool = option(True, "train only the head on a frozen encoder (--finetune trains everything)",
+                          negative_flag="--finetune")
+    with_conc: bool = option(False, "feed treatment_conc to the head as an extra input")
+    channels: list[int] = option([1, 2, 3, 4, 5, 6], "1-based stains to train on, e.g. 1,3,5",
+                                 minimum=1, maximum=6)
+    class_weights: str = option("auto", "auto: loss weights inverse to class frequency; none", choices=["auto", "none"])
+    split_by: str = option("plate", "group for train/val/test splits (never by image)", choices=["plate", "experiment"])
+    val_frac: float = option(0.2, "fraction of groups for validation", minimum=0.0, maximum=0.5)
+    test_frac: float = option(0.2, "fraction of groups for test", minimum=0.0, maximum=0.5)
+    epochs: int = option(10, "training epochs", minimum=1)
+    batch_size: int = option(32, "batch size per worker", minimum=2)
+    lr: float = option(1e-3, "learning rate of the head", minimum=0.0)
+    encoder_lr_scale: float = option(0.1, "encoder learning rate as a fraction of --lr when fine-tuning",
+                                     minimum=0.0)
+    weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0.0)
+    dropout: float = option(0.3, "head dropout", minimum=0.0, maximum=0.95)
+    head_hidden: int = option(256, "head hidden units", minimum=1)
+    aug_strength: float = option(0.5, "training augmentation strength (0 = none)", minimum=0.0)
+    patience: int = option(3, "early stopping: epochs without validation improvement", minimum=1)
+    workers: int = option(1, "Ray Train workers", minimum=1)
+    gpu: bool = option(False, "train on GPUs (one per worker)")
+    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    seed: int = option(0, "random seed (splits, init, sampling)")
+
+    def validate(self) -> None:
+        if self.task == "binary" and not self.positive:
+            raise ConfigError("finetune.positive", "is required for --task binary")
+        if self.encoder and self.weights:
+            raise ConfigError("finetune.weights", "give either --encoder or --weights, not both")
+        if len(set(self.channels)) != len(self.channels):
+            raise ConfigError("finetune.channels", f"has duplicates: {self.channels}")
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ConfigError("finetune.test_frac", "val_frac + test_frac must leave groups for training")
