@@ -1,0 +1,102 @@
+"""Batch correction of embeddings, fitted on control wells only.
+
+- ``none``: the embeddings as they are.
+- ``center``: per plate, subtract the mean of that plate's control sites and divide
+  by their standard deviation (per feature). Plates are the unit of batch effect in
+  RxRx2 (each plate is imaged and stained together), and controls are the only wells
+  whose expected phenotype is the same on every plate.
+- ``tvn``: typical variation normalisation (Ando et al. 2017): ``center``, then PCA
+  whitening fitted on the control sites of all plates, so the controls' variation is
+  spherical and a treatment is measured in units of typical control variation. The
+  covariance is Ledoit-Wolf shrunk: with fewer controls than features (small screens)
+  a plain estimate is singular and whitening would blow directions the controls
+  happen not to span up into pure noise.
+
+Which controls fit a correction matters. Controls inside the fit are, together,
+exactly centred and scaled, while every other well shares the fit's estimation
+error, so a comparison against in-fit controls makes null treatments look different
+from them (on the default synthetic dataset, 8 control wells per plate: null
+treatments scored RF ROC-AUC 1.0 after TVN). :func:`split_controls` therefore splits
+each plate's control wells into a *reference* half that fits the correction and a
+*comparison* half that treatments are scored against. A plate needs at least
+``MIN_PLATE_CONTROLS`` reference control sites, otherwise its scale is not estimable
+and the correction refuses the input rather than inventing one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.covariance import LedoitWolf
+
+CORRECTIONS = ("none", "center", "tvn")
+MIN_PLATE_CONTROLS = 2
+# Keeps a feature with (almost) no control variation from being blown up to noise.
+_STD_FLOOR = 1e-6
+
+
+def center_by_plate(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, scale: bool = True) -> np.ndarray:
+    """Per plate: subtract the reference controls' mean and (with ``scale``) divide by their std, feature-wise."""
+    X = np.asarray(X, dtype=np.float64)
+    plates = np.asarray(plates)
+    reference = np.asarray(reference, dtype=bool)
+    out = np.empty_like(X)
+    thin = []
+    for plate in np.unique(plates):
+        rows = plates == plate
+        controls = X[rows & reference]
+        if len(controls) < MIN_PLATE_CONTROLS:
+            thin.append(f"{plate} ({len(controls)})")
+            continue
+        centered = X[rows] - controls.mean(axis=0)
+        if scale:
+            centered /= np.maximum(controls.std(axis=0), _STD_FLOOR)
+        out[rows] = centered
+    if thin:
+        raise ValueError(f"plates with fewer than {MIN_PLATE_CONTROLS} control sites cannot be corrected: "
+                         + ", ".join(thin[:5]) + (" ..." if len(thin) > 5 else ""))
+    return out
+
+
+def fit_whitening(controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitening matrix W (d x d) from control rows: (x - mean) @ W has ~identity covariance."""
+    controls = np.asarray(controls, dtype=np.float64)
+    mean = controls.mean(axis=0)
+    covariance = LedoitWolf(assume_centered=False).fit(controls).covariance_
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return mean, eigenvectors / np.sqrt(np.maximum(eigenvalues, _STD_FLOOR**2))
+
+
+def tvn(X: np.ndarray, plates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Plate centering and scaling on reference controls, then PCA whitening fitted on them across plates."""
+    centered = center_by_plate(X, plates, reference, scale=True)
+    mean, whitening = fit_whitening(centered[np.asarray(reference, dtype=bool)])
+    return (centered - mean) @ whitening
+
+
+def correct(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, method: str) -> np.ndarray:
+    """Apply one named correction fitted on the ``reference`` rows (control sites); float32, input row order."""
+    if method == "none":
+        corrected = np.asarray(X)
+    elif method == "center":
+        corrected = center_by_plate(X, plates, reference)
+    elif method == "tvn":
+        corrected = tvn(X, plates, reference)
+    else:
+        raise ValueError(f"unknown correction {method!r}; choose from {', '.join(CORRECTIONS)}")
+    return np.ascontiguousarray(corrected, dtype=np.float32)
+
+
+def split_controls(well_ids: pd.Series, plates: pd.Series, is_control: np.ndarray, seed: int) -> np.ndarray:
+    """Per plate, a seeded half (rounded up) of the control wells: True = reference (fits), False = comparison.
+
+    Rows are wells or sites; the split is by well, so a well's sites stay together.
+    """
+    frame = pd.DataFrame({"well": np.asarray(well_ids), "plate": np.asarray(plates)})[np.asarray(is_control, bool)]
+    wells = frame.drop_duplicates("well")
+    rng = np.random.default_rng(seed)
+    reference = []
+    for _, group in wells.groupby("plate", sort=True):
+        chosen = rng.permutation(np.sort(group["well"].to_numpy()))  # sorted: independent of row order
+        reference.extend(chosen[: (len(chosen) + 1) // 2])
+    return np.asarray(is_control, bool) & np.isin(np.asarray(well_ids), reference)

@@ -1,0 +1,105 @@
+"""Classification metrics shared by the Random-Forest scorer and the classifier trainer.
+
+One entry point, :func:`classification_metrics`, for binary and multiclass problems.
+It never raises because a class is missing from a fold: a score that cannot be
+defined (ROC-AUC with one class present) is NaN, and precision/recall of a class
+that is never predicted are 0, so a bad fold shows up as a bad number, not a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+
+def _as_probability_matrix(y_score: np.ndarray, n_labels: int) -> np.ndarray:
+    """(n, n_labels) class scores; a 1-D binary score is the probability of the second label."""
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_score.ndim == 1:
+        if n_labels != 2:
+            raise ValueError(f"a 1-D score needs exactly 2 labels, got {n_labels}")
+        return np.column_stack([1.0 - y_score, y_score])
+    if y_score.ndim != 2 or y_score.shape[1] != n_labels:
+        raise ValueError(f"expected scores of shape (n, {n_labels}), got {y_score.shape}")
+    return y_score
+
+
+def _one_vs_rest_scores(true_idx: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
+    """Macro ROC-AUC and PR-AUC over the classes that have both positives and negatives."""
+    roc, pr = [], []
+    for k in range(proba.shape[1]):
+        positive = true_idx == k
+        if positive.all() or not positive.any():
+            continue
+        roc.append(roc_auc_score(positive, proba[:, k]))
+        pr.append(average_precision_score(positive, proba[:, k]))
+    nan = float("nan")
+    return (float(np.mean(roc)) if roc else nan), (float(np.mean(pr)) if pr else nan)
+
+
+def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 (headline, macro and per class), ROC-AUC, PR-AUC, confusion matrix.
+
+    ``labels`` fixes the class order: the columns of a 2-D ``y_score`` (n, n_labels),
+    and the rows/columns of the confusion matrix. With two labels a 1-D ``y_score``
+    is the probability of ``labels[1]``, the positive class. Predictions are the
+    highest-scoring class. Headline ``precision``, ``recall`` and ``f1`` are those of
+    the positive class for binary problems and the macro averages otherwise.
+    """
+    labels = list(labels)
+    y_true = np.asarray(y_true)
+    if len(labels) < 2:
+        raise ValueError("need at least two labels")
+    if len(y_true) == 0:
+        raise ValueError("no samples to score")
+    unknown = set(y_true.tolist()) - set(labels)
+    if unknown:
+        raise ValueError(f"y_true holds labels not in `labels`: {sorted(map(str, unknown))}")
+    proba = _as_probability_matrix(y_score, len(labels))
+    # sklearn cannot type object arrays of mixed labels; score class indices instead.
+    index_of = {label: k for k, label in enumerate(labels)}
+    true_idx = np.array([index_of[v] for v in y_true.tolist()], dtype=np.int64)
+    pred_idx = np.argmax(proba, axis=1)
+    class_ids = list(range(len(labels)))
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true_idx, pred_idx, labels=class_ids, zero_division=0)
+    per_class = {str(label): {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                              "support": int(support[k])} for k, label in enumerate(labels)}
+    # Macro averages over the classes present in this fold, so a missing class does not add a 0.
+    present = support > 0
+    macro = {name: float(values[present].mean()) for name, values in
+             (("precision", precision), ("recall", recall), ("f1", f1))}
+
+    binary = len(labels) == 2
+    if binary:
+        positive = true_idx == 1
+        both = positive.any() and not positive.all()
+        roc_auc = float(roc_auc_score(positive, proba[:, 1])) if both else float("nan")
+        pr_auc = float(average_precision_score(positive, proba[:, 1])) if positive.any() else float("nan")
+        headline = {"precision": float(precision[1]), "recall": float(recall[1]), "f1": float(f1[1])}
+    else:
+        roc_auc, pr_auc = _one_vs_rest_scores(true_idx, proba)
+        headline = macro
+
+    return {
+        "accuracy": float(accuracy_score(true_idx, pred_idx)),
+        **headline,
+        "precision_macro": macro["precision"],
+        "recall_macro": macro["recall"],
+        "f1_macro": macro["f1"],
+        "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+        "per_class": per_class,
+        "labels": [str(label) for label in labels],
+        "confusion_matrix": confusion_matrix(true_idx, pred_idx, labels=class_ids).tolist(),
+        "n": int(len(y_true)),
+    }
