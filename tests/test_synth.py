@@ -1,0 +1,186 @@
+"""The synthetic RxRx2 generator: exact layout, determinism, planted biology, S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from rxray import storage
+from rxray.config import ConfigError, SynthConfig, load_config
+from rxray.data import cells, layout
+from rxray.data.synth import MOA_FILE, RARE_MOA, TRUTH_FILE, synthesize
+
+SITE_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}_\d+$")
+WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")
+SMALL = dict(experiments=2, plates=2, wells=14, controls=4, sites=2, size=32, treatments=8, seed=3)
+
+
+def _synth(out: str, **values) -> dict:
+    return synthesize(load_config(SynthConfig, values=dict(out=out, **values)))
+
+
+def _read_csv(uri: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"site_id": str})
+
+
+def _site_means(root: str, meta: pd.DataFrame) -> np.ndarray:
+    """Mean grey level of every stain of every site, (sites, 6)."""
+    return np.array([[cv2.imread(os.path.join(root, path), cv2.IMREAD_UNCHANGED).mean()
+                      for path in layout.site_image_paths(r.experiment, r.plate, r.well, r.site)]
+                     for r in meta.itertuples()])
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, ray_local):
+    """2 experiments x 2 plates of 32 px sites, rendered in chunks of 5 sites."""
+    out = str(tmp_path_factory.mktemp("synth") / "small")
+    summary = _synth(out, chunk_sites=5, **SMALL)
+    return out, summary
+
+
+def test_layout_is_exact(small_dataset):
+    root, summary = small_dataset
+    meta = pd.read_csv(os.path.join(root, layout.METADATA_FILE), keep_default_na=False)
+    assert list(meta.columns) == layout.METADATA_COLUMNS
+    assert len(meta) == summary["sites"] == 2 * 2 * 14 * 2
+    for r in meta.itertuples():
+        assert r.site_id == layout.make_site_id(r.experiment, r.plate, r.well, r.site) and SITE_ID.match(r.site_id)
+        assert r.well_id == layout.make_well_id(r.experiment, r.plate, r.well) and WELL_ID.match(r.well_id)
+        layout.parse_well(r.well)
+        assert (r.treatment_conc == "") == (r.treatment == layout.CONTROL)
+    assert meta["site_id"].is_unique
+    assert sorted(meta["experiment"].unique()) == ["HUVEC-1", "HUVEC-2"]
+    assert set(meta["cell_type"]) == {"HUVEC"} and sorted(meta["plate"].unique()) == [1, 2]
+    wells = meta.drop_duplicates("well_id")
+    assert (wells[wells["treatment"] == layout.CONTROL].groupby(["experiment", "plate"]).size() == 4).all()
+    assert set(layout.TREATMENT_GROUPS["interferons"]) <= set(meta["treatment"])
+
+    # Every PNG parses back to a metadata row; every row has exactly w1..w6.
+    images = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+              for d, _, files in os.walk(os.path.join(root, "images")) for f in files]
+    keys = [layout.parse_image_path(p) for p in images]
+    rows = set(zip(meta["experiment"], meta["plate"], meta["well"], meta["site"]))
+    assert {(k.experiment, k.plate, k.well, k.site) for k in keys} == rows
+    assert len(images) == 6 * len(meta) == summary["images"]
+    assert {k.channel for k in keys} == set(range(1, 7))
+    for path in images[:12]:
+        png = cv2.imread(os.path.join(root, path), cv2.IMREAD_UNCHANGED)
+        assert png.dtype == np.uint8 and png.shape == (32, 32)
+
+    embeddings = pd.read_csv(os.path.join(root, layout.EMBEDDINGS_FILE))
+    assert list(embeddings.columns) == ["site_id"] + [f"feature_{i}" for i in range(layout.EMBEDDING_DIM)]
+    assert embeddings["site_id"].tolist() == meta["site_id"].tolist()
+    assert np.isfinite(embeddings.iloc[:, 1:].to_numpy()).all()
+
+    moa = pd.read_csv(os.path.join(root, MOA_FILE))
+    assert list(moa.columns) == ["treatment", "moa"] and moa["treatment"].is_unique
+    assert set(meta["treatment"]) <= set(moa["treatment"]) and RARE_MOA in set(moa["moa"])
+    truth = json.load(open(os.path.join(root, TRUTH_FILE)))
+    assert set(truth["treatments"]) == set(meta["treatment"]) - {layout.CONTROL}
+    assert os.path.exists(os.path.join(root, "_manifest.json"))
+
+
+def test_deterministic_for_a_seed_whatever_the_chunking(small_dataset, tmp_path):
+    root, _ = small_dataset
+    again = str(tmp_path / "again")
+    _synth(again, chunk_sites=64, **SMALL)  # 8 chunks of 14 sites instead of 23 of 5
+    for name in (layout.METADATA_FILE, layout.EMBEDDINGS_FILE, MOA_FILE, TRUTH_FILE):
+        assert open(os.path.join(root, name), "rb").read() == open(os.path.join(again, name), "rb").read(), name
+    meta = pd.read_csv(os.path.join(root, layout.METADATA_FILE))
+    for r in meta.iloc[::9].itertuples():
+        for path in layout.site_image_paths(r.experiment, r.plate, r.well, r.site):
+            assert open(os.path.join(root, path), "rb").read() == open(os.path.join(again, path), "rb").read()
+
+    other = str(tmp_path / "other")
+    _synth(other, **{**SMALL, "seed": 4})
+    metadata = [open(os.path.join(d, layout.METADATA_FILE)).read() for d in (root, other)]
+    assert metadata[0] != metadata[1]
+
+
+def test_planted_effects_are_measurable(tmp_path, ray_local):
+    """Well means away from the plate rim: interferons at top dose vs EMPTY, and a planted null."""
+    root = str(tmp_path / "effects")
+    _synth(root, experiments=1, plates=1, wells=96, controls=24, sites=2, size=40, treatments=6, doses=2, seed=11)
+    meta = pd.read_csv(os.path.join(root, layout.METADATA_FILE))
+    truth = json.load(open(os.path.join(root, TRUTH_FILE)))["treatments"]
+    stains = [f"w{c}" for c in range(1, 7)]
+    sites = pd.concat([meta, pd.DataFrame(_site_means(root, meta), columns=stains)], axis=1)
+    sites = sites[~sites["well"].map(layout.is_edge_well)]  # rim wells carry the edge batch effect
+    wells = sites.groupby("well_id").agg({**{c: "mean" for c in stains}, "treatment": "first",
+                                          "treatment_conc": "first"})
+    empty = wells.loc[wells["treatment"] == layout.CONTROL, stains].to_numpy()
+
+    def shift(name: str, conc: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per-stain ratio to EMPTY of the same plate, and Welch t over wells (sites of a well are not independent)."""
+        treated = wells.loc[(wells["treatment"] == name) & (wells["treatment_conc"] == conc), stains].to_numpy()
+        se = np.sqrt(treated.var(0, ddof=1) / len(treated) + empty.var(0, ddof=1) / len(empty))
+        return treated.mean(0) / empty.mean(0), (treated.mean(0) - empty.mean(0)) / se
+
+    channels = set()
+    for name in layout.TREATMENT_GROUPS["interferons"]:
+        planted = truth[name]
+        primary = planted["channel_index"]
+        channels.add(primary)
+        ratio, t = shift(name, max(planted["concentrations"]))
+        assert ratio[primary] > 1.25 and t[primary] > 4, (name, ratio, t)
+        assert np.argmax(np.abs(np.log(ratio))) == primary, (name, ratio)  # the planted stain moves most
+        low_ratio, _ = shift(name, min(planted["concentrations"]))
+        assert 1 < low_ratio[primary] < ratio[primary], (name, low_ratio, ratio)  # grows with dose
+    assert len(channels) == 4  # each interferon on its own stain
+
+    nulls = [name for name, planted in truth.items() if planted["null"]]
+    assert nulls
+    for name in nulls:
+        ratio, t = shift(name, max(truth[name]["concentrations"]))
+        assert np.all(np.abs(ratio - 1) < 0.15) and np.all(np.abs(t) < 5), (name, ratio, t)
+
+
+@pytest.mark.parametrize("kind", sorted(set(cells.EFFECTS) - {"cell_count"}))
+def test_each_effect_kind_moves_its_own_stain_most(kind):
+    """Same cells with and without the effect (paired renders): the primary stain changes most."""
+    base, acq = cells.Morphology(), cells.Acquisition()
+    treated = cells.with_effect(base, kind, 1.0)
+    before = np.mean([cells.render_site(np.random.default_rng(i), base, acq, 64).mean((1, 2)) for i in range(6)], 0)
+    after = np.mean([cells.render_site(np.random.default_rng(i), treated, acq, 64).mean((1, 2)) for i in range(6)], 0)
+    change = np.abs(np.log(after / before))
+    assert np.argmax(change) == cells.effect_channel(kind) and change.max() > 0.1, change
+
+
+def test_write_and_read_back_on_s3(s3_bucket, ray_local):
+    out = f"{s3_bucket}/rxrx2"
+    summary = _synth(out, experiments=1, plates=1, wells=6, controls=2, sites=1, size=32, treatments=4, seed=5)
+    meta = _read_csv(storage.join(out, layout.METADATA_FILE))
+    assert list(meta.columns) == layout.METADATA_COLUMNS and len(meta) == summary["sites"] == 6
+    for r in meta.itertuples():
+        for path in layout.site_image_paths(r.experiment, r.plate, r.well, r.site):
+            assert storage.exists(storage.join(out, path))
+    png = np.frombuffer(storage.read_bytes(storage.join(out, layout.image_path(
+        meta.experiment[0], int(meta.plate[0]), meta.well[0], int(meta.site[0]), 3))), np.uint8)
+    assert cv2.imdecode(png, cv2.IMREAD_UNCHANGED).shape == (32, 32)
+    assert _read_csv(storage.join(out, layout.EMBEDDINGS_FILE)).shape == (6, 1 + layout.EMBEDDING_DIM)
+    assert set(_read_csv(storage.join(out, MOA_FILE))["treatment"]) >= set(meta["treatment"])
+    assert storage.exists(storage.join(out, TRUTH_FILE)) and storage.exists(storage.join(out, "_manifest.json"))
+
+
+def test_shared_tiny_dataset_has_what_other_tests_rely_on(tiny_dataset):
+    meta = pd.read_csv(os.path.join(tiny_dataset, layout.METADATA_FILE))
+    truth = json.load(open(os.path.join(tiny_dataset, TRUTH_FILE)))["treatments"]
+    assert {layout.CONTROL, *layout.TREATMENT_GROUPS["interferons"]} <= set(meta["treatment"])
+    assert any(planted["null"] for planted in truth.values())
+
+
+@pytest.mark.parametrize("values, field", [
+    (dict(experiments=1, plates=1, wells=6, controls=2, treatments=5), "synth.treatments"),
+    (dict(cell_type="HU_VEC"), "synth.cell_type"),
+    (dict(seed=-1), "synth.seed"),
+])
+def test_bad_synth_config_names_the_field(values, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config(SynthConfig, values=dict(out="x", **values))
