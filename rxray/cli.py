@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "embeddings for every site with a Ray Data actor pool"),
     "explain": ("rxray.config:ExplainConfig", "rxray.batch.gradcam:explain",
                 "Grad-CAM maps and per-stain attributions of a classifier"),
+    "report": ("rxray.config:ReportConfig", "rxray.evaluate.report:report",
+               "one HTML page with the figures of every step under a run"),
     "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
               "Random-Forest scores, batch correction and mAP per treatment"),
 }

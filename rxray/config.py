@@ -418,3 +418,15 @@ class FinetuneConfig:
             raise ConfigError("finetune.channels", f"has duplicates: {self.channels}")
         if self.val_frac + self.test_frac >= 1.0:
             raise ConfigError("finetune.test_frac", "val_frac + test_frac must leave groups for training")
+
+
+@dataclass
+class ReportConfig:
+    """`rxray report`: one HTML page with the figures of every step output under a run."""
+
+    section = "report"
+
+    run: str = option(help="run URI; every step output under it is found by its _manifest.json")
+    out: str = option(help="output folder or URI for report.html and its figures")
+    max_points: int = option(5000, "most sites drawn in the embedding scatter plots (seeded sample)", minimum=100)
+    max_panels: int = option(12, "most Grad-CAM panels shown", minimum=0)
