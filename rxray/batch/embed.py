@@ -1,0 +1,326 @@
+"""`rxray embed`: one embedding per site, computed by a Ray Data actor pool, plus per-well profiles.
+
+The trained encoder loads once per actor (:class:`EmbedBatch`); Ray Data streams
+shard batches through the pool and writes the results straight to Parquet, so
+neither images nor embeddings ever pass through the driver. Output layout under
+``out``:
+
+- ``sites/*.parquet``: one row per input site; every shard column but ``image``
+  (the 9 RxRx2 metadata columns and any label columns) plus ``embedding``, a
+  float32 vector of the encoder's feature dimension (Ray's tensor extension type;
+  plain pyarrow sees ``large_list<float>``).
+- ``wells/*.parquet``: per-well mean profiles (``--per-well``): the columns that are
+  constant within a well, ``n_sites`` and the mean ``embedding``.
+- ``_manifest.json``: config, checkpoint URI and epoch, row counts, dimension,
+  timings; written last, so its presence means the step completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rxray import storage
+from rxray.config import ConfigError, EmbedConfig, config_to_dict
+from rxray.data.layout import N_CHANNELS
+from rxray.data.shards import IMAGE_COLUMN, read_shards
+from rxray.runtime import Timer, ensure_ray, write_manifest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+SITES_DIR = "sites"
+WELLS_DIR = "wells"
+EMBEDDING_COLUMN = "embedding"
+# Site-level columns: they differ between the sites of one well, so well profiles drop them.
+SITE_ONLY_COLUMNS = ("site_id", "site")
+# Rows per Arrow batch when streaming the site table for well profiles: bounds driver memory.
+_PROFILE_READ_ROWS = 8192
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+def input_channels(checkpoint: dict[str, Any]) -> tuple[list[int] | None, list[float], list[float]]:
+    """0-based input channels a checkpoint was trained on (None: all six) and their mean/std.
+
+    Fine-tuned checkpoints may record ``channels`` (1-based, w1..w6); their
+    ``channel_mean``/``channel_std`` may cover all six channels or just those.
+    """
+    mean, std = list(checkpoint["channel_mean"]), list(checkpoint["channel_std"])
+    channels = checkpoint.get("channels")
+    if not channels:
+        return None, mean, std
+    index = [int(c) - 1 for c in channels]
+    if any(not 0 <= i < N_CHANNELS for i in index):
+        raise ValueError(f"checkpoint channels {channels} are outside w1..w{N_CHANNELS}")
+    if len(mean) == N_CHANNELS and len(index) != N_CHANNELS:
+        mean, std = [mean[i] for i in index], [std[i] for i in index]
+    return index, mean, std
+
+
+class EmbedBatch:
+    """Ray Data callable class: shard batch in, the same rows with ``embedding`` (float32 (B, D)) out.
+
+    The encoder loads once in ``__init__``; on a GPU it runs channels-last under
+    bf16 autocast. ``threads`` is this actor's share of the node's cores, so a pool
+    of actors does not oversubscribe the CPUs.
+    """
+
+    def __init__(self, checkpoint_uri: str, gpu: bool = False, threads: int | None = None):
+        import torch
+
+        from rxray.train.checkpoints import load_encoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        if gpu and not torch.cuda.is_available():
+            raise RuntimeError("--gpu was given but this actor sees no CUDA device")
+        self.device = torch.device("cuda" if gpu else "cpu")
+        encoder, checkpoint = load_encoder(checkpoint_uri)
+        self.channels, mean, std = input_channels(checkpoint)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.encoder = encoder.eval().to(self.device, memory_format=torch.channels_last)
+        self.feature_dim = encoder.feature_dim
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # float32 on CPU: bf16 there is slower on most CPUs and less exact
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """Embeddings (B, D) float32 of uint8 images (B, 6, S, S)."""
+        import torch
+
+        from rxray.ssl.augment import normalize
+
+        if self.channels is not None:
+            images = images[:, self.channels]
+        if not images.flags.writeable:  # Ray hands zero-copy read-only views; torch wants writable memory
+            images = images.copy()
+        with torch.inference_mode(), self._precision():
+            batch = torch.from_numpy(images).to(self.device, non_blocking=True)
+            batch = normalize(batch, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+            features = self.encoder(batch)
+        return features.float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's columns without ``image``, plus ``embedding``."""
+        out = {name: values for name, values in batch.items() if name != IMAGE_COLUMN}
+        out[EMBEDDING_COLUMN] = self.embed_images(batch[IMAGE_COLUMN])
+        return out
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def actor_plan(actors: int | None, gpu: bool) -> tuple[int, int]:
+    """(pool size, torch threads per actor) for the running Ray cluster.
+
+    Threads are each actor's share of all the cluster's cores, so the pool uses every
+    core without oversubscribing them; shard decoding and Parquet writing are light
+    next to the network and share the same cores.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpu:
+        gpus = int(resources.get("GPU", 0))
+        if actors is None and gpus == 0:
+            raise ConfigError("embed.actors", "no GPUs in the Ray cluster yet; give --actors to let the "
+                                              "autoscaler add GPU workers")
+        actors = actors or gpus
+    else:
+        # Half as many actors as CPUs: each takes one CPU slot (see embed_dataset), which leaves
+        # slots free for the read and write tasks.
+        actors = actors or max(1, cpus // 2)
+    return actors, max(1, cpus // actors)
+
+
+def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int, actors: int,
+                  threads: int, gpu: bool = False, embedder: type[EmbedBatch] = EmbedBatch) -> "ray.data.Dataset":
+    """The lazy Ray Dataset of shard rows with ``embedding`` in place of ``image``.
+
+    ``embedder`` swaps in a subclass of :class:`EmbedBatch` (the benchmark's timed one).
+    """
+    import ray.data
+
+    # One CPU slot per actor although it runs `threads` torch threads: reserving them all would
+    # leave no slot for the read and write tasks, and the streaming pipeline would stall.
+    return shards.map_batches(
+        embedder,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "gpu": gpu, "threads": threads},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=1 if gpu else 0,
+        udf_modifying_row_count=False,
+    )
+
+
+def _resolve_checkpoint(model: str) -> tuple[str, dict[str, Any]]:
+    """The concrete checkpoint.pt URI behind --model, and its dict; ConfigError if there is none."""
+    from rxray.train.checkpoints import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(model)
+    except FileNotFoundError as exc:
+        raise ConfigError("embed.model", str(exc)) from None
+    missing = [k for k in ("encoder", "backbone", "stem", "channel_mean", "channel_std") if k not in checkpoint]
+    if missing:
+        raise ConfigError("embed.model", f"{checkpoint['uri']} is not an rxray checkpoint (lacks {missing})")
+    return checkpoint["uri"], checkpoint
+
+
+def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
+    """The shard dataset and its row count (from Parquet footers); ConfigError if there are none."""
+    try:
+        shards = read_shards(uri)
+        rows = shards.count()
+        columns = shards.schema().names
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise ConfigError("embed.data", f"no ingest shards at {uri}: {str(exc).splitlines()[0]}") from None
+    if IMAGE_COLUMN not in columns:
+        raise ConfigError("embed.data", f"{uri} has no {IMAGE_COLUMN!r} column (not ingest output?)")
+    if rows == 0:
+        raise ConfigError("embed.data", f"the shards at {uri} hold no rows")
+    return shards, rows
+
+
+def embedding_matrix(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
+    """An ``embedding`` column read with pyarrow as an (N, D) float32 array (Ray imported or not)."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    return np.asarray(array.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(array), -1)
+
+
+def _embedding_dim(schema: "pa.Schema") -> int:
+    """The embedding length recorded in a site or well table's schema."""
+    field = schema.field(EMBEDDING_COLUMN)
+    shape = getattr(field.type, "shape", None)  # Ray's tensor type, when Ray registered it
+    if shape is None:
+        shape = json.loads((field.metadata or {})[b"ARROW:extension:metadata"])
+    return int(shape[0])
+
+
+def _site_table(uri: str):
+    """A pyarrow dataset over the Parquet files of a ``sites/`` folder."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def well_profiles(sites_uri: str) -> "pa.Table":
+    """Per-well mean embeddings of a ``sites/`` folder, one row per well_id sorted by it.
+
+    One streaming pass over the embedding table (never the images): the driver holds
+    a running float64 sum per well, wells x D numbers (37k x 1024 for all of RxRx2).
+    """
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    table = _site_table(sites_uri)
+    well_columns = [c for c in table.schema.names if c not in (*SITE_ONLY_COLUMNS, EMBEDDING_COLUMN)]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    first_rows: dict[str, dict[str, Any]] = {}
+    for batch in table.to_batches(columns=[*well_columns, EMBEDDING_COLUMN], batch_size=_PROFILE_READ_ROWS):
+        if batch.num_rows == 0:
+            continue
+        vectors = embedding_matrix(batch.column(EMBEDDING_COLUMN)).astype(np.float64)
+        wells, first_index, inverse = np.unique(batch.column("well_id").to_numpy(zero_copy_only=False),
+                                                return_index=True, return_inverse=True)
+        batch_sums = np.zeros((len(wells), vectors.shape[1]))
+        np.add.at(batch_sums, inverse, vectors)
+        batch_counts = np.bincount(inverse, minlength=len(wells))
+        for i, well_id in enumerate(wells):
+            if well_id not in sums:
+                sums[well_id] = batch_sums[i]
+                counts[well_id] = 0
+                first_rows[well_id] = {c: batch.column(c)[int(first_index[i])].as_py() for c in well_columns}
+            else:
+                sums[well_id] += batch_sums[i]
+            counts[well_id] += int(batch_counts[i])
+    order = sorted(sums)
+    columns: dict[str, Any] = {c: pa.array([first_rows[w][c] for w in order], type=table.schema.field(c).type)
+                               for c in well_columns}
+    columns["n_sites"] = pa.array([counts[w] for w in order], type=pa.int64())
+    dim = _embedding_dim(table.schema)
+    means = np.stack([sums[w] / counts[w] for w in order]) if order else np.zeros((0, dim))
+    columns[EMBEDDING_COLUMN] = ArrowTensorArray.from_numpy(means.astype(np.float32))
+    return pa.table(columns)
+
+
+def _write_table(table: "pa.Table", uri: str) -> None:
+    """Write a small table as one zstd Parquet file under a folder URI."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pq.write_table(table, f"{path}/part-000000.parquet", filesystem=fs, compression="zstd")
+
+
+def embed(cfg: EmbedConfig) -> dict[str, Any]:
+    """Embed every shard row with an actor pool; write sites/, optional wells/ and the manifest."""
+    from rxray.cli import StepFailed
+
+    ensure_ray()
+    timer = Timer()
+    start = time.perf_counter()
+    checkpoint_uri, checkpoint = _resolve_checkpoint(cfg.model)
+    shards, rows_in = _open_shards(cfg.data)
+    actors, threads = actor_plan(cfg.actors, cfg.gpu)
+
+    sites_uri, wells_uri = storage.join(cfg.out, SITES_DIR), storage.join(cfg.out, WELLS_DIR)
+    # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
+    for stale in (storage.join(cfg.out, "_manifest.json"), sites_uri, wells_uri):
+        storage.remove(stale, recursive=True)
+    storage.makedirs(cfg.out)
+
+    embedded = embed_dataset(shards, checkpoint_uri, batch_size=cfg.batch_size, actors=actors,
+                             threads=threads, gpu=cfg.gpu)
+    fs, path = storage.pyarrow_filesystem(sites_uri)
+    with timer.time("embed"):
+        embedded.write_parquet(path, filesystem=fs, compression="zstd")
+    site_table = _site_table(sites_uri)
+    rows_out = site_table.count_rows()
+    if rows_out != rows_in:
+        raise StepFailed(f"{rows_in} shard rows in but {rows_out} embeddings written under {sites_uri}")
+    dim = _embedding_dim(site_table.schema)
+
+    n_wells = None
+    if cfg.per_well:
+        with timer.time("wells"):
+            profiles = well_profiles(sites_uri)
+            _write_table(profiles, wells_uri)
+        n_wells = profiles.num_rows
+
+    timer.seconds["total"] = round(time.perf_counter() - start, 3)
+    model = {"uri": checkpoint_uri, "epoch": checkpoint.get("epoch"), "backbone": checkpoint["backbone"],
+             "stem": checkpoint["stem"], "channels": checkpoint.get("channels")}
+    counts = {"rows_in": rows_in, "rows_out": rows_out, "wells": n_wells}
+    images_per_s = round(rows_out / timer.seconds["embed"], 2) if timer.seconds["embed"] else None
+    pool = {"actors": actors, "threads_per_actor": threads, "gpu": cfg.gpu, "batch_size": cfg.batch_size}
+    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model, counts=counts, dim=dim, pool=pool,
+                   layout={"sites": SITES_DIR, "wells": WELLS_DIR if cfg.per_well else None,
+                           "embedding_column": EMBEDDING_COLUMN},
+                   timings=timer.seconds, images_per_s=images_per_s)
+    return {"out": cfg.out, "sites": sites_uri, "wells": wells_uri if cfg.per_well else None,
+            "checkpoint": checkpoint_uri, "backbone": checkpoint["backbone"], "epoch": checkpoint.get("epoch"),
+            "rows": rows_out, "wells_rows": n_wells, "dim": dim, "actors": actors, "images_per_s": images_per_s,
+            "seconds": timer.seconds}
+
