@@ -1,0 +1,384 @@
+"""`rxray report`: finds step outputs by manifest, renders every section, and links only figures that exist.
+
+The fake run mirrors what each step writes (its manifest fields and file layout), built
+with the steps' own helpers where they are cheap (the metrics dict, the channel-importance
+table, the score table's columns); figures the steps draw are stand-in PNGs, since the
+report only copies them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rxray import storage
+from rxray.cli import main
+from rxray.config import ConfigError, ReportConfig, load_config
+from rxray.data import layout
+from rxray.evaluate import report as report_module
+from rxray.evaluate.metrics import classification_metrics
+from rxray.evaluate.report import find_step_outputs, report
+from rxray.runtime import write_manifest
+
+TREATMENTS = ["EMPTY", "IFN-beta", "IFN-gamma", "TNF-alpha"]
+N_SITES = 150
+DIM = 8
+PANELS = ["panels/IFN-beta__HUVEC-1_1_B02_1.png", "panels/IFN-beta__HUVEC-1_1_B02_2.png",
+          "panels/IFN-gamma__HUVEC-1_1_C03_1.png", "panels/IFN-gamma__HUVEC-1_1_C03_2.png"]
+ALL_STEPS = ["ingest", "pretrain", "finetune", "embed", "score", "explain"]
+
+
+# --------------------------------------------------------------------------- a fake run, one writer per step
+
+
+def _put_png(uri: str, seed: int = 0) -> None:
+    """A small PNG standing in for a figure a step drew (the report copies it, never reads it)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    sink = io.BytesIO()
+    Image.fromarray(pixels).save(sink, format="PNG")
+    storage.write_bytes(uri, sink.getvalue())
+
+
+def _put_parquet(table: pa.Table, uri: str) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue())
+
+
+def _site_metadata(n: int) -> pd.DataFrame:
+    """n sites, 3 per well, one treatment per well, wells spread over 2 experiments x 3 plates."""
+    rows = []
+    for k in range(n):
+        w = k // 3
+        experiment, plate, well = ("HUVEC-1", "HUVEC-2")[w % 2], 1 + (w // 2) % 3, f"A{w:02d}"
+        rows.append({"site_id": layout.make_site_id(experiment, plate, well, k % 3 + 1),
+                     "well_id": layout.make_well_id(experiment, plate, well), "cell_type": "HUVEC",
+                     "experiment": experiment, "plate": plate, "well": well, "site": k % 3 + 1,
+                     "treatment": TREATMENTS[(w // 6) % len(TREATMENTS)], "treatment_conc": 1.0})
+    return pd.DataFrame(rows)
+
+
+def write_ingest(uri: str) -> None:
+    storage.write_text(storage.join(uri, "_shards", "part-000000.json"), "{}")
+    storage.write_text(storage.join(uri, "_rejects.csv"), "site_id,path,reason\n")
+    write_manifest(uri, "ingest", {"source": "s3://rxrx2", "size": 64},
+                   counts={"selected": N_SITES, "written": N_SITES - 2, "rejected": 2, "shards": 2,
+                           "shards_resumed": 0},
+                   timings={"plan": 0.2, "pipeline": 3.1, "finalize": 0.1, "total": 3.4},
+                   sites_per_second=44.0, channel_mean=[20.0, 30, 40, 25, 35, 15], channel_std=[5.0, 6, 7, 5, 6, 4],
+                   channel_names=layout.CHANNEL_NAMES, image_shape=[6, 64, 64], image_dtype="uint8")
+
+
+def write_synth(uri: str) -> None:
+    storage.write_text(storage.join(uri, "metadata.csv"), "site_id\n")
+    storage.write_bytes(storage.join(uri, "images", "HUVEC-1", "Plate1", "A01_s1_w1.png"), b"not listed")
+    write_manifest(uri, "synth", {"out": uri}, counts={"sites": N_SITES, "pngs": 6 * N_SITES},
+                   timings={"total": 5.0})
+
+
+def write_pretrain(uri: str) -> None:
+    from rxray.train.loop import METRICS_FILE
+
+    assert METRICS_FILE == report_module.TRAINING_METRICS_FILE
+    history = [{"epoch": e, "loss": 4.0 - 0.5 * e, "top1": 0.2 * e, "images_per_s": 90.0 + e, "steps": 3,
+                "seconds": 1.5, "data_wait_s": 0.1} for e in range(1, 4)]
+    storage.write_text(storage.join(uri, METRICS_FILE), "".join(json.dumps(h) + "\n" for h in history))
+    storage.write_bytes(storage.join(uri, "simclr", "checkpoint_000003", "checkpoint.pt"), b"weights")
+    write_manifest(uri, "pretrain", {"data": "shards", "epochs": 3}, status="trained", epochs_completed=3,
+                   resumed_from=0, checkpoint=storage.join(uri, "simclr", "checkpoint_000003"),
+                   final_metrics=history[-1], seconds={"fit": 6.0, "total": 7.0})
+
+
+def write_finetune(uri: str, with_plots: bool) -> None:
+    rng = np.random.default_rng(2)
+    labels = ["EMPTY", "IFN-beta"] if with_plots else ["EMPTY", "IFN-beta", "IFN-gamma"]
+    y_true = rng.integers(len(labels), size=40)
+    scores = rng.dirichlet(np.ones(len(labels)), size=40)
+    scores[np.arange(40), y_true] += 0.5
+    scores /= scores.sum(axis=1, keepdims=True)
+    metrics = classification_metrics([labels[i] for i in y_true], scores if len(labels) > 2 else scores[:, 1],
+                                     labels)
+    storage.write_text(storage.join(uri, "metrics.json"), json.dumps(metrics))
+    if with_plots:
+        for name in ("confusion_matrix.png", "pr_curve.png", "roc_curve.png"):
+            _put_png(storage.join(uri, name))
+        storage.write_text(storage.join(uri, "metrics.jsonl"),
+                           "".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "val_f1": 0.5 + 0.1 * e}) + "\n"
+                                   for e in range(1, 4)))
+    config = {"task": "binary" if with_plots else "multiclass", "label_col": "treatment",
+              "positive": "IFN-beta" if with_plots else None}
+    write_manifest(uri, "finetune", config, seconds={"fit": 4.0, "evaluate": 1.0, "total": 5.5})
+
+
+def write_embed(uri: str) -> None:
+    from ray.data.extensions import ArrowTensorArray
+
+    meta = _site_metadata(N_SITES)
+    vectors = np.random.default_rng(3).normal(size=(N_SITES, DIM)).astype(np.float32)
+    vectors[meta["treatment"].to_numpy() == "IFN-beta", 0] += 4.0
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    half = N_SITES // 2
+    for index, rows in enumerate((slice(0, half), slice(half, N_SITES))):
+        part = table.slice(rows.start, rows.stop - rows.start)
+        part = part.append_column("embedding", ArrowTensorArray.from_numpy(vectors[rows]))
+        _put_parquet(part, storage.join(uri, "sites", f"part-{index}.parquet"))
+    write_manifest(uri, "embed", {"data": "shards", "model": "pretrain"},
+                   model={"uri": "pretrain/checkpoint.pt", "epoch": 3, "backbone": "resnet18", "stem": "adapt"},
+                   counts={"rows_in": N_SITES, "rows_out": N_SITES, "wells": None}, dim=DIM,
+                   layout={"sites": "sites", "wells": None, "embedding_column": "embedding"},
+                   timings={"embed": 2.0, "total": 2.5}, images_per_s=75.0)
+
+
+def write_score(uri: str) -> list[str]:
+    from rxray.batch.forest import COLUMNS
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for correction in ("none", "center"):
+        for treatment in TREATMENTS[1:]:
+            row = {c: float(rng.uniform()) for c in COLUMNS}
+            row.update(treatment=treatment, correction=correction, active=bool(treatment == "IFN-beta"),
+                       status="ok", n_treated=12, n_control=12, n_plates=3, n_replicates=4)
+            rows.append(row)
+    frame = pd.DataFrame(rows)[COLUMNS]
+    outputs = [storage.join(uri, "scores.parquet"), storage.join(uri, "scores.csv")]
+    sink = io.BytesIO()
+    frame.to_parquet(sink, index=False)
+    storage.write_bytes(outputs[0], sink.getvalue())
+    storage.write_text(outputs[1], frame.to_csv(index=False))
+    write_manifest(uri, "score", {"embeddings": "embed"}, counts={"input_sites": N_SITES}, outputs=outputs,
+                   summary={}, seconds={"load": 0.5, "score": 3.0, "write": 0.1})
+    return outputs
+
+
+def write_explain(uri: str) -> None:
+    from rxray.batch.gradcam import channel_importance
+
+    rng = np.random.default_rng(5)
+    treatments = np.repeat(["IFN-beta", "IFN-gamma"], 4)
+    shares = rng.dirichlet(np.ones(6), size=len(treatments))
+    table = channel_importance(treatments, treatments, shares, np.zeros_like(shares), np.full(len(treatments), 0.8),
+                               planted={"IFN-beta": 3, "IFN-gamma": 5})
+    storage.write_text(storage.join(uri, "channel_importance.csv"), table.to_csv(index=False))
+    _put_parquet(pa.Table.from_pandas(table, preserve_index=False), storage.join(uri, "channel_importance.parquet"))
+    _put_png(storage.join(uri, "channel_importance.png"))
+    for seed, path in enumerate(PANELS):
+        _put_png(storage.join(uri, path), seed)
+    storage.write_bytes(storage.join(uri, "heatmaps", "part-0.parquet"), b"never read")
+    write_manifest(uri, "explain", {"data": "shards", "n": 4}, counts={"targets": 2, "chosen": 8, "explained": 8,
+                                                                       "panels": len(PANELS)},
+                   timings={"select": 0.1, "explain": 2.0, "importance": 0.1, "plots": 0.3}, images_per_s=4.0,
+                   importance_method="gradient x input", figures={"channel_importance": "channel_importance.png",
+                                                                  "panels": PANELS},
+                   tables={"channel_importance": {"csv": "channel_importance.csv",
+                                                  "parquet": "channel_importance.parquet"}},
+                   layout={"heatmaps": "heatmaps", "panels": "panels"},
+                   planted={"ranked_first": 1, "with_planted_channel": 2, "treatments": {}, "planted_null": []})
+
+
+def build_run(root: str, steps=tuple(ALL_STEPS)) -> str:
+    """A run folder (local or s3://) with the outputs of `steps` under arbitrary folder names."""
+    writers = {"ingest": lambda: write_ingest(storage.join(root, "data", "shards")),
+               "pretrain": lambda: write_pretrain(storage.join(root, "ssl")),
+               "finetune": lambda: (write_finetune(storage.join(root, "clf", "ifn-beta"), with_plots=True),
+                                    write_finetune(storage.join(root, "clf", "multi"), with_plots=False)),
+               "embed": lambda: write_embed(storage.join(root, "emb")),
+               "score": lambda: write_score(storage.join(root, "rf")),
+               "explain": lambda: write_explain(storage.join(root, "cam"))}
+    write_synth(storage.join(root, "data", "rxrx2"))
+    for step in steps:
+        writers[step]()
+    return root
+
+
+# --------------------------------------------------------------------------- reading the page back
+
+
+class PageLinks(HTMLParser):
+    """Every img src, a href and element id of a page, plus its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.ids: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def read_page(path: str) -> tuple[PageLinks, str]:
+    """The parsed page and its raw HTML."""
+    with open(path, encoding="utf-8") as handle:
+        page = handle.read()
+    parser = PageLinks()
+    parser.feed(page)
+    return parser, page
+
+
+def section(page: str, step: str) -> str:
+    """The HTML of one step's section (from its heading to the next)."""
+    start = page.index(f'<h2 id="{step}">')
+    end = page.find("<h2", start + 1)
+    return page[start:end if end >= 0 else None]
+
+
+def assert_links_resolve(out: str, parser: PageLinks) -> None:
+    """Every image and link is relative and its target exists (fragments name an element)."""
+    assert parser.images
+    for target in parser.images + parser.links:
+        if target.startswith("#"):
+            assert target[1:] in parser.ids, target
+            continue
+        assert "://" not in target and not os.path.isabs(target), target
+        path = os.path.join(out, target)
+        assert os.path.isfile(path), target
+        if target.endswith(".png"):
+            with Image.open(path) as image:
+                image.verify()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> str:
+    """A run with an output of every step (two finetune runs), built once for the module."""
+    return build_run(str(tmp_path_factory.mktemp("report") / "run"))
+
+
+def test_report_renders_and_links_every_figure(full_run, tmp_path):
+    out = str(tmp_path / "report")
+    result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 100,
+                                                      "max_panels": 3}))
+
+    assert result["report"] == os.path.join(out, "report.html")
+    assert result["steps"] == ["synth"] + ALL_STEPS
+    assert result["not_run"] == [] and result["problems"] == []
+    parser, page = read_page(result["report"])
+    assert_links_resolve(out, parser)
+    figures = sorted(os.listdir(os.path.join(out, "figures")))
+    assert result["figures"] == len(figures)
+    assert sorted({os.path.basename(src) for src in parser.images}) == figures  # every figure is shown
+    assert "not run" not in page
+
+    # What each section must show.
+    assert len([f for f in figures if f.startswith("embed-") and "pca" in f]) == 2
+    assert "100 of 150 sites (seeded sample)" in page
+    assert len([f for f in figures if f.startswith("finetune-clf_ifn-beta")]) == 4  # 3 copied PNGs + curves
+    assert len([f for f in figures if f.startswith("finetune-clf_multi") and "confusion" in f]) == 1
+    assert len([f for f in figures if "panels" in f]) == 3  # max_panels
+    assert {"IFN-beta", "IFN-gamma"} <= {f.split("panels_")[1].split("__")[0] for f in figures if "panels" in f}
+    assert any(f.startswith("pretrain-") for f in figures) and "timings.png" in figures
+    assert any(f.startswith("score-") for f in figures) and any(f.startswith("ingest-") for f in figures)
+    tables = os.listdir(os.path.join(out, "tables"))
+    assert len(tables) == 2
+    scores = pd.read_csv(os.path.join(out, "tables", [t for t in tables if t.startswith("score")][0]))
+    assert len(scores) == 2 * (len(TREATMENTS) - 1)
+
+    manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
+    assert manifest["step"] == "report" and manifest["counts"]["figures"] == result["figures"]
+    assert manifest["counts"]["step_outputs"] == 8  # synth, ingest, pretrain, 2 finetune, embed, score, explain
+
+
+def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
+    run = build_run(str(tmp_path / "run"), steps=("ingest", "score"))
+    out = str(tmp_path / "report")
+    assert main(["report", "--run", run, "--out", out]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == ["synth", "ingest", "score"]
+    assert result["not_run"] == ["pretrain", "finetune", "embed", "explain"]
+    parser, page = read_page(result["report"])
+    assert_links_resolve(out, parser)
+    for step in result["not_run"]:
+        assert "not run" in section(page, step)
+    for step in ("ingest", "score"):
+        assert "not run" not in section(page, step)
+
+
+def test_search_skips_bulk_folders_and_report_outputs(full_run, tmp_path, monkeypatch):
+    full_run = shutil.copytree(full_run, tmp_path / "run")  # adds outputs: leave the shared run as it is
+    full_run = str(full_run)
+    listed: list[str] = []
+    real_list = report_module.list_entries
+    monkeypatch.setattr(report_module, "list_entries", lambda uri: listed.append(uri) or real_list(uri))
+    earlier_report = os.path.join(full_run, "reports", "first")
+    write_manifest(earlier_report, "report", {})
+    excluded = os.path.join(full_run, "reports", "second")
+    write_manifest(os.path.join(excluded, "nested"), "ingest", {})
+    outputs = find_step_outputs(full_run, exclude=excluded)
+    assert sorted(o.step for o in outputs) == sorted(ALL_STEPS + ["finetune", "synth"])
+    assert {o.relative for o in outputs if o.step == "finetune"} == {"clf/ifn-beta", "clf/multi"}
+    bulk = {"images", "_shards", "sites", "heatmaps", "panels", "checkpoint_000003", "second"}
+    searched = {part for uri in listed for part in os.path.relpath(uri, full_run).split(os.sep)}
+    assert not bulk & searched, bulk & searched
+    assert len(find_step_outputs(full_run, depth=1)) == 4  # ssl, emb, rf, cam; data/* and clf/* are deeper
+    assert len(find_step_outputs(os.path.join(full_run, "rf"))) == 1  # the run URI may be one step's output
+
+
+def test_broken_artifact_is_reported_not_fatal(tmp_path):
+    run = build_run(str(tmp_path / "run"), steps=("score", "explain"))
+    storage.write_bytes(os.path.join(run, "rf", "scores.parquet"), b"not parquet")
+    out = str(tmp_path / "report")
+    result = report(load_config(ReportConfig, values={"run": run, "out": out}))
+    assert len(result["problems"]) == 1 and "score" in result["problems"][0]
+    parser, page = read_page(result["report"])
+    assert_links_resolve(out, parser)
+    assert "could not render" in section(page, "score")
+    assert "Mean attribution share" in section(page, "explain")
+
+
+def test_run_without_outputs_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError):
+        report(load_config(ReportConfig, values={"run": str(tmp_path / "empty"), "out": str(tmp_path / "r")}))
+    assert main(["report", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "report.run" in capsys.readouterr().err
+
+
+def test_run_on_s3_gives_a_local_folder_that_works(s3_bucket, tmp_path):
+    run = build_run(f"{s3_bucket}/runs/one", steps=("finetune", "explain", "embed"))
+    out = str(tmp_path / "report")
+    result = report(load_config(ReportConfig, values={"run": run, "out": out, "max_panels": 2}))
+    assert result["steps"] == ["synth", "finetune", "embed", "explain"] and result["problems"] == []
+    parser, _ = read_page(result["report"])
+    assert_links_resolve(out, parser)
+    assert len([src for src in parser.images if "panels" in src]) == 2
+
+
+@pytest.mark.slow  # starts the session's local Ray for a real `rxray score`
+def test_report_of_a_real_score_output(full_run, tmp_path, ray_local):
+    from rxray.batch.forest import score
+    from rxray.config import ScoreConfig
+
+    run = str(shutil.copytree(full_run, tmp_path / "run"))
+    score(load_config(ScoreConfig, values={"embeddings": os.path.join(run, "emb"), "out": os.path.join(run, "rf"),
+                                           "trees": 10, "folds": 2, "permutations": 20,
+                                           "correct": ["none", "center"]}))
+    out = str(tmp_path / "report")
+    result = report(load_config(ReportConfig, values={"run": run, "out": out}))
+    assert result["problems"] == []
+    parser, page = read_page(result["report"])
+    assert_links_resolve(out, parser)
+    assert any(os.path.basename(src).startswith("score-rf") for src in parser.images)
+    assert "IFN-beta" in section(page, "score")
