@@ -261,12 +261,13 @@ class IngestConfig:
     treatments: Optional[list[str]] = option(None, "comma-separated treatment names to keep (default: all)")
     group: Optional[str] = option(None, "named treatment group to keep", choices=sorted(TREATMENT_GROUPS))
     controls: list[str] = option(["EMPTY"], "control treatments added to a --treatments/--group subset")
-    balance: Optional[int] = option(None, "downsample every treatment to this many sites (seeded)", minimum=1)
+    balance: Optional[int] = option(None, "downsample every class (each treatment and the controls) to this "
+                                          "many sites (seeded)", minimum=1)
     labels: Optional[str] = option(None, "label CSV joined on `treatment` (e.g. moa.csv)")
     shard_rows: int = option(256, "rows per Parquet shard (bounds memory and file size)", minimum=1)
     max_reject_frac: float = option(0.01, "fail if more than this fraction of sites is rejected",
                                     minimum=0.0, maximum=1.0)
-    fetch_threads: int = option(6, "concurrent PNG fetches per site batch", minimum=1)
+    fetch_threads: int = option(6, "sites fetched and decoded concurrently by each shard-writing actor", minimum=1)
     seed: int = option(0, "seed for balanced downsampling")
 
     def validate(self) -> None:

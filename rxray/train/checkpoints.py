@@ -1,0 +1,112 @@
+"""Training checkpoints: one dict per epoch saved as ``checkpoint.pt``, found and loaded by URI.
+
+Like torchvision's reference scripts, a checkpoint is a single dict
+({encoder, head, optimizer, epoch, config, backbone, stem, channel_mean,
+channel_std, metrics, ...}) so resuming is one load and the file says how it was
+made. Ray Train writes each one into ``<out>/<run name>/checkpoint_epochNNNN/``;
+the zero-padded epoch in the directory name makes "latest" a name comparison,
+with no need to open any file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rxray import storage
+
+if TYPE_CHECKING:
+    from rxray.models.backbones import Encoder
+
+CHECKPOINT_FILE = "checkpoint.pt"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_epoch(\d+)$")
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Directory name of the checkpoint taken after `epoch` completed epochs (sorts by epoch)."""
+    return f"checkpoint_epoch{epoch:04d}"
+
+
+def checkpoint_epoch(uri: str) -> int | None:
+    """Completed epochs of a checkpoint dir or checkpoint.pt URI, read from its directory name."""
+    path = uri.rstrip("/")
+    if _basename(path) == CHECKPOINT_FILE:
+        path = path[: -len(CHECKPOINT_FILE)].rstrip("/\\")
+    match = _CHECKPOINT_DIR.match(_basename(path))
+    return int(match.group(1)) if match else None
+
+
+def save_checkpoint_file(state: dict[str, Any], directory: str) -> str:
+    """Write the checkpoint dict into a local directory as checkpoint.pt; returns its path."""
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    torch.save(state, path)
+    return path
+
+
+def latest_checkpoint(uri: str) -> str:
+    """URI of the newest checkpoint.pt under a run output, a checkpoint directory, or the file itself.
+
+    Accepts a pretrain/finetune output URI (checkpoints one level down, under the
+    run's name), a run directory, one ``checkpoint_epochNNNN`` directory, or a
+    ``checkpoint.pt`` URI. Raises FileNotFoundError when none is there.
+    """
+    if _basename(uri.rstrip("/")) == CHECKPOINT_FILE and storage.exists(uri):
+        return uri
+    direct = storage.join(uri, CHECKPOINT_FILE)
+    if storage.exists(direct):
+        return direct
+    candidates = _checkpoint_dirs(uri)
+    if not candidates:  # an output URI: runs live one level down (e.g. <out>/simclr/)
+        for entry in storage.list_dir(uri):
+            candidates.extend(_checkpoint_dirs(entry))
+    for epoch, directory in sorted(candidates, reverse=True):
+        path = storage.join(directory, CHECKPOINT_FILE)
+        if storage.exists(path):  # a directory without the file is a write cut off by a crash
+            return path
+    raise FileNotFoundError(f"no {CHECKPOINT_FILE} under {uri} (expected a pretrain/finetune output, "
+                            f"a checkpoint directory or a {CHECKPOINT_FILE} file)")
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """The checkpoint dict (CPU tensors) at or under a URI, as :func:`latest_checkpoint` finds it.
+
+    The returned dict also carries ``uri``: where it was read from.
+    """
+    path = latest_checkpoint(uri)
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    state["uri"] = path
+    return state
+
+
+def load_encoder(uri: str) -> tuple["Encoder", dict[str, Any]]:
+    """The trained encoder (eval mode, CPU) rebuilt from a checkpoint, and the checkpoint dict.
+
+    The dict holds ``channel_mean``/``channel_std`` for normalising inputs the way
+    training did, and the backbone, stem and config it was trained with.
+    """
+    from rxray.models.backbones import build_encoder
+
+    state = load_checkpoint(uri)
+    encoder = build_encoder(state["backbone"], stem=state["stem"], weights=None,
+                            in_channels=state.get("in_channels", 6))
+    encoder.load_state_dict(state["encoder"])
+    encoder.eval()
+    return encoder, state
+
+
+def _checkpoint_dirs(uri: str) -> list[tuple[int, str]]:
+    found = []
+    for entry in storage.list_dir(uri):
+        epoch = checkpoint_epoch(entry)
+        if epoch is not None:
+            found.append((epoch, entry))
+    return found
+
+
+def _basename(uri: str) -> str:
+    return posixpath.basename(uri) if storage.is_remote(uri) else os.path.basename(uri)

@@ -1,0 +1,163 @@
+"""SimCLR pretraining on Ray Train: checkpoints, metrics, resume, recovery from a worker death, S3."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rxray import storage
+from rxray.config import ConfigError, PretrainConfig, load_config
+from rxray.data.layout import METADATA_COLUMNS
+from rxray.runtime import read_manifest, write_manifest
+from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
+from rxray.train.loop import CrashOnce, read_metrics
+from rxray.train.simclr import RUN_NAME, pretrain
+
+pytestmark = pytest.mark.slow
+
+SITES = 128  # 2 workers x batch 8 -> 8 steps per epoch
+SIZE = 32
+
+
+def _site_rows(count: int, size: int, seed: int) -> list[dict]:
+    """Metadata rows + uint8 (6, size, size) images: smooth random textures at per-image intensities."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((count, 6, 4, 4))
+    textures = np.kron(coarse, np.ones((size // 4, size // 4)))  # blocky, so crops of one image share content
+    levels = rng.uniform(40, 200, (count, 6, 1, 1))
+    images = np.clip(levels * (0.5 + textures), 0, 255).astype(np.uint8)
+    rows = []
+    for i in range(count):
+        well = f"A{i % 48 + 1:02d}"
+        rows.append({"site_id": f"HUVEC-1_1_{well}_{i // 48 + 1}", "well_id": f"HUVEC-1_1_{well}",
+                     "cell_type": "HUVEC", "experiment": "HUVEC-1", "plate": 1, "well": well,
+                     "site": i // 48 + 1, "treatment": "EMPTY" if i % 4 == 0 else "IFN-beta",
+                     "treatment_conc": 0.0 if i % 4 == 0 else 1.0, "image": images[i]})
+    return rows
+
+
+def write_tiny_shards(ray, uri: str, count: int = SITES, size: int = SIZE, seed: int = 0) -> str:
+    """Shards following the ingest contract (9 metadata columns + image, and a manifest) at `uri`."""
+    rows = _site_rows(count, size, seed)
+    assert list(rows[0])[:9] == METADATA_COLUMNS
+    images = np.stack([row["image"] for row in rows]).astype(np.float64)
+    fs, path = storage.pyarrow_filesystem(uri)
+    ray.data.from_items(rows).repartition(4).write_parquet(path, filesystem=fs)
+    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
+                   channel_std=images.std(axis=(0, 2, 3)).tolist())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(ray_local, tmp_path_factory):
+    """128 sites of 32 px in the shard format, on local disk."""
+    return write_tiny_shards(ray_local, str(tmp_path_factory.mktemp("shards") / "ingest"))
+
+
+def _config(data: str, out: str, **values) -> PretrainConfig:
+    base = dict(data=data, out=out, backbone="resnet18", epochs=2, batch_size=8, lr=2e-3, workers=2, seed=0)
+    return load_config(PretrainConfig, values={**base, **values})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_shards, tmp_path_factory):
+    """A 2-worker CPU run of 1 epoch, then the same command with 2 epochs; yields (config, summary, stdout)."""
+    out = str(tmp_path_factory.mktemp("pretrain") / "run")
+    pretrain(_config(tiny_shards, out, epochs=1))
+    cfg = _config(tiny_shards, out, epochs=2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = pretrain(cfg)
+    return cfg, summary, printed.getvalue()
+
+
+def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
+    cfg, summary, printed = finished_run
+    assert "resuming from epoch 1" in printed
+    assert summary["status"] == "trained" and summary["epochs_completed"] == 2
+    history = read_metrics(cfg.out)
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    for entry in history:
+        assert entry["steps"] == SITES // (2 * 8)
+        assert 0.0 <= entry["top1"] <= 1.0 and entry["images_per_s"] > 0
+    assert history[-1]["loss"] < history[0]["loss"]  # contrastive learning makes progress, across the resume
+
+    run_dir = storage.join(cfg.out, RUN_NAME)
+    assert sorted(checkpoint_epoch(p) for p in storage.list_dir(run_dir) if checkpoint_epoch(p)) == [1, 2]
+    assert load_config(PretrainConfig, storage.join(cfg.out, "config.yaml")) == cfg
+    events = os.listdir(storage.join(cfg.out, "tensorboard"))
+    assert sum(name.startswith("events.out.tfevents") for name in events) == 2  # one per run
+    manifest = read_manifest(cfg.out)
+    assert manifest["step"] == "pretrain" and manifest["rows"] == SITES
+    assert manifest["epochs_completed"] == 2 and manifest["resumed_from"] == 1
+
+
+def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
+    cfg, first, _ = finished_run
+    again = pretrain(cfg)
+    assert "already complete (2 of 2 epochs)" in capsys.readouterr().out
+    assert again["status"] == "complete" and again["checkpoint"] == first["checkpoint"]
+    assert len(read_metrics(cfg.out)) == 2
+
+
+def test_checkpoint_round_trip_to_encoder(finished_run):
+    cfg, summary, _ = finished_run
+    for uri in (cfg.out, storage.join(cfg.out, RUN_NAME), os.path.dirname(summary["checkpoint"]),
+                summary["checkpoint"]):
+        assert latest_checkpoint(uri) == summary["checkpoint"]
+    state = load_checkpoint(cfg.out)
+    assert state["epoch"] == 2 and state["backbone"] == "resnet18" and state["stem"] == "adapt"
+    assert len(state["channel_mean"]) == 6 and state["starts"] == [0, 1]
+    assert [entry["epoch"] for entry in state["metrics"]] == [1, 2]
+
+    encoder, loaded = load_encoder(cfg.out)
+    assert not encoder.training
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, loaded["encoder"][key])
+    with torch.no_grad():
+        features = encoder(torch.randn(3, 6, SIZE, SIZE))
+    assert features.shape == (3, encoder.feature_dim)
+
+
+def test_latest_checkpoint_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt under"):
+        latest_checkpoint(str(tmp_path))
+
+
+def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_path):
+    bad = tmp_path / "weights.pt"
+    torch.save({"conv1.weight": torch.zeros(3)}, bad)
+    cfg = _config(tiny_shards, str(tmp_path / "out"), weights=str(bad))
+    with pytest.raises(ConfigError, match="^pretrain.weights: ") as error:
+        pretrain(cfg)
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_worker_process_death_on_s3_resumes_from_last_checkpoint(tiny_shards, s3_bucket, tmp_path):
+    marker = tmp_path / "crashed"
+    out = f"{s3_bucket}/pretrain"
+    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1),
+                       crash_once=CrashOnce(epoch=1, marker=str(marker)))
+    assert marker.exists()  # rank 0's process really died, partway through epoch 1
+    assert summary["status"] == "trained" and summary["epochs_completed"] == 2
+    assert summary["checkpoint"] == f"{out}/{RUN_NAME}/checkpoint_epoch0002/checkpoint.pt"
+    state = load_checkpoint(out)
+    assert state["starts"] == [0, 1]  # the first attempt from scratch, the restart from epoch 1's checkpoint
+    assert [entry["epoch"] for entry in state["metrics"]] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()] == [1, 2]
+    assert any("tfevents" in name for name in storage.list_dir(f"{out}/tensorboard"))
+    assert read_manifest(out)["epochs_completed"] == 2
+
+
+def test_changing_the_backbone_of_an_existing_run_is_refused(finished_run):
+    cfg, _, _ = finished_run
+    changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "mobilenet_v2", "epochs": 3})
+    with pytest.raises(ConfigError, match="^pretrain.backbone: .*use a new --out"):
+        pretrain(changed)
