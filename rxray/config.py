@@ -306,6 +306,14 @@ class PretrainConfig:
                                                 "machine so Ray Data keeps a CPU to feed them)", minimum=0.1)
     threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
     seed: int = option(0, "random seed")
+    probe: bool = option(False, "after each epoch, score a plate-grouped linear probe on frozen embeddings of a site "
+                                "sample (probe_score: the objective of `rxray tune`)")
+    probe_task: str = option("treatment", "probe target: treatment identity, or control (treated vs control)",
+                             choices=["treatment", "control"])
+    probe_treatments: Optional[list[str]] = option(None, "treatments the probe uses; controls are always kept "
+                                                         "(default: all)")
+    probe_sites: int = option(1024, "most sites the probe embeds each epoch (a seeded, class-stratified sample)",
+                              minimum=4)
 
 
 @dataclass

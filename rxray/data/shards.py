@@ -1,30 +1,106 @@
-"""Reading the ingest output (the shard contract in DESIGN.md).
+"""The shard contract (DESIGN.md): how ingest output is laid out, written and read.
 
-Shards are Parquet files under one URI with the 9 metadata columns, any joined
-label columns, and ``image``: a uint8 tensor (6, S, S) in w1..w6 order, plus
-``_manifest.json`` (counts, config, per-channel intensity statistics).
+Under one output URI:
+
+- ``part-NNNNNN.parquet``: zstd Parquet with the 9 metadata columns, any joined label
+  columns, and ``image``: uint8 (6, S, S) per row, channels in w1..w6 order.
+- ``_manifest.json``: config, versions, counts, timings and per-channel intensity
+  ``channel_mean`` / ``channel_std`` (uint8 units); present only once ingest completed.
+- ``_rejects.csv``: every selected site that was not written (site_id, path, reason).
+- ``_plan.json`` and ``_shards/part-NNNNNN.json``: ingest's bookkeeping for resume.
+
+Names starting with ``_`` or ``.`` are skipped by pyarrow/pandas dataset discovery,
+and Ray reads only ``*.parquet``, so every reader sees exactly the shards.
+
+The ``image`` column is Ray Data's fixed-shape tensor extension (ArrowTensorTypeV2,
+what Ray Data writes for an ndarray column), so ``read_shards(uri)`` yields (B, 6, S, S)
+uint8 arrays and torch tensors directly. Its storage is a plain ``large_list<uint8>``
+of the C-order flattened tensor with the shape in the field metadata
+(``ARROW:extension:metadata`` = ``[6, S, S]``), so pyarrow and pandas read it without
+Ray: use :func:`images_from_table` (pyarrow) or ``np.stack(df.image).reshape(-1, 6, S, S)``
+(pandas). This module imports Ray only when a function needs it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
-import ray
+import numpy as np
+import pyarrow as pa
 
 from rxray import storage
-from rxray.runtime import read_manifest
+
+if TYPE_CHECKING:
+    import ray.data
 
 IMAGE_COLUMN = "image"
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+REJECTS_FILE = "_rejects.csv"
+PLAN_FILE = "_plan.json"
+SHARD_RECORDS_DIR = "_shards"
+_EXTENSION_METADATA = b"ARROW:extension:metadata"
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` (zero-padded so names sort in shard order)."""
+    return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def shard_record_name(index: int) -> str:
+    """Path, relative to the output, of the record that marks shard ``index`` complete."""
+    return f"{SHARD_RECORDS_DIR}/{SHARD_PREFIX}{index:06d}.json"
+
+
+def image_column(images: np.ndarray) -> pa.Array:
+    """An (N, 6, S, S) uint8 array as the ``image`` column (Ray's tensor extension type)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(np.ascontiguousarray(images))
+
+
+def images_from_table(table: pa.Table | pa.RecordBatch, column: str = IMAGE_COLUMN) -> np.ndarray:
+    """The image column of a shard table read with plain pyarrow, as an (N, 6, S, S) uint8 array.
+
+    Works whether or not Ray's extension type is registered (with Ray imported the
+    column arrives as the extension type, without it as ``large_list<uint8>``).
+    """
+    field = table.schema.field(column)
+    shape = _tensor_shape(field)
+    data = table.column(column)
+    chunks = data.chunks if isinstance(data, pa.ChunkedArray) else [data]
+    parts = []
+    for chunk in chunks:
+        storage_array = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        parts.append(storage_array.flatten().to_numpy(zero_copy_only=False))
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+    return flat.reshape((len(table), *shape))
+
+
+def _tensor_shape(field: pa.Field) -> tuple[int, ...]:
+    """Per-row tensor shape from the extension type, or from the field metadata without Ray."""
+    shape = getattr(field.type, "shape", None)
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    metadata = field.metadata or {}
+    if _EXTENSION_METADATA in metadata:
+        return tuple(int(s) for s in json.loads(metadata[_EXTENSION_METADATA]))
+    raise ValueError(f"column {field.name!r} carries no tensor shape (not an ingest shard?)")
 
 
 def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset":
     """The shards under a URI as a Ray Dataset (no rows are read until it is consumed)."""
+    import ray.data
+
     fs, path = storage.pyarrow_filesystem(uri)
     return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
 
 
 def shard_manifest(uri: str) -> dict[str, Any]:
     """The ingest manifest of a shard URI; FileNotFoundError if ingest has not completed there."""
+    from rxray.runtime import read_manifest
+
     manifest = read_manifest(uri)
     if manifest is None:
         raise FileNotFoundError(f"no ingest manifest at {uri} (run `rxray ingest` first)")
