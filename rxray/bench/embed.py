@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from rxray import storage
+from rxray.bench.tables import record_row
 from rxray.config import BACKBONES, EmbedConfig, load_config, option
 from rxray.data import layout
 
@@ -308,46 +309,20 @@ def table_row(result: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def section_text(rows: list[str]) -> str:
-    """The '## Embedding' section: what is measured, then the table of every recorded run."""
-    return "\n".join([
-        SECTION,
-        "",
-        "`rxray bench embed`: images/s of the `rxray embed` actor pool (Ray Data `map_batches`, model loaded "
-        "once per actor) against a plain PyTorch loop over the same shards, same checkpoint, batch size and "
-        "cores, run one after the other. *plain loop* and *actor pool* are steady state (first batch left out: "
-        "model load and actor start); *end-to-end* includes them, and for `rxray embed` also the Parquet "
-        "write and the per-well profiles. *Grad-CAM* is `rxray explain`'s per-batch work (`gradcam_batch`: "
-        "heatmap and stain attribution, no occlusion) in a plain loop on the same cores, steady state. "
-        "Random-init encoder on random uint8 images unless noted.",
-        "",
-        TABLE_HEADER,
-        "|" + "---|" * (TABLE_HEADER.count("|") - 1),
-        *rows,
-        "",
-    ])
+INTRO = (
+    "`rxray bench embed`: images/s of the `rxray embed` actor pool (Ray Data `map_batches`, model loaded "
+    "once per actor) against a plain PyTorch loop over the same shards, same checkpoint, batch size and "
+    "cores, run one after the other. *plain loop* and *actor pool* are steady state (first batch left out: "
+    "model load and actor start); *end-to-end* includes them, and for `rxray embed` also the Parquet "
+    "write and the per-well profiles. *Grad-CAM* is `rxray explain`'s per-batch work (`gradcam_batch`: "
+    "heatmap and stain attribution, no occlusion) in a plain loop on the same cores, steady state. "
+    "Random-init encoder on random uint8 images unless noted."
+)
 
 
 def record(path: str, row: str, note: str | None = None) -> None:
-    """Append a row (and a note) to the '## Embedding' section of a markdown file; other sections stay as they are."""
-    lines = storage.read_text(path).splitlines() if storage.exists(path) else []
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    rows: list[str] = []
-    notes: list[str] = []
-    if start is None:
-        before, after = lines, []
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rows = [line for line in lines[start + 1:end] if line.startswith("| ") and line != TABLE_HEADER]
-        notes = [line for line in lines[start + 1:end] if line.startswith("- ")]
-        before, after = lines[:start], lines[end:]
-    rows.append(row)
-    if note:
-        notes.append(f"- {note}")
-    body = section_text(rows) + ("\n" + "\n".join(notes) + "\n" if notes else "")
-    head = "\n".join(before).rstrip("\n")
-    tail = "\n".join(after).strip("\n")
-    storage.write_text(path, (head + "\n\n" if head else "") + body + ("\n" + tail + "\n" if tail else ""))
+    """Append a row (and a note) to the '## Embedding' table of a markdown file; other sections stay as they are."""
+    record_row(path, SECTION, INTRO, TABLE_HEADER, row, note)
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from rxray import storage
+from rxray.bench.tables import record_row
 from rxray.config import BACKBONES, PretrainConfig, load_config, option
 from rxray.runtime import ensure_ray
 
@@ -146,47 +147,19 @@ def table_row(result: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def section_text(rows: list[str], notes: list[str]) -> str:
-    """The '## Training' section: what is measured, the table of every recorded run, and run notes."""
-    lines = [
-        SECTION,
-        "",
-        "`rxray bench train`: SimCLR training images/s of the `rxray pretrain` Ray Train job (Ray Data "
-        "streaming the shards, DDP, NT-Xent with global negatives, a checkpoint + metrics every epoch) against "
-        "a plain single-process PyTorch loop over the same images held in memory, with the same model, batch, "
-        "augmentations, optimiser, steps and torch threads, run one after the other. Each side trains "
-        "`--epochs` epochs and the last one is timed, data waits included. On a GPU, the ceiling is the same "
-        "steps on one synthetic batch already in GPU memory. Random uint8 images unless noted.",
-        "",
-        TABLE_HEADER,
-        "|" + "---|" * (TABLE_HEADER.count("|") - 1),
-        *rows,
-        "",
-    ]
-    if notes:
-        lines += [*notes, ""]
-    return "\n".join(lines)
+INTRO = (
+    "`rxray bench train`: SimCLR training images/s of the `rxray pretrain` Ray Train job (Ray Data "
+    "streaming the shards, DDP, NT-Xent with global negatives, a checkpoint + metrics every epoch) against "
+    "a plain single-process PyTorch loop over the same images held in memory, with the same model, batch, "
+    "augmentations, optimiser, steps and torch threads, run one after the other. Each side trains "
+    "`--epochs` epochs and the last one is timed, data waits included. On a GPU, the ceiling is the same "
+    "steps on one synthetic batch already in GPU memory. Random uint8 images unless noted."
+)
 
 
 def record(path: str, row: str, note: str | None = None) -> None:
     """Append a row (and a note) to the '## Training' table of a markdown file; other sections stay as they are."""
-    text = storage.read_text(path) if storage.exists(path) else ""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    rows: list[str] = []
-    notes: list[str] = []
-    if start is None:
-        before, after = lines, []
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        section = lines[start:end]
-        rows = [line for line in section if line.startswith("| ") and line != TABLE_HEADER]
-        notes = [line for line in section if line.startswith("- ")]
-        before, after = lines[:start], lines[end:]
-    body = section_text(rows + [row], notes + ([f"- {row.split(' | ')[0][2:]}: {note}"] if note else []))
-    head = "\n".join(before).rstrip("\n")
-    tail = "\n".join(after).strip("\n")
-    storage.write_text(path, (head + "\n\n" if head else "") + body + ("\n" + tail + "\n" if tail else ""))
+    record_row(path, SECTION, INTRO, TABLE_HEADER, row, note)
 
 
 # --------------------------------------------------------------------------- the benchmark
