@@ -143,11 +143,11 @@ def test_well_profiles_are_site_means(setup):
 
 
 def test_model_is_a_run_output_or_a_checkpoint_file(setup):
-    from rxray.batch.embed import _resolve_checkpoint
+    from rxray.train.checkpoints import require_checkpoint
 
     for model in (setup["model_out"], os.path.join(setup["model_out"], "simclr"), setup["latest"]):
-        uri, checkpoint = _resolve_checkpoint(model)
-        assert uri == setup["latest"] and checkpoint["epoch"] == LATEST_EPOCH
+        checkpoint = require_checkpoint(model, "embed.model")
+        assert checkpoint["uri"] == setup["latest"] and checkpoint["epoch"] == LATEST_EPOCH
 
 
 def test_missing_model_is_a_config_error(setup, capsys):

@@ -29,6 +29,7 @@ from rxray.config import ConfigError, EmbedConfig, config_to_dict
 from rxray.data.layout import N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.train.checkpoints import require_checkpoint
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -168,20 +169,6 @@ def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size
     )
 
 
-def _resolve_checkpoint(model: str) -> tuple[str, dict[str, Any]]:
-    """The concrete checkpoint.pt URI behind --model, and its dict; ConfigError if there is none."""
-    from rxray.train.checkpoints import load_checkpoint
-
-    try:
-        checkpoint = load_checkpoint(model)
-    except FileNotFoundError as exc:
-        raise ConfigError("embed.model", str(exc)) from None
-    missing = [k for k in ("encoder", "backbone", "stem", "channel_mean", "channel_std") if k not in checkpoint]
-    if missing:
-        raise ConfigError("embed.model", f"{checkpoint['uri']} is not an rxray checkpoint (lacks {missing})")
-    return checkpoint["uri"], checkpoint
-
-
 def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
     """The shard dataset and its row count (from Parquet footers); ConfigError if there are none."""
     try:
@@ -281,7 +268,8 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     ensure_ray()
     timer = Timer()
     start = time.perf_counter()
-    checkpoint_uri, checkpoint = _resolve_checkpoint(cfg.model)
+    checkpoint = require_checkpoint(cfg.model, "embed.model")
+    checkpoint_uri = checkpoint["uri"]
     shards, rows_in = _open_shards(cfg.data)
     actors, threads = actor_plan(cfg.actors, cfg.gpu)
 

@@ -45,6 +45,7 @@ from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.data.layout import CHANNEL_NAMES, CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.train.checkpoints import CLASSIFIER_KEYS, require_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -448,22 +449,6 @@ def explain_dataset(shards: "ray.data.Dataset", site_ids: Sequence[str], checkpo
     )
 
 
-def _resolve_classifier(model: str) -> tuple[str, dict[str, Any]]:
-    """The checkpoint.pt URI behind --model and its dict; ConfigError unless it is a classifier."""
-    from rxray.train.checkpoints import load_checkpoint
-
-    try:
-        checkpoint = load_checkpoint(model)
-    except FileNotFoundError as exc:
-        raise ConfigError("explain.model", str(exc)) from None
-    missing = [k for k in ("encoder", "head", "classes", "backbone", "stem", "channel_mean", "channel_std")
-               if checkpoint.get(k) is None]
-    if missing:
-        raise ConfigError("explain.model", f"{checkpoint['uri']} is not a classifier checkpoint (lacks "
-                                           f"{', '.join(missing)}; run `rxray finetune` first)")
-    return checkpoint["uri"], checkpoint
-
-
 def _read_metadata(uri: str, label_col: str) -> tuple["pd.DataFrame", list[str]]:
     """site_id, treatment and label columns of every shard row (no images), and all shard column names.
 
@@ -540,7 +525,9 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
 
     ensure_ray()
     timer = Timer()
-    checkpoint_uri, checkpoint = _resolve_classifier(cfg.model)
+    checkpoint = require_checkpoint(cfg.model, "explain.model", CLASSIFIER_KEYS, "a classifier",
+                                    "; run `rxray finetune` first")
+    checkpoint_uri = checkpoint["uri"]
     classes = [str(c) for c in checkpoint["classes"]]
     label_col = checkpoint.get("label_col") or "treatment"
     planted, truth_uri = _planted_channels(cfg)

@@ -83,6 +83,25 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
     return state
 
 
+ENCODER_KEYS = ("encoder", "backbone", "stem", "channel_mean", "channel_std")
+CLASSIFIER_KEYS = (*ENCODER_KEYS, "head", "classes")
+
+
+def require_checkpoint(uri: str, field: str, keys: tuple[str, ...] = ENCODER_KEYS, what: str = "an rxray",
+                       hint: str = "") -> dict[str, Any]:
+    """The checkpoint dict at or under `uri` for a step's --model; ConfigError naming `field` when unusable."""
+    from rxray.config import ConfigError
+
+    try:
+        checkpoint = load_checkpoint(uri)
+    except FileNotFoundError as exc:
+        raise ConfigError(field, str(exc)) from None
+    missing = [k for k in keys if checkpoint.get(k) is None]
+    if missing:
+        raise ConfigError(field, f"{checkpoint['uri']} is not {what} checkpoint (lacks {', '.join(missing)}{hint})")
+    return checkpoint
+
+
 def load_encoder(uri: str) -> tuple["Encoder", dict[str, Any]]:
     """The trained encoder (eval mode, CPU) rebuilt from a checkpoint, and the checkpoint dict.
 
@@ -93,7 +112,7 @@ def load_encoder(uri: str) -> tuple["Encoder", dict[str, Any]]:
 
     state = load_checkpoint(uri)
     encoder = build_encoder(state["backbone"], stem=state["stem"], weights=None,
-                            in_channels=state.get("in_channels", 6))
+                            in_channels=state.get("in_channels") or len(state.get("channels") or range(6)))
     encoder.load_state_dict(state["encoder"])
     encoder.eval()
     return encoder, state
