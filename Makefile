@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+# The whole pipeline on the default synthetic dataset (rayjobs/configs/demo.yaml); rerunning skips the
+# steps that are complete.
 demo: setup
-	$(BIN)/rxray synth --out $(DEMO_DIR)/rxrx2-synth
-	$(BIN)/rxray ingest --source $(DEMO_DIR)/rxrx2-synth --out $(DEMO_DIR)/run/shards --size 64 \
-		--labels $(DEMO_DIR)/rxrx2-synth/moa.csv
+	$(BIN)/rxray pipeline --config rayjobs/configs/demo.yaml --run $(DEMO_DIR)/run --source $(DEMO_DIR)/rxrx2-synth
+	@echo "HTML report: $(abspath $(DEMO_DIR))/run/report/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "one HTML page with the figures of every step under a run"),
     "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
               "Random-Forest scores, batch correction and mAP per treatment"),
+    "tune": ("rxray.config:TuneConfig", "rxray.tune:tune",
+             "hyperparameter search over pretraining or fine-tuning with Ray Tune (ASHA, resumable)"),
+    "pipeline": ("rxray.pipeline:PipelineConfig", "rxray.pipeline:run_pipeline",
+                 "every step from one YAML file under one run URI; complete steps are skipped"),
 }
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "ingest": ("rxray.bench.ingest:BenchIngestConfig", "rxray.bench.ingest:bench_ingest",

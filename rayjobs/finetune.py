@@ -1,0 +1,13 @@
+"""Ray job: only the finetune step of a pipeline YAML (the classifier runs with Ray Train).
+
+Inputs and outputs are wired under the file's run URI as in the whole pipeline; a complete output is skipped.
+
+    ray job submit --working-dir . -- python rayjobs/finetune.py --config rayjobs/configs/demo.yaml
+"""
+
+import sys
+
+from rxray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["pipeline", "--steps", "finetune", *sys.argv[1:]]))

@@ -1,0 +1,415 @@
+"""`rxray pipeline`: every step from one YAML file, all outputs under one run URI, resumable.
+
+The file holds a ``pipeline:`` section (``run`` and ``source`` URIs, optional ``steps``)
+and one section per step with that step's own config fields::
+
+    pipeline: {run: s3://bucket/runs/ifn, source: s3://bucket/rxrx2}
+    ingest: {size: 256, group: interferons}
+    pretrain: {backbone: densenet121, epochs: 20}
+    finetune:                       # one mapping, or a list of named classifier runs
+      - {name: ifn-beta, positive: IFN-beta}
+    embed: {}
+    score: {trees: 100}
+    explain: {n: 64}
+    report: {}
+
+The fields that connect steps are set here from the run layout (:class:`RunLayout`), never
+in a section: every output (``out``), ``ingest.source`` and ``report.run``. Step inputs
+(``pretrain.data``, ``embed.model``, ``finetune.encoder``, ...) are wired to the producing
+step's output unless the section names another input. Every section is validated
+before any step runs, so a typo anywhere fails at once.
+
+A step whose output holds a manifest of the same config is skipped, unless a step it
+reads from ran in this invocation; so a failed or killed pipeline resumes where it
+stopped, and a step cut off half-way resumes through its own resume logic.
+``run/_pipeline.json`` records the config, versions, and per-step status, timings and
+counts after every step.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from rxray import storage
+from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
+from rxray.runtime import Timer, package_versions, read_manifest
+
+STEP_ORDER = ("synth", "ingest", "pretrain", "finetune", "embed", "score", "explain", "report")
+RUN_RECORD = "_pipeline.json"
+DEFAULT_CLASSIFIER = "classifier"
+
+# Each step's input fields -> the step whose output feeds them (used unless the section gives the field).
+_INPUTS: dict[str, dict[str, str]] = {
+    "synth": {},
+    "ingest": {},
+    "pretrain": {"data": "ingest"},
+    "finetune": {"data": "ingest", "encoder": "pretrain"},
+    "embed": {"data": "ingest", "model": "pretrain"},
+    "score": {"embeddings": "embed"},
+    "explain": {"data": "ingest", "model": "finetune"},
+    "report": {},
+}
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class PipelineConfig:
+    """`rxray pipeline`: run the steps of one YAML file, every output under one run URI."""
+
+    section = "pipeline"
+
+    run: str = option(help="run URI: every step writes under it (local folder or s3://bucket/prefix)")
+    source: str = option(help="dataset root URI (metadata.csv, images/); a synth section writes it if absent")
+    steps: Optional[list[str]] = option(None, "steps to run, in pipeline order (default: every step with a "
+                                              "section in the file)", choices=STEP_ORDER)
+    # The CLI keeps `--config FILE` under the name `_config`; a field of that name receives the file's path,
+    # which the pipeline needs because the step sections live beside this one in the same file.
+    _config: Optional[str] = option(None, "the pipeline YAML (the same as --config)", flag="--file")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each step writes under one run URI."""
+
+    run: str
+    source: str
+
+    def out(self, step: str, name: str | None = None) -> str:
+        """The output URI of a step (of one named classifier run for finetune)."""
+        if step == "synth":
+            return self.source
+        if step == "report":
+            return storage.join(self.run, "report")
+        if step == "finetune":
+            return storage.join(self.run, "finetune", name or DEFAULT_CLASSIFIER)
+        return storage.join(self.run, "shards" if step == "ingest" else step)
+
+    @property
+    def record(self) -> str:
+        """The run record, rewritten after every step."""
+        return storage.join(self.run, RUN_RECORD)
+
+
+@dataclass
+class PlannedStep:
+    """One validated step of a plan: its config, where it writes, and which planned steps it reads."""
+
+    key: str  # "ingest", or "finetune/<name>" for each classifier run
+    step: str
+    config: Any
+    out: str
+    needs: tuple[str, ...]
+    function_ref: str
+
+
+@dataclass
+class Plan:
+    """The validated pipeline: every planned step in order, and which of them this invocation runs."""
+
+    config: PipelineConfig
+    layout: RunLayout
+    steps: list[PlannedStep]
+    selected: list[str]  # step names to run
+
+    def to_run(self) -> list[PlannedStep]:
+        """The planned steps this invocation runs (or skips when complete), in order."""
+        return [s for s in self.steps if s.step in self.selected]
+
+
+# --------------------------------------------------------------------------- the step registry
+
+
+def step_refs(step: str) -> tuple[str, str]:
+    """The step's ("module:ConfigClass", "module:function") from the CLI registry; resolved only when used."""
+    from rxray.cli import COMMANDS
+
+    config_ref, function_ref, _ = COMMANDS[step]
+    return config_ref, function_ref
+
+
+def _resolve(ref: str) -> Any:
+    from rxray.cli import _resolve as resolve
+
+    return resolve(ref)
+
+
+def _resolvable(ref: str) -> bool:
+    try:
+        _resolve(ref)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def step_available(step: str) -> bool:
+    """True if this build has both the step's config class and its function."""
+    return all(_resolvable(ref) for ref in step_refs(step))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def load_pipeline(path: str, **overrides: Any) -> PipelineConfig:
+    """The validated pipeline config of a YAML file (path or URI), with optional field overrides."""
+    return load_config(PipelineConfig, path, {**overrides, "_config": path})
+
+
+def plan_pipeline(cfg: PipelineConfig) -> Plan:
+    """Validate every step section of the pipeline file and wire the steps together; runs nothing."""
+    if not cfg._config:
+        raise ConfigError("pipeline.config", "give the pipeline YAML with --config FILE.yaml")
+    document = read_yaml(cfg._config)
+    for key in document:
+        if key != PipelineConfig.section and key not in STEP_ORDER:
+            raise ConfigError(str(key), f"unknown section; expected {PipelineConfig.section}, "
+                                        f"{', '.join(STEP_ORDER)}")
+    sections = {step: document[step] for step in STEP_ORDER if step in document}
+    selected = list(cfg.steps) if cfg.steps else list(sections)
+    if not selected:
+        raise ConfigError("pipeline.steps", f"{cfg._config} has no step sections and no steps are given")
+    layout = RunLayout(cfg.run, cfg.source)
+
+    classifiers = _classifier_sections(sections.get("finetune"))
+    planned: list[PlannedStep] = []
+    for step in STEP_ORDER:
+        if step not in sections and step not in selected:
+            continue
+        config_ref, function_ref = step_refs(step)
+        if not _resolvable(config_ref):
+            if step in selected:
+                raise ConfigError(step, f"this step is not available in this build ({config_ref})")
+            continue  # a section for a step this build lacks and this run skips: nothing to check it with
+        config_class = _resolve(config_ref)
+        runs = classifiers if step == "finetune" else [(None, _mapping(step, sections.get(step)))]
+        for name, values in runs:
+            label = f"finetune[{name}]" if step == "finetune" and isinstance(sections.get(step), list) else step
+            wired, needs = _wiring(step, name, values, layout, set(sections) | set(selected), classifiers, planned)
+            config = _validated(config_class, step, label, values, wired)
+            key = f"finetune/{name}" if step == "finetune" else step
+            planned.append(PlannedStep(key, step, config, layout.out(step, name), needs, function_ref))
+    return Plan(cfg, layout, planned, selected)
+
+
+def _mapping(label: str, values: Any) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(label, f"must be a mapping of config fields, got {values!r}")
+    return dict(values)
+
+
+def _classifier_sections(section: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, fields) per classifier run: one mapping (named `classifier` unless it says) or a list."""
+    if section is None:
+        return [(DEFAULT_CLASSIFIER, {})]
+    entries = section if isinstance(section, list) else [section]
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for index, entry in enumerate(entries):
+        values = _mapping(f"finetune[{index}]", entry)
+        name = str(values.pop("name", DEFAULT_CLASSIFIER if not isinstance(section, list) else ""))
+        if not _NAME_PATTERN.match(name):
+            raise ConfigError(f"finetune[{index}].name", "every classifier run in a list needs a name of "
+                                                         f"letters, digits, '.', '_' or '-', got {name!r}")
+        if name in (n for n, _ in runs):
+            raise ConfigError(f"finetune[{index}].name", f"{name!r} is used twice")
+        runs.append((name, values))
+    if not runs:
+        raise ConfigError("finetune", "the list of classifier runs is empty")
+    return runs
+
+
+def _wiring(step: str, name: str | None, values: dict[str, Any], layout: RunLayout, configured: set[str],
+            classifiers: list[tuple[str, dict[str, Any]]], planned: list[PlannedStep]
+            ) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The fields the pipeline sets for one step, and the planned steps whose outputs it reads."""
+    wired: dict[str, Any] = {"out": layout.out(step, name)}
+    needs: list[str] = []
+    if step == "ingest":
+        wired["source"] = layout.source
+        needs.append("synth")
+    if step == "report":
+        wired["run"] = layout.run
+        needs.extend(s.key for s in planned)
+    for field, producer in _INPUTS[step].items():
+        if field in values or producer not in configured:
+            continue  # the section names its own input, or no step of this pipeline produces it
+        if step == "finetune" and field == "encoder" and "weights" in values:
+            continue  # starting from torchvision weights instead of the SimCLR encoder
+        producer_name = classifiers[0][0] if producer == "finetune" else None
+        wired[field] = layout.out(producer, producer_name)
+        needs.append(f"finetune/{producer_name}" if producer == "finetune" else producer)
+    planned_keys = {s.key for s in planned}
+    return wired, tuple(k for k in dict.fromkeys(needs) if k in planned_keys)
+
+
+def _validated(config_class: type, step: str, label: str, values: dict[str, Any], wired: dict[str, Any]) -> Any:
+    """The step's config from its section plus the wired fields; ConfigError names the section."""
+    for field in wired:
+        if field in values:
+            raise ConfigError(f"{label}.{field}", f"is set by the pipeline (to {wired[field]}); remove it")
+    try:
+        return load_config(config_class, values={**values, **wired})
+    except ConfigError as exc:
+        field, message = exc.field_name.split(".", 1)[-1], str(exc).split(": ", 1)[1]
+        producer = _INPUTS[step].get(field)
+        if producer and message == "is required":
+            message += f" (give it, or add a{'n' if producer[0] in 'aeiou' else ''} {producer} section that writes it)"
+        raise ConfigError(f"{label}.{field}", message) from None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _config_changes(manifest: dict[str, Any], config: Any) -> list[str]:
+    """Fields whose value differs from the config recorded in a step's manifest ([] if none or unknown)."""
+    recorded = manifest.get("config")
+    if not isinstance(recorded, dict):
+        return []
+    current = _comparable(config_to_dict(config))
+    return [f"{k}: {recorded[k]!r} -> {v!r}" for k, v in current.items() if k in recorded and recorded[k] != v]
+
+
+def _is_complete(step: PlannedStep) -> tuple[bool, str]:
+    """Whether a planned step's output is complete for its config, and why (for the log)."""
+    if step.step == "synth":
+        found = storage.exists(storage.join(step.out, "metadata.csv"))
+        return found, f"a dataset is already at {step.out}" if found else ""
+    manifest = read_manifest(step.out)
+    if manifest is None:
+        return False, ""
+    changes = _config_changes(manifest, step.config)
+    if changes:
+        return False, f"its config changed since the run at {step.out} ({'; '.join(changes[:3])})"
+    return True, f"complete at {step.out}"
+
+
+def _say(line: str) -> None:
+    print(f"pipeline: {line}", file=sys.stderr, flush=True)
+
+
+def _step_counts(out: str) -> Any:
+    """The counts a step recorded in its manifest (its integer fields when it has no `counts`)."""
+    manifest = read_manifest(out) or {}
+    if "counts" in manifest:
+        return manifest["counts"]
+    return {k: v for k, v in manifest.items() if isinstance(v, int) and not isinstance(v, bool)} or None
+
+
+class RunRecord:
+    """`run/_pipeline.json`: the config, versions and each step's status, timing and counts so far."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.uri = plan.layout.record
+        previous = self._read()
+        self.data: dict[str, Any] = {
+            "step": "pipeline", "status": "running", "config": config_to_dict(plan.config),
+            "file": plan.config._config, "versions": package_versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "steps": {s.key: {"step": s.step, "out": s.out, "status": "pending",
+                              "config": _comparable(config_to_dict(s.config))} for s in plan.to_run()},
+            "attempt": int(previous.get("attempt", 0)) + 1,
+        }
+        self._previous_steps = previous.get("steps", {})
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(storage.read_text(self.uri))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def update(self, key: str, **fields: Any) -> None:
+        """Record a step's new status (and timing or error), then rewrite the file."""
+        entry = self.data["steps"][key]
+        entry.update(fields)
+        if fields.get("status") == "skipped" and "seconds" in self._previous_steps.get(key, {}):
+            entry["seconds"] = self._previous_steps[key]["seconds"]  # the time the earlier attempt took
+        self.write()
+
+    def finish(self, status: str, seconds: float, **fields: Any) -> None:
+        """Record the pipeline's outcome."""
+        self.data.update(status=status, seconds=round(seconds, 3),
+                         finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields)
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite the record (atomically on local disk, one PUT on object stores)."""
+        storage.write_text(self.uri, json.dumps(self.data, indent=2, default=str))
+
+
+def find_report(report_out: str) -> str | None:
+    """The HTML page of a report output (index.html or report.html before others), or None."""
+    pages = sorted(uri for uri in storage.list_dir(report_out) if uri.endswith(".html"))
+    pages.sort(key=lambda uri: posixpath.basename(uri) not in ("index.html", "report.html"))
+    return pages[0] if pages else None
+
+
+def _check_functions(plan: Plan) -> None:
+    """Fail before anything runs if a selected step's function is missing from this build."""
+    for step in plan.to_run():
+        if not _resolvable(step.function_ref):
+            raise ConfigError(step.step, f"this step is not available in this build ({step.function_ref})")
+
+
+def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) -> dict[str, Any]:
+    """Run (or skip when complete) every selected step in order; returns the summary."""
+    if run_step is None:
+        _check_functions(plan)
+        run_step = lambda s: _resolve(s.function_ref)(s.config)  # noqa: E731
+    storage.ensure_bucket(plan.layout.run)
+    storage.makedirs(plan.layout.run)
+    record = RunRecord(plan)
+    record.write()
+    timer = Timer()
+    started = time.perf_counter()
+    ran: set[str] = set()
+    statuses: dict[str, str] = {}
+    for step in plan.to_run():
+        complete, why = _is_complete(step)
+        rerun_for = [k for k in step.needs if k in ran]
+        if complete and not rerun_for:
+            _say(f"skip {step.key}: {why}")
+            record.update(step.key, status="skipped", counts=_step_counts(step.out))
+            statuses[step.key] = "skipped"
+            continue
+        reason = f"{', '.join(rerun_for)} ran again" if complete else why or "not run yet"
+        _say(f"run {step.key} -> {step.out} ({reason})")
+        record.update(step.key, status="running")
+        try:
+            with timer.time(step.key):
+                run_step(step)
+        except BaseException as exc:  # recorded, then raised unchanged (the CLI maps it to an exit code)
+            record.update(step.key, status="failed", seconds=timer.seconds.get(step.key),
+                          error=(str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            record.finish("failed", time.perf_counter() - started, failed_step=step.key)
+            raise
+        ran.add(step.key)
+        statuses[step.key] = "complete"
+        record.update(step.key, status="complete", seconds=timer.seconds[step.key], counts=_step_counts(step.out))
+        _say(f"done {step.key} in {timer.seconds[step.key]:.1f} s")
+
+    report = find_report(plan.layout.out("report")) if "report" in plan.selected else None
+    seconds = time.perf_counter() - started
+    record.finish("complete", seconds, report=report)
+    _say(f"complete in {seconds:.1f} s ({len(ran)} steps run, {len(statuses) - len(ran)} skipped); "
+         f"record: {record.uri}" + (f"; report: {report}" if report else ""))
+    return {"run": plan.layout.run, "status": "complete", "steps": statuses, "seconds": round(seconds, 3),
+            "record": record.uri, "report": report}
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Validate every section of the pipeline file, then run the selected steps; returns the summary."""
+    return execute(plan_pipeline(cfg))
+
+
+__all__ = ["PipelineConfig", "Plan", "PlannedStep", "RunLayout", "STEP_ORDER", "execute", "find_report",
+           "load_pipeline", "plan_pipeline", "run_pipeline", "step_available", "step_refs"]

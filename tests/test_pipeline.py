@@ -1,0 +1,262 @@
+"""`rxray pipeline`: sections validated before anything runs, steps wired under one run URI, complete
+steps skipped, and a pipeline killed after its second step resumes and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rxray import storage
+from rxray.cli import StepFailed, main
+from rxray.config import ConfigError, config_to_dict
+from rxray.pipeline import STEP_ORDER, execute, load_pipeline, plan_pipeline, step_available
+from rxray.runtime import read_manifest, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_CONFIGS = sorted((ROOT / "rayjobs" / "configs").glob("*.yaml"))
+JOB_ENTRYPOINTS = sorted((ROOT / "rayjobs").glob("*.py"))
+
+# Every step with small settings; the real runs below keep the steps this build has.
+TINY_SECTIONS = {
+    "synth": {"experiments": 2, "plates": 2, "wells": 10, "controls": 4, "sites": 1, "size": 32, "treatments": 4,
+              "seed": 3},
+    "ingest": {"size": 32, "shard_rows": 16},
+    "pretrain": {"backbone": "resnet18", "epochs": 1, "batch_size": 16},
+    "finetune": {"name": "ifn-beta", "positive": "IFN-beta", "epochs": 1, "batch_size": 8},
+    "embed": {"batch_size": 16},
+    "score": {"trees": 10, "folds": 2, "permutations": 20},
+    "explain": {"n": 2, "panels": 1, "occlusion": False},
+    "report": {},
+}
+
+
+def write_pipeline(path: Path, run: str, source: str, sections: dict, **pipeline) -> str:
+    """A pipeline YAML file; returns its path."""
+    path.write_text(yaml.safe_dump({"pipeline": {"run": run, "source": source, **pipeline}, **sections},
+                                   sort_keys=False))
+    return str(path)
+
+
+def runnable_sections() -> dict:
+    """The tiny sections of the steps this build has (explain needs a finetune run to explain)."""
+    steps = [s for s in STEP_ORDER if step_available(s)]
+    if "finetune" not in steps and "explain" in steps:
+        steps.remove("explain")
+    return {s: TINY_SECTIONS[s] for s in steps}
+
+
+# --------------------------------------------------------------------------- configs and wiring
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=[p.name for p in EXAMPLE_CONFIGS])
+def test_example_config_loads_and_validates(path):
+    plan = plan_pipeline(load_pipeline(str(path)))
+    document = yaml.safe_load(path.read_text())
+    assert {s.step for s in plan.steps} == {k for k in document if k != "pipeline"}
+    assert all(s.out.startswith(plan.layout.run) or s.step == "synth" for s in plan.steps)
+
+
+def test_examples_cover_the_demo_the_full_dataset_and_the_interferon_study():
+    assert {p.name for p in EXAMPLE_CONFIGS} >= {"demo.yaml", "rxrx2-s3.yaml", "interferons.yaml"}
+    demo = load_pipeline(str(ROOT / "rayjobs" / "configs" / "demo.yaml"))
+    assert "synth" in {s.step for s in plan_pipeline(demo).steps}, "the demo makes its own dataset"
+    study = plan_pipeline(load_pipeline(str(ROOT / "rayjobs" / "configs" / "interferons.yaml")))
+    by_step = {s.key: s.config for s in study.steps}
+    ingest = by_step["ingest"]
+    assert (ingest.group, ingest.controls, ingest.balance) == ("interferons", ["EMPTY"], 287)
+    assert by_step["pretrain"].backbone == "densenet121"
+    classifiers = [c for key, c in by_step.items() if key.startswith("finetune/")]
+    assert sorted(c.positive for c in classifiers) == ["IFN-alpha-A", "IFN-beta", "IFN-gamma", "IFN-omega"]
+    assert all(c.task == "binary" and c.negative == ["EMPTY"] for c in classifiers)
+
+
+@pytest.mark.parametrize("entrypoint", JOB_ENTRYPOINTS, ids=[p.stem for p in JOB_ENTRYPOINTS])
+def test_job_entrypoints_only_call_the_cli(entrypoint):
+    source = entrypoint.read_text()
+    assert "from rxray.cli import main" in source and len(source.splitlines()) <= 15
+    assert entrypoint.stem == "pipeline" or f'"--steps", "{entrypoint.stem}"' in source
+
+
+def test_steps_are_wired_under_the_run(tmp_path):
+    path = write_pipeline(tmp_path / "p.yaml", "s3://bucket/run", "s3://bucket/rxrx2", {
+        **TINY_SECTIONS,
+        "finetune": [{"name": "beta", "positive": "IFN-beta"},
+                     {"name": "scratch", "positive": "IFN-gamma", "weights": "s3://bucket/w.pth"}],
+        "embed": {"model": "s3://elsewhere/encoder"}})
+    plan = plan_pipeline(load_pipeline(path))
+    steps = {s.key: s for s in plan.steps}
+    assert list(steps) == ["synth", "ingest", "pretrain", "finetune/beta", "finetune/scratch", "embed", "score",
+                           "explain", "report"]
+    assert steps["synth"].config.out == steps["ingest"].config.source == "s3://bucket/rxrx2"
+    assert steps["pretrain"].config.data == "s3://bucket/run/shards"
+    assert steps["finetune/beta"].config.encoder == "s3://bucket/run/pretrain"
+    assert steps["finetune/scratch"].config.encoder is None, "weights replace the wired encoder"
+    assert steps["finetune/scratch"].out == "s3://bucket/run/finetune/scratch"
+    assert steps["embed"].config.model == "s3://elsewhere/encoder" and steps["embed"].needs == ("ingest",)
+    assert steps["score"].config.embeddings == "s3://bucket/run/embed"
+    assert steps["explain"].config.model == "s3://bucket/run/finetune/beta"
+    assert (steps["report"].config.run, steps["report"].config.out) == ("s3://bucket/run", "s3://bucket/run/report")
+    assert steps["report"].needs == tuple(list(steps)[:-1])
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"ingest": {"sizee": 64}}, "ingest.sizee: unknown key"),
+    ({"ingest": {"size": 2}}, "ingest.size: must be >= 8, got 2"),
+    ({"ingset": {"size": 64}}, "ingset: unknown section"),
+    ({"embed": {"out": "/elsewhere"}}, "embed.out: is set by the pipeline"),
+    ({"finetune": [{"name": "a", "positive": "IFN-beta"}, {"name": "b", "task": "binary"}]},
+     "finetune[b].positive: is required for --task binary"),
+    ({"finetune": [{"positive": "IFN-beta"}]}, "finetune[0].name: every classifier run in a list needs a name"),
+    ({"report": {}}, "pipeline.steps: must be one of"),
+    ({"embed": None}, "score.embeddings: is required (give it, or add an embed section that writes it)"),
+], ids=["unknown-key", "bound", "unknown-section", "wired-field", "classifier-run", "unnamed-run", "bad-step",
+        "unproduced-input"])
+def test_a_bad_section_fails_before_anything_runs(tmp_path, capsys, sections, expected):
+    run = tmp_path / "run"
+    extra = {"steps": ["report", "reprot"]} if expected.startswith("pipeline.steps") else {}
+    sections = {k: v for k, v in {**TINY_SECTIONS, **sections}.items() if v is not None}
+    path = write_pipeline(tmp_path / "p.yaml", str(run), str(tmp_path / "data"), sections, **extra)
+    assert main(["pipeline", "--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"rxray: error: {expected}"), err
+    assert not run.exists(), "nothing ran"
+
+
+# --------------------------------------------------------------------------- skipping and resuming
+
+
+def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_path):
+    ran: list[str] = []
+
+    def fake_step(step):
+        """Stands in for the step function: records the call and writes the step's completion marker."""
+        if step.key == fail_at[0]:
+            raise StepFailed(f"{step.key} went wrong")
+        ran.append(step.key)
+        if step.step == "synth":
+            storage.write_text(storage.join(step.out, "metadata.csv"), "site_id\n")
+        write_manifest(step.out, step.step, config_to_dict(step.config))
+
+    def run(sections, fail=None):
+        fail_at[0] = fail
+        ran.clear()
+        path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"), sections)
+        return execute(plan_pipeline(load_pipeline(path)), run_step=fake_step)
+
+    fail_at = [None]
+    record_path = tmp_path / "run" / "_pipeline.json"
+    with pytest.raises(StepFailed):
+        run(TINY_SECTIONS, fail="embed")
+    assert ran == ["synth", "ingest", "pretrain", "finetune/ifn-beta"]
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "failed" and record["failed_step"] == "embed"
+    assert record["steps"]["embed"]["error"] == "embed went wrong"
+
+    summary = run(TINY_SECTIONS)  # the failed pipeline resumes at the failed step
+    assert ran == ["embed", "score", "explain", "report"]
+    assert summary["steps"]["ingest"] == "skipped" and summary["steps"]["embed"] == "complete"
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "complete" and record["attempt"] == 2
+    assert record["versions"]["ray"] and record["steps"]["pretrain"]["seconds"] is not None
+    assert record["steps"]["score"]["config"]["trees"] == TINY_SECTIONS["score"]["trees"]
+
+    run(TINY_SECTIONS)
+    assert ran == []
+
+    # More pretraining: pretrain and everything that reads it (directly or not) runs again.
+    run({**TINY_SECTIONS, "pretrain": {**TINY_SECTIONS["pretrain"], "epochs": 2}})
+    assert ran == ["pretrain", "finetune/ifn-beta", "embed", "score", "explain", "report"]
+
+    # --steps: only those steps, the rest left as they are.
+    path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"),
+                          {**TINY_SECTIONS, "score": {**TINY_SECTIONS["score"], "trees": 20}})
+    ran.clear()
+    execute(plan_pipeline(load_pipeline(path, steps=["score"])), run_step=fake_step)
+    assert ran == ["score"]
+
+
+def test_a_step_missing_from_the_build_fails_before_anything_runs(tmp_path, monkeypatch):
+    from rxray import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", ("rxray.config:PretrainConfig", "rxray.nowhere:pretrain", ""))
+    path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"),
+                          {"ingest": {}, "pretrain": {}})
+    with pytest.raises(ConfigError, match="pretrain: this step is not available"):
+        execute(plan_pipeline(load_pipeline(path)))
+    assert not (tmp_path / "run").exists()
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and every live descendant's pid (from Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and every process it started (here: the pipeline and its local Ray), by pid."""
+    for pid in process_tree(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_killed_pipeline_resumes_and_completes(tmp_path):
+    sections = runnable_sections()
+    run, source = str(tmp_path / "run"), str(tmp_path / "data")
+    path = write_pipeline(tmp_path / "pipeline.yaml", run, source, sections)
+    plan = plan_pipeline(load_pipeline(path))
+    first, second = plan.steps[0], plan.steps[1]
+    command = [sys.executable, "-m", "rxray.cli", "pipeline", "--config", path]
+
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while read_manifest(second.out) is None:  # the second step is complete: kill the pipeline
+                assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the second step never completed"
+                time.sleep(0.5)
+        finally:
+            kill_tree(process)
+    assert process.returncode == -9
+    second_manifest = read_manifest(second.out)
+    record = json.loads((tmp_path / "run" / "_pipeline.json").read_text())
+    assert record["status"] == "running", "the killed pipeline never got to finish its record"
+
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for done in (first, second):
+        assert f"pipeline: skip {done.key}: " in rerun.stderr
+        assert f"pipeline: run {done.key} " not in rerun.stderr
+    assert read_manifest(second.out) == second_manifest, "the finished step was not redone"
+    record = json.loads((tmp_path / "run" / "_pipeline.json").read_text())
+    assert record["status"] == "complete" and record["attempt"] == 2
+    assert [s["status"] for s in record["steps"].values()][:2] == ["skipped", "skipped"]
+    assert all(s["status"] == "complete" for s in list(record["steps"].values())[2:])
+    for step in plan.steps:
+        manifest = read_manifest(step.out)
+        assert manifest is not None and manifest["step"] == step.step, step.key
+    if "report" in sections:
+        assert record["report"] and os.path.exists(record["report"])
