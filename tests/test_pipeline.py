@@ -223,7 +223,9 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_pipeline_resumes_and_completes(tmp_path):
-    sections = runnable_sections()
+    # Three steps are enough to kill after the second and resume; every step runs end to end in the
+    # job-submission test and in its own tests, and this keeps the suite inside its time budget.
+    sections = {k: v for k, v in runnable_sections().items() if k in ("synth", "ingest", "pretrain")}
     run, source = str(tmp_path / "run"), str(tmp_path / "data")
     path = write_pipeline(tmp_path / "pipeline.yaml", run, source, sections)
     plan = plan_pipeline(load_pipeline(path))
