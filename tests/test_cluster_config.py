@@ -44,3 +44,6 @@ def test_cluster_node_roles():
     assert any(n is not head and n not in gpu for n in nodes.values()), "a CPU worker type exists"
     assert all("IamInstanceProfile" in n["node_config"] for n in nodes.values())
     assert any("pip install" in c and "rxray" in c for c in config["setup_commands"])
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c), "token authentication stays on"
+    assert any("auth_token" in target for target in config["file_mounts"])
