@@ -1,0 +1,319 @@
+"""`rxray finetune`: tasks and classes, model inputs, frozen encoders, grouped splits, and real Ray Train runs
+(binary from a SimCLR encoder, multiclass, GPCR vs rest) writing every metric and plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rxray import storage
+from rxray.config import ConfigError, FinetuneConfig, load_config
+from rxray.data.layout import METADATA_COLUMNS
+from rxray.evaluate.metrics import classification_metrics
+from rxray.models.backbones import build_encoder
+from rxray.models.classifier import load_classifier
+from rxray.runtime import read_manifest, write_manifest
+from rxray.train.checkpoints import checkpoint_dir_name, load_checkpoint
+from rxray.train.classify import (FIGURES, RUN_NAME, EarlyStopping, build_classifier, control_sums, finetune,
+                                  label_batch, plan_task, slice_stem_channels)
+from rxray.train.loop import read_metrics
+
+SIZE = 32
+PLATES = [("HUVEC-1", 1), ("HUVEC-1", 2), ("HUVEC-2", 1), ("HUVEC-2", 2)]  # the default synthetic layout
+TREATMENTS = {"EMPTY": ("control", None), "IFN-beta": ("interferon", 2), "isoproterenol": ("GPCR", 4)}
+PER_TREATMENT = 8  # sites per treatment per plate
+PLATE_GAINS = [1.0, 1.25, 0.8, 1.1]  # a gain per plate, the batch effect plate normalisation removes
+METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "confusion_matrix", "per_class")
+CHECKPOINT_KEYS = ("encoder", "head", "optimizer", "epoch", "config", "backbone", "stem", "channels", "with_conc",
+                   "classes", "task", "label_col", "channel_mean", "channel_std", "head_hidden", "dropout",
+                   "in_channels", "metrics")
+
+
+# --------------------------------------------------------------------------- tiny labelled shards
+
+
+def _rows(seed: int = 0) -> list[dict]:
+    """4 plates x 3 treatments x 8 sites of 32 px; each treatment brightens its own stain, plates scale it all."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p, (experiment, plate) in enumerate(PLATES):
+        for t, (treatment, (moa, stain)) in enumerate(TREATMENTS.items()):
+            for i in range(PER_TREATMENT):
+                image = rng.normal(60, 12, (6, SIZE, SIZE))
+                if stain is not None:
+                    image[stain] += 50
+                image *= PLATE_GAINS[p]
+                well = f"{'ABC'[t]}{i + 1:02d}"
+                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
+                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
+                             "treatment": treatment, "treatment_conc": None if stain is None else float(1 + i % 3),
+                             "moa": moa, "image": np.clip(image, 0, 255).astype(np.uint8)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(ray_local, tmp_path_factory):
+    """The shards (metadata + moa + image) and an ingest manifest with channel statistics."""
+    uri = str(tmp_path_factory.mktemp("shards") / "ingest")
+    rows = _rows()
+    assert list(rows[0])[:9] == METADATA_COLUMNS
+    images = np.stack([row["image"] for row in rows]).astype(np.float64)
+    fs, path = storage.pyarrow_filesystem(uri)
+    ray_local.data.from_items(rows).repartition(3).write_parquet(path, filesystem=fs)
+    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
+                   channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=[6, SIZE, SIZE])
+    return uri
+
+
+def _config(data: str, out: str, **values) -> FinetuneConfig:
+    base = dict(data=data, out=out, backbone="resnet18", epochs=1, batch_size=8, lr=3e-3, workers=1, seed=0,
+                head_hidden=32, patience=2)
+    return load_config(FinetuneConfig, values={**base, **values})
+
+
+def _simclr_checkpoint(root: str) -> str:
+    """A `rxray pretrain` output with one checkpoint in its documented format; BN statistics non-trivial."""
+    torch.manual_seed(1)
+    encoder = build_encoder("resnet18", stem="adapt", in_channels=6)
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    directory = os.path.join(root, "simclr", checkpoint_dir_name(1))
+    os.makedirs(directory)
+    torch.save({"encoder": encoder.state_dict(), "head": {}, "optimizer": {}, "epoch": 1, "config": {},
+                "backbone": "resnet18", "stem": "adapt", "in_channels": 6, "channel_mean": [60.0] * 6,
+                "channel_std": [20.0] * 6, "metrics": []}, os.path.join(directory, "checkpoint.pt"))
+    return root
+
+
+def _check_outputs(out: str, classes: list[str]) -> dict:
+    """Every output a finished run must have; returns metrics.json."""
+    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+    assert metrics["labels"] == classes and metrics["classes"] == classes
+    assert np.asarray(metrics["confusion_matrix"]).shape == (len(classes), len(classes))
+    for name in FIGURES:
+        with open(os.path.join(out, name), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    manifest = read_manifest(out)
+    assert manifest["step"] == "finetune" and manifest["figures"] == list(FIGURES)
+    assert manifest["seconds"]["fit"] > 0 and manifest["seconds"]["evaluate"] > 0
+    assert storage.exists(storage.join(out, "config.yaml")) and storage.exists(storage.join(out, "splits.csv"))
+    history = read_metrics(out)
+    assert history and {"train_loss", "val_loss", "val_pr_auc", "val_f1_macro", "best_epoch"} <= set(history[0])
+
+    # Test predictions: only sites of the test plates, scored as metrics.json says.
+    splits = json.loads(storage.read_text(storage.join(out, "splits.json")))
+    test_plates = {g for g, s in splits["groups"].items() if s == "test"}
+    predictions = pq.read_table(storage.join(out, "predictions.parquet")).to_pandas()
+    assert {"site_id", "plate", "label", "probs", "predicted"} <= set(predictions.columns)
+    assert set(predictions["experiment"] + "_" + predictions["plate"].astype(str)) == test_plates
+    assert len(predictions) == metrics["n"] == splits["counts"]["test"]["sites"]
+    probs = np.stack(predictions["probs"].to_numpy())
+    assert probs.shape == (len(predictions), len(classes)) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    again = classification_metrics(predictions["label"], probs, classes)
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+
+    state = load_checkpoint(out)  # <out>/checkpoint.pt: the selected model
+    for key in CHECKPOINT_KEYS:
+        assert key in state, key
+    assert state["classes"] == classes and len(state["channel_mean"]) == 6
+    gains = state["plate_gains"]  # plate normalisation undoes the plate gains (relative to the first plate)
+    assert state["plate_norm"] and sorted(gains) == [f"{e}_{p}" for e, p in PLATES]
+    for (experiment, plate), planted in zip(PLATES, PLATE_GAINS):
+        assert gains[f"{experiment}_{plate}"][0] / gains["HUVEC-1_1"][0] == pytest.approx(1 / planted, rel=0.02)
+    model, _ = load_classifier(out)
+    assert model.head.n_classes == len(classes)
+    return metrics
+
+
+# --------------------------------------------------------------------------- no Ray: tasks, inputs, stopping
+
+
+def test_task_plans_name_classes_by_label_value():
+    values = ["EMPTY", "IFN-beta", "IFN-gamma", "isoproterenol"]
+    binary = plan_task(_config("d", "o", positive="IFN-beta"), values)
+    assert binary.classes == ["EMPTY", "IFN-beta"]
+    assert binary.class_indices(["EMPTY", "IFN-beta", "IFN-gamma", None]).tolist() == [0, 1, -1, -1]
+
+    moa = plan_task(_config("d", "o", positive="GPCR", label_col="moa"), ["control", "GPCR", "interferon", ""])
+    assert moa.classes == ["other", "GPCR"] and moa.negative_classes == ["control", "interferon"]
+    assert moa.class_indices(["GPCR", "control", "kinase", "", None]).tolist() == [1, 0, 0, -1, -1]
+
+    several = plan_task(_config("d", "o", positive="IFN-beta", negative=["EMPTY", "IFN-gamma"]), values)
+    assert several.classes == ["other", "IFN-beta"] and several.negative_classes == ["EMPTY", "IFN-gamma"]
+
+    multi = plan_task(_config("d", "o", task="multiclass", classes=["IFN-gamma", "EMPTY"]), values)
+    assert multi.classes == ["IFN-gamma", "EMPTY"]
+    assert plan_task(_config("d", "o", task="multiclass"), values).classes == sorted(values)
+
+    for values_, error in [(dict(positive="IFN-alpha"), "finetune.positive: IFN-alpha not among"),
+                           (dict(positive="EMPTY"), "finetune.negative: 'EMPTY' is the positive class"),
+                           (dict(positive="IFN-beta", negative=["rest", "EMPTY"]), "finetune.negative: 'rest'"),
+                           (dict(task="multiclass", classes=["EMPTY"]), "finetune.classes: a multiclass task")]:
+        with pytest.raises(ConfigError, match=error):
+            plan_task(_config("d", "o", **values_), values)
+
+
+def test_label_batch_keeps_the_task_rows_with_class_and_concentration():
+    plan = plan_task(_config("d", "o", positive="IFN-beta"), ["EMPTY", "IFN-beta", "IFN-gamma"])
+    batch = {"treatment": np.array(["EMPTY", "IFN-gamma", "IFN-beta"], dtype=object),
+             "treatment_conc": np.array([np.nan, 1.0, 2.5]), "image": np.arange(3 * 6 * 4).reshape(3, 6, 2, 2),
+             "site_id": np.array(["a", "b", "c"], dtype=object), "experiment": np.array(["E1", "E1", "E2"]),
+             "plate": np.array([1, 1, 3])}
+    out = label_batch(batch, plan=plan, keep=["site_id"], gains={"E2_3": [2.0] * 6})
+    assert out["label"].tolist() == [0, 1] and out["conc"].tolist() == [0.0, 2.5]
+    assert out["site_id"].tolist() == ["a", "c"] and out["image"].shape == (2, 6, 2, 2)
+    assert out["gain"].tolist() == [[1.0] * 6, [2.0] * 6]  # a plate without a gain keeps 1
+
+
+def test_plate_gains_from_control_sums():
+    images = np.full((4, 6, 2, 2), 50, dtype=np.uint8)
+    images[2:] = 100  # the second plate's controls are twice as bright
+    sums = control_sums({"image": images, "experiment": np.array(["E"] * 4), "plate": np.array([1, 1, 2, 2])})
+    assert sums["group"].tolist() == ["E_1", "E_2"] and sums["sites"].tolist() == [2, 2]
+    assert np.allclose(sums["sums"], [[100.0] * 6, [200.0] * 6])
+
+
+def test_with_conc_and_channels_change_the_model_inputs():
+    images = torch.randn(4, 6, SIZE, SIZE)
+    conc = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    plain = build_classifier(_config("d", "o", positive="x"), 2, backbone="resnet18", stem="adapt").eval()
+    assert plain.encoder.in_channels == 6 and plain.encoder.backbone.conv1.weight.shape[1] == 6
+    assert plain.head.layers[0].in_features == plain.encoder.feature_dim
+    assert plain(images).shape == (4, 2)
+
+    cfg = _config("d", "o", positive="x", channels=[2, 5], with_conc=True)
+    subset = build_classifier(cfg, 3, backbone="resnet18", stem="adapt").eval()
+    assert subset.encoder.in_channels == 2 and subset.encoder.backbone.conv1.weight.shape[1] == 2
+    assert subset.head.layers[0].in_features == subset.encoder.feature_dim + 1
+    with pytest.raises(ValueError, match="pass treatment_conc"):
+        subset(images)
+    with torch.no_grad():
+        logits = subset(images, conc)
+        assert logits.shape == (4, 3)
+        assert not torch.allclose(logits, subset(images, conc * 10))  # the dose reaches the head
+        changed = images.clone()
+        changed[:, [0, 2, 3, 5]] = torch.randn(4, 4, SIZE, SIZE)
+        assert torch.allclose(logits, subset(changed, conc), atol=1e-5)  # unselected stains are ignored
+
+    project = build_classifier(_config("d", "o", positive="x", channels=[1, 3, 5], backbone="mobilenet_v2",
+                                       stem="project"), 2, backbone="mobilenet_v2", stem="project")
+    assert project.encoder.stem_projection[0].weight.shape == (3, 3, 1, 1)
+
+
+@pytest.mark.parametrize("stem", ["adapt", "project"])
+def test_stain_subset_of_a_simclr_encoder_equals_zeros_for_the_dropped_stains(stem):
+    torch.manual_seed(0)
+    six = build_encoder("resnet18", stem=stem, in_channels=6).eval()
+    cfg = _config("d", "o", positive="x", channels=[1, 4, 6], stem=stem)
+    model = build_classifier(cfg, 2, backbone="resnet18", stem=stem, encoder_state=six.state_dict()).eval()
+    images = torch.randn(3, 6, SIZE, SIZE)
+    zeroed = images.clone()
+    zeroed[:, [1, 2, 4]] = 0  # normalised inputs: 0 is each stain's mean
+    with torch.no_grad():
+        assert torch.allclose(model.features(images), six(zeroed), atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one input convolution"):
+        slice_stem_channels(six.state_dict(), six.state_dict(), [1, 2])
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    stopping = EarlyStopping(patience=2)
+    assert stopping.update(0.5, 1.0, epoch=1)
+    assert stopping.update(0.5, 0.8, epoch=2)  # tie on the metric: lower loss wins
+    assert not stopping.update(float("nan"), 0.1, epoch=3)
+    assert not stopping.stopped
+    assert not stopping.update(0.4, 0.1, epoch=4)
+    assert stopping.stopped and stopping.best_epoch == 2
+
+
+# --------------------------------------------------------------------------- real runs on Ray Train
+
+
+@pytest.fixture(scope="module")
+def frozen_run(labelled_shards, tmp_path_factory):
+    """EMPTY vs IFN-beta on a frozen SimCLR encoder cut to stains 1-3, 2 workers, 2 epochs."""
+    root = tmp_path_factory.mktemp("finetune")
+    encoder = _simclr_checkpoint(str(root / "pretrain"))
+    cfg = _config(labelled_shards, str(root / "binary"), positive="IFN-beta", encoder=encoder, channels=[1, 2, 3],
+                  workers=2, epochs=2)
+    return cfg, finetune(cfg), encoder
+
+
+@pytest.mark.slow
+def test_binary_run_on_a_frozen_simclr_encoder(frozen_run, capsys):
+    cfg, summary, encoder_uri = frozen_run
+    metrics = _check_outputs(cfg.out, ["EMPTY", "IFN-beta"])
+    assert summary["status"] == "trained" and summary["epochs_completed"] == 2
+    assert metrics["prevalence"] == pytest.approx(0.5) and metrics["n"] == 2 * PER_TREATMENT
+    assert summary["counts"]["sites"] == {"train": 32, "val": 16, "test": 16}  # 2 / 1 / 1 plates
+    assert [entry["epoch"] for entry in summary["history"]] == [1, 2]
+
+    # The frozen encoder is bit for bit the SimCLR encoder cut to the stains: weights and BN statistics.
+    simclr = load_checkpoint(encoder_uri)["encoder"]
+    model = build_classifier(cfg, 2, backbone="resnet18", stem="adapt", encoder_state=simclr)
+    expected = model.encoder.state_dict()
+    for state in (load_checkpoint(cfg.out), load_checkpoint(storage.join(cfg.out, RUN_NAME))):
+        assert state["channels"] == [1, 2, 3] and state["in_channels"] == 3 and not state["with_conc"]
+        assert state["encoder_init"].startswith("simclr:")
+        for key, value in expected.items():
+            assert torch.equal(state["encoder"][key], value), key
+    trained = load_checkpoint(storage.join(cfg.out, RUN_NAME))
+    assert not all(torch.equal(trained["head"][k], v) for k, v in model.head.state_dict().items())
+
+    again = finetune(cfg)  # the same command: nothing to train
+    assert "already complete (2 of 2 epochs)" in capsys.readouterr().out
+    assert again["status"] == "complete" and len(read_metrics(cfg.out)) == 2
+    with pytest.raises(ConfigError, match="finetune.channels: .* holds a run with channels"):
+        finetune(_config(cfg.data, cfg.out, positive="IFN-beta", encoder=encoder_uri, channels=[1, 2]))
+
+
+@pytest.mark.slow
+def test_multiclass_finetuning_with_concentration_trains_the_encoder(labelled_shards, tmp_path):
+    cfg = _config(labelled_shards, str(tmp_path / "multi"), task="multiclass", freeze=False, with_conc=True,
+                  class_weights="none")
+    summary = finetune(cfg)
+    classes = ["EMPTY", "IFN-beta", "isoproterenol"]
+    metrics = _check_outputs(cfg.out, classes)
+    assert set(metrics["per_class"]) == set(classes) and summary["task"] == "multiclass"
+    state = load_checkpoint(cfg.out)
+    assert state["with_conc"] and state["head"]["layers.0.weight"].shape[1] == 512 + 1
+
+    torch.manual_seed(cfg.seed)  # the workers' initial weights
+    initial = build_classifier(cfg, 3, backbone="resnet18", stem="adapt").encoder.state_dict()
+    assert not torch.equal(state["encoder"]["backbone.conv1.weight"], initial["backbone.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_moa_gpcr_vs_rest(labelled_shards, tmp_path):
+    cfg = _config(labelled_shards, str(tmp_path / "moa"), label_col="moa", positive="GPCR")
+    summary = finetune(cfg)
+    metrics = _check_outputs(cfg.out, ["other", "GPCR"])
+    assert metrics["negative_classes"] == ["control", "interferon"]
+    assert metrics["prevalence"] == pytest.approx(1 / 3)
+    state = load_checkpoint(cfg.out)
+    assert state["negative_classes"] == ["control", "interferon"]
+    counts = summary["counts"]["classes"]["train"]
+    assert counts == {"GPCR": 16, "other": 32}
+
+
+def test_bad_inputs_are_config_errors_before_training(labelled_shards, tmp_path):
+    out = str(tmp_path / "out")
+    for values, error in [(dict(positive="GPCR", label_col="pathway"), "finetune.label_col: 'pathway' is not a "
+                                                                         "column"),
+                          (dict(positive="IFN-alpha"), "finetune.positive: IFN-alpha not among"),
+                          (dict(positive="IFN-beta", split_by="experiment"), "finetune.split_by: 2 group"),
+                          (dict(positive="IFN-beta", batch_size=64), "finetune.batch_size: 64 per worker"),
+                          (dict(positive="IFN-beta", encoder=str(tmp_path)), "finetune.encoder: no checkpoint.pt")]:
+        with pytest.raises(ConfigError, match=error) as caught:
+            finetune(_config(labelled_shards, out, **values))
+        assert "\n" not in str(caught.value)
+    assert not os.path.exists(out)

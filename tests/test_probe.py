@@ -1,0 +1,127 @@
+"""The plate-grouped probe: high on planted separable embeddings, chance on noise, plates never on both sides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rxray.evaluate import probe
+from rxray.evaluate.probe import (embed_batches, grouped_folds, plate_groups, probe_score, probe_targets,
+                                  select_probe_sites)
+
+CLASSES = ["EMPTY", "IFN-beta", "IFN-gamma", "etoposide"]
+
+
+def planted(n_plates: int = 6, per_class: int = 10, dim: int = 32, signal: float = 3.0, plate_shift: float = 2.0,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings with one direction per class (strength ``signal``) and a random offset per plate."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(CLASSES), dim))
+    X, treatments, groups = [], [], []
+    for plate in range(n_plates):
+        offset = plate_shift * rng.normal(size=dim)
+        for k, name in enumerate(CLASSES):
+            X.append(rng.normal(size=(per_class, dim)) + signal * directions[k] + offset)
+            treatments += [name] * per_class
+            groups += [f"HUVEC-{plate % 2 + 1}_{plate // 2 + 1}"] * per_class
+    return np.concatenate(X), np.asarray(treatments, dtype=object), np.asarray(groups, dtype=object)
+
+
+@pytest.mark.parametrize("method", ["logistic", "knn"])
+def test_planted_classes_score_high(method):
+    X, treatments, groups = planted()
+    result = probe_score(X, treatments, groups, method=method)
+    assert result["score"] > 0.9 and result["accuracy"] > 0.9
+    assert result["chance"] == 0.25 and result["classes"] == sorted(CLASSES)
+    assert result["n"] == len(X) and result["groups"] == 6 and result["folds"] == 5
+
+
+def test_noise_scores_near_chance():
+    X, treatments, groups = planted(signal=0.0, per_class=20, seed=3)
+    result = probe_score(X, treatments, groups)
+    assert abs(result["score"] - result["chance"]) < 0.12
+
+
+def test_treated_vs_control_is_binary_with_an_auc():
+    X, treatments, groups = planted()
+    targets = probe_targets(treatments, "control")
+    assert set(targets) == {"control", "treated"} and (targets == "control").sum() == (treatments == "EMPTY").sum()
+    result = probe_score(X, targets, groups)
+    assert result["score"] > 0.9 and result["roc_auc"] > 0.95 and result["chance"] == 0.5
+
+
+def test_a_plate_effect_larger_than_the_signal_is_removed_by_centering_on_controls():
+    X, treatments, groups = planted(signal=1.0, plate_shift=25.0, per_class=12, seed=5)
+    raw = probe_score(X, treatments, groups)
+    centered = probe_score(X, treatments, groups, center_on=treatments == "EMPTY")
+    assert centered["score"] > raw["score"] + 0.1 and centered["score"] > 0.8
+
+
+def test_folds_never_share_a_plate_and_test_every_site_once():
+    _, _, groups = planted(n_plates=7)
+    folds = grouped_folds(groups)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested.tolist()) == list(range(len(groups)))
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+    assert len(grouped_folds(groups, max_folds=10)) == 7  # leave-one-plate-out when plates are few
+
+
+def test_the_probe_never_sees_a_test_plate_in_training(monkeypatch):
+    """Spy on the fitted folds: the training rows of a fold hold none of its test plates."""
+    X, treatments, groups = planted()
+    seen = []
+    original = probe._fit_predict
+
+    def spy(X_train, y_train, X_test, *args):
+        train_rows = [int(np.flatnonzero((X == row).all(axis=1))[0]) for row in X_train]
+        test_rows = [int(np.flatnonzero((X == row).all(axis=1))[0]) for row in X_test]
+        seen.append((set(groups[train_rows]), set(groups[test_rows])))
+        return original(X_train, y_train, X_test, *args)
+
+    monkeypatch.setattr(probe, "_fit_predict", spy)
+    probe_score(X, treatments, groups)
+    assert len(seen) == 5 and all(not train & test for train, test in seen)
+    assert set().union(*(test for _, test in seen)) == set(groups)
+
+
+def test_a_single_plate_or_class_is_refused():
+    X, treatments, groups = planted(n_plates=2)
+    with pytest.raises(ValueError, match="at least 2 plates"):
+        probe_score(X, treatments, np.full(len(X), "HUVEC-1_1"))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        probe_score(X, np.full(len(X), "EMPTY"), groups)
+
+
+def test_site_selection_is_stratified_seeded_and_bounded():
+    _, treatments, groups = planted(n_plates=4, per_class=30)
+    experiments, plates = zip(*(g.split("_") for g in groups))
+    meta = pd.DataFrame({"site_id": [f"s{i:05d}" for i in range(len(treatments))], "experiment": experiments,
+                         "plate": np.asarray(plates, dtype=int), "treatment": treatments})
+    sample = select_probe_sites(meta, task="treatment", max_sites=40, seed=1)
+    assert sample["treatment"].value_counts().to_dict() == {name: 10 for name in CLASSES}
+    assert len(set(plate_groups(sample["experiment"], sample["plate"]))) == 4
+    again = select_probe_sites(meta.sample(frac=1.0, random_state=0), task="treatment", max_sites=40, seed=1)
+    assert again["site_id"].tolist() == sample["site_id"].tolist()  # independent of row order
+
+    subset = select_probe_sites(meta, task="control", treatments=["IFN-beta"], max_sites=1000)
+    assert set(subset["treatment"]) == {"EMPTY", "IFN-beta"}
+    with pytest.raises(ValueError, match="not in the data: nope"):
+        select_probe_sites(meta, task="treatment", treatments=["nope"])
+
+
+def test_embed_batches_runs_the_encoder_in_eval_mode_and_keeps_row_order():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(6, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten())
+    images = np.random.default_rng(0).integers(0, 255, (5, 6, 8, 8), dtype=np.uint8)
+    batches = [{"image": images[:3], "site_id": np.array(["a", "b", "c"])},
+               {"image": images[3:], "site_id": np.array(["d", "e"])}]
+    features, columns = embed_batches(encoder, batches, mean=[100.0] * 6, std=[50.0] * 6, device=torch.device("cpu"))
+    assert features.shape == (5, 4) and features.dtype == np.float32 and not encoder.training
+    assert columns["site_id"].tolist() == ["a", "b", "c", "d", "e"]
+    with torch.no_grad():
+        expected = encoder((torch.from_numpy(images).float() - 100.0) / 50.0).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
