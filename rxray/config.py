@@ -397,6 +397,8 @@ class FinetuneConfig:
     freeze: bool = option(True, "train only the head on a frozen encoder (--finetune trains everything)",
                           negative_flag="--finetune")
     with_conc: bool = option(False, "feed treatment_conc to the head as an extra input")
+    plate_norm: bool = option(True, "scale each stain by its plate's control (EMPTY) mean intensity, so plate "
+                                    "gain effects do not pass for phenotypes (--no-plate-norm: off)")
     channels: list[int] = option([1, 2, 3, 4, 5, 6], "1-based stains to train on, e.g. 1,3,5",
                                  minimum=1, maximum=6)
     class_weights: str = option("auto", "auto: loss weights inverse to class frequency; none", choices=["auto", "none"])
@@ -439,3 +441,32 @@ class ReportConfig:
     out: str = option(help="output folder or URI for report.html and its figures")
     max_points: int = option(5000, "most sites drawn in the embedding scatter plots (seeded sample)", minimum=100)
     max_panels: int = option(12, "most Grad-CAM panels shown", minimum=0)
+
+
+@dataclass
+class TuneConfig:
+    """`rxray tune`: hyperparameter search over pretraining or fine-tuning with Ray Tune."""
+
+    section = "tune"
+
+    data: str = option(help="URI of the ingest shards")
+    out: str = option(help="output URI for the search (trials, results table, plot, best_config.yaml); rerunning "
+                           "the same command resumes it")
+    objective: str = option("pretrain", "pretrain: SimCLR ranked by a plate-grouped probe score after each epoch; "
+                                        "finetune: classifiers ranked by validation PR-AUC / macro F1",
+                            choices=["pretrain", "finetune"])
+    base: Optional[str] = option(None, "YAML file of the fixed step settings every trial shares (e.g. backbone, "
+                                       "workers, or positive for finetune); top level or under the step's section")
+    space: Optional[str] = option(None, "YAML file of search-space entries, each replacing or adding one step "
+                                        "field: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]}, "
+                                        "{randint: [lo, hi]} or a constant")
+    samples: int = option(8, "trials to run", minimum=1)
+    max_concurrent: int = option(2, "most trials running at once (fewer when the cluster cannot hold them)",
+                                 minimum=1)
+    scheduler: str = option("asha", "asha: stop weak trials early at each epoch; none: run every trial to --epochs",
+                            choices=["asha", "none"])
+    epochs: int = option(5, "epochs per trial (ASHA's longest run)", minimum=1)
+    cpus_per_trial: Optional[float] = option(None, "CPUs reserved by each pretraining trial's workers together "
+                                                   "(default: the cluster's CPUs, less one for data loading, shared "
+                                                   "by the concurrent trials)", minimum=0.1)
+    seed: int = option(0, "seed of the random search (which values the trials get)", minimum=0)

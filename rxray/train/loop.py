@@ -36,6 +36,10 @@ CHECKPOINTS_KEPT = 3
 SHUFFLE_BUFFER_ROWS = 512
 # Batches fetched ahead of the training step, so reading and collating overlap with compute.
 PREFETCH_BATCHES = 2
+# Reported with every epoch: the placement group holding the run's workers. A Ray Tune driver that stops the run
+# early (ASHA) kills its controller, and only a dashboard-backed cleaner would then free the group; `rxray tune`
+# frees it by this id.
+PLACEMENT_GROUP_KEY = "train_placement_group"
 
 
 # --------------------------------------------------------------------------- driver side
@@ -75,12 +79,27 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: s
         storage_filesystem=filesystem if storage.is_remote(out) else None,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        callbacks=tune_report_callbacks(),
     )
     scaling = ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
                             | ({"GPU": 1} if gpu else {}))
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets)
     return trainer.fit()
+
+
+def tune_report_callbacks() -> list:
+    """Inside a Ray Tune trial, a callback forwarding every epoch's report to Tune (so ASHA can stop the run); else none.
+
+    Every training step runs through :func:`fit`, so a step called from a Tune
+    function trainable (`rxray tune`) reports to Tune with no change to the step.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return [TuneReportCallback()]
+    except RuntimeError:  # "must be used in a Tune session": an ordinary run
+        return []
 
 
 @dataclass
@@ -120,6 +139,8 @@ class TrainWorker:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.on_gpu = self.device.type == "cuda"
+        group = ray.util.get_current_placement_group()
+        self.placement_group = group.id.hex() if group is not None else None
         # Ray sets OMP_NUM_THREADS from the reserved CPUs; an explicit count wins (benchmarks match loops).
         torch.set_num_threads(threads or max(1, math.floor(cpus)))
 
@@ -166,6 +187,14 @@ class TrainWorker:
         torch.distributed.all_reduce(tensor)
         return {key: float(v) / self.world_size for key, v in zip(values, tensor.tolist())}
 
+    def gather(self, value: T) -> list[T]:
+        """Every worker's ``value`` (a small picklable object), in rank order, on every worker."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def restore(self, fallback_uri: str | None = None) -> dict[str, Any] | None:
         """The latest checkpoint dict of this run (after a worker failure or a rerun), else `fallback_uri`'s."""
         import ray.train
@@ -184,6 +213,8 @@ class TrainWorker:
         """Report an epoch's metrics from every worker, with rank 0's checkpoint dict (built by `state()`)."""
         import ray.train
 
+        if self.placement_group:
+            metrics = {**metrics, PLACEMENT_GROUP_KEY: self.placement_group}
         if not self.is_chief:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(epoch))
             return

@@ -4,7 +4,10 @@ Each worker streams its shard of uint8 images, makes two augmented views on its
 device, and minimises NT-Xent with negatives gathered from every worker (Chen et
 al. 2020), so N workers x B images train like one worker with N*B. After every
 epoch rank 0 writes one checkpoint dict; rerunning the same command resumes from
-it, and a worker that dies is restarted from it (FailureConfig).
+it, and a worker that dies is restarted from it (FailureConfig). With ``--probe``,
+each epoch also embeds a small sample of sites with the encoder and scores a
+plate-grouped linear probe on them (``probe_score``, :mod:`rxray.evaluate.probe`):
+the loss alone falls when augmentations get easier, so `rxray tune` ranks runs by it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -119,6 +123,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         metrics = _train_epoch(cfg, worker, model, augment, optimizer, generator, epoch, crash)
+        if loop_config.get("probe"):
+            metrics.update(_probe_epoch(cfg, worker, model, mean, std))
         history.append(metrics)
         worker.report(metrics, epoch + 1, _checkpoint_state(cfg, model, optimizer, epoch + 1, mean, std,
                                                             history, starts))
@@ -154,6 +160,33 @@ def _train_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, aug
                                       "images_per_s": meter.images / seconds})
     return {"epoch": epoch + 1, **means, "steps": steps, "seconds": round(seconds, 3),
             "data_wait_s": round(meter.data_wait_s, 3)}
+
+
+def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mean: list[float],
+                 std: list[float]) -> dict[str, float]:
+    """Probe scores of the encoder as it is now: every worker embeds its share of the probe sites, rank 0 scores.
+
+    The unwrapped encoder runs (a DDP forward would wait on the other workers) in
+    eval mode; the next epoch's ``model.train()`` switches it back. Other ranks
+    return no scores: only rank 0's metrics are logged and reach Tune.
+    """
+    import ray.train
+
+    from rxray.evaluate.probe import embed_batches, plate_groups, probe_score, probe_targets
+
+    batches = ray.train.get_dataset_shard("probe").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+    features, columns = embed_batches(unwrap(model).encoder, batches, mean=mean, std=std, device=worker.device)
+    shares = [share for share in worker.gather((features, columns)) if len(share[0])]
+    if not worker.is_chief:
+        return {}
+    if not shares:
+        raise RuntimeError("the probe sites reached no worker (an empty probe sample?)")
+    X = np.concatenate([share[0] for share in shares])
+    column = {name: np.concatenate([share[1][name] for share in shares]) for name in shares[0][1]}
+    result = probe_score(X, probe_targets(column["treatment"], cfg.probe_task),
+                         plate_groups(column["experiment"], column["plate"]))
+    return {"probe_score": result["score"], "probe_accuracy": result["accuracy"],
+            "probe_f1_macro": result["f1_macro"], "probe_roc_auc": result["roc_auc"]}
 
 
 def _checkpoint_state(cfg: PretrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -203,14 +236,17 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
     storage.makedirs(cfg.out)
     storage.write_text(storage.join(cfg.out, CONFIG_FILE), config_to_yaml(cfg))
 
+    datasets = {"train": dataset}
+    if cfg.probe:
+        datasets["probe"] = _probe_dataset(cfg)
     cpus = worker_cpus(cfg.workers, cfg.gpu, cfg.worker_cpus)
     loop_config = {"cfg": config_to_dict(cfg), "channel_mean": mean, "channel_std": std,
                    "image_size": image_side, "cpus_per_worker": cpus, "resume_from": resume_from,
-                   "crash_once": dataclasses.asdict(crash_once) if crash_once else None}
+                   "crash_once": dataclasses.asdict(crash_once) if crash_once else None, "probe": cfg.probe}
     with timer.time("train"):
         try:
             fit(train_loop_per_worker, loop_config, out=cfg.out, name=RUN_NAME, workers=cfg.workers, gpu=cfg.gpu,
-                cpus_per_worker=cpus, max_failures=cfg.max_failures, datasets={"train": dataset})
+                cpus_per_worker=cpus, max_failures=cfg.max_failures, datasets=datasets)
         except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
             from rxray.cli import StepFailed
 
@@ -218,6 +254,31 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
                 from exc
     return _finish(cfg, status="trained", resumed_from=done, timer=timer, rows=rows, cpus_per_worker=cpus)
+
+
+def _probe_dataset(cfg: PretrainConfig):
+    """The probe's sites (a class-stratified sample chosen from the shards' metadata) as a lazy Ray Dataset.
+
+    Only metadata columns are read to choose the sites; the images of the chosen
+    ones are read by a site_id filter inside the Parquet scan, every epoch.
+    """
+    import pyarrow.dataset as pads
+    from ray.data.expressions import col
+
+    from rxray.data.shards import read_shards
+    from rxray.evaluate.probe import PROBE_COLUMNS, select_probe_sites
+
+    fs, path = storage.pyarrow_filesystem(cfg.data)
+    meta = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=list(PROBE_COLUMNS)).to_pandas()
+    try:
+        sample = select_probe_sites(meta, task=cfg.probe_task, treatments=cfg.probe_treatments,
+                                    max_sites=cfg.probe_sites, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError("pretrain.probe_treatments", str(exc)) from None
+    print(f"pretrain: probe on {len(sample)} sites of {sample['treatment'].nunique()} treatment(s) "
+          f"({cfg.probe_task}), plate-grouped folds", flush=True)
+    site_ids = sample["site_id"].astype(str).tolist()
+    return read_shards(cfg.data, columns=["image", *PROBE_COLUMNS]).filter(expr=col("site_id").is_in(site_ids))
 
 
 def _check_weights(cfg: PretrainConfig) -> None:
