@@ -650,8 +650,8 @@ class _Run:
     def plate_gains(self, cfg: FinetuneConfig) -> dict[str, list[float]]:
         """The plate gains of the task's plates ({} with --no-plate-norm), measured on first use."""
         if self.gains is None:
-            plates = [g for s in self.splits["members"].values() for g in plate_groups(*zip(*s))] \
-                if any(self.splits["members"].values()) else []
+            plates = [g for members in self.splits["members"].values() if members
+                      for g in plate_groups(*zip(*members))]
             self.gains = plate_gains(cfg.data, plates) if cfg.plate_norm else {}
         return self.gains
 
