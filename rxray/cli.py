@@ -73,7 +73,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _ = _unwrap_optional(hints[f.name])
         default = "required" if meta.get("required") else f.default if f.default is not dataclasses.MISSING \
             else f.default_factory()  # type: ignore[misc]
-        help_text = f"{meta.get('help', '')} (default: {default})"
+        help_text = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
         if tp is bool:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(_flag(f), dest=f.name, action="store_const", const="true", default=None,

@@ -16,7 +16,7 @@ from rxray.config import ConfigError, PretrainConfig, load_config
 from rxray.data.layout import METADATA_COLUMNS
 from rxray.runtime import read_manifest, write_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
-from rxray.train.loop import CrashOnce, read_metrics
+from rxray.train.loop import CrashOnce, cache_datasets, read_metrics
 from rxray.train.simclr import RUN_NAME, pretrain
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,8 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
 def test_worker_process_death_on_s3_resumes_from_last_checkpoint(tiny_shards, s3_bucket, tmp_path):
     marker = tmp_path / "crashed"
     out = f"{s3_bucket}/pretrain"
-    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1),
+    # cache off: the restarted workers stream the shards again, as a full-scale run does
+    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, cache="off"),
                        crash_once=CrashOnce(epoch=1, marker=str(marker)))
     assert marker.exists()  # rank 0's process really died, partway through epoch 1
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2
@@ -161,3 +162,20 @@ def test_changing_the_backbone_of_an_existing_run_is_refused(finished_run):
     changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "mobilenet_v2", "epochs": 3})
     with pytest.raises(ConfigError, match="^pretrain.backbone: .*use a new --out"):
         pretrain(changed)
+
+
+def test_cache_policy_materialises_only_what_fits_the_object_store(tiny_shards, capsys):
+    from ray.data.dataset import MaterializedDataset
+
+    from rxray.data.shards import read_shards
+
+    datasets = {"train": read_shards(tiny_shards, columns=["image"])}
+    image_bytes = 6 * SIZE * SIZE
+    assert cache_datasets(datasets, {"train": SITES}, image_bytes, "off", "pretrain") is datasets
+    too_big = cache_datasets(datasets, {"train": 10**9}, image_bytes, "auto", "pretrain")
+    assert too_big["train"] is datasets["train"] and "streaming the images" in capsys.readouterr().out
+    cached = cache_datasets(datasets, {"train": SITES}, image_bytes, "auto", "pretrain")
+    assert isinstance(cached["train"], MaterializedDataset) and cached["train"].count() == SITES
+    assert "caching" in capsys.readouterr().out
+    forced = cache_datasets(datasets, {"train": 10**9}, image_bytes, "on", "pretrain")
+    assert isinstance(forced["train"], MaterializedDataset)

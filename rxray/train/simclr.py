@@ -23,8 +23,8 @@ from rxray import storage
 from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml, read_yaml
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint
-from rxray.train.loop import (CONFIG_FILE, CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for, fit,
-                              read_metrics, unwrap, worker_cpus)
+from rxray.train.loop import (CONFIG_FILE, CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
+                              cache_datasets, fit, read_metrics, unwrap, worker_cpus)
 
 RUN_NAME = "simclr"
 IN_CHANNELS = 6
@@ -237,8 +237,11 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
     storage.write_text(storage.join(cfg.out, CONFIG_FILE), config_to_yaml(cfg))
 
     datasets = {"train": dataset}
+    sizes = {"train": rows}
     if cfg.probe:
         datasets["probe"] = _probe_dataset(cfg)
+        sizes["probe"] = min(rows, cfg.probe_sites)
+    datasets = cache_datasets(datasets, sizes, IN_CHANNELS * image_side ** 2, cfg.cache, "pretrain")
     cpus = worker_cpus(cfg.workers, cfg.gpu, cfg.worker_cpus)
     loop_config = {"cfg": config_to_dict(cfg), "channel_mean": mean, "channel_std": std,
                    "image_size": image_side, "cpus_per_worker": cpus, "resume_from": resume_from,
