@@ -275,6 +275,8 @@ class IngestConfig:
             raise ConfigError("ingest.group", "give either --treatments or --group, not both")
 
 
+CACHE_HELP = ("hold the training images in Ray's object store after the first epoch's read: auto when they fit in "
+              "40% of it, on, or off (stream from storage every epoch)")
 BACKBONES = ["densenet121", "densenet201", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 
 
@@ -305,6 +307,7 @@ class PretrainConfig:
     worker_cpus: Optional[float] = option(None, "CPUs reserved per worker (default: 1, or less on a small "
                                                 "machine so Ray Data keeps a CPU to feed them)", minimum=0.1)
     threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
+    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
     seed: int = option(0, "random seed")
     probe: bool = option(False, "after each epoch, score a plate-grouped linear probe on frozen embeddings of a site "
                                 "sample (probe_score: the objective of `rxray tune`)")
@@ -418,6 +421,9 @@ class FinetuneConfig:
     workers: int = option(1, "Ray Train workers", minimum=1)
     gpu: bool = option(False, "train on GPUs (one per worker)")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    threshold: str = option("val-f1", "binary decision threshold for the test metrics: the one with the best F1 on "
+                                      "the validation split, or argmax (0.5)", choices=["val-f1", "argmax"])
+    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
     seed: int = option(0, "random seed (splits, init, sampling)")
 
     def validate(self) -> None:

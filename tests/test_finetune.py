@@ -14,7 +14,7 @@ import torch
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig, load_config
 from rxray.data.layout import METADATA_COLUMNS
-from rxray.evaluate.metrics import classification_metrics
+from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
 from rxray.runtime import read_manifest, write_manifest
@@ -119,8 +119,12 @@ def _check_outputs(out: str, classes: list[str]) -> dict:
     assert len(predictions) == metrics["n"] == splits["counts"]["test"]["sites"]
     probs = np.stack(predictions["probs"].to_numpy())
     assert probs.shape == (len(predictions), len(classes)) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-    again = classification_metrics(predictions["label"], probs, classes)
+    threshold = metrics.get("threshold") if len(classes) == 2 else None
+    again = classification_metrics(predictions["label"], probs, classes, threshold=threshold)
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert (predictions["predicted"] == predictions["label"]).mean() == pytest.approx(metrics["accuracy"])
+    if len(classes) == 2:
+        assert 0.0 <= metrics["threshold"] <= 1.0 and "f1" in metrics["at_argmax"]
 
     state = load_checkpoint(out)  # <out>/checkpoint.pt: the selected model
     for key in CHECKPOINT_KEYS:
@@ -223,6 +227,18 @@ def test_stain_subset_of_a_simclr_encoder_equals_zeros_for_the_dropped_stains(st
         assert torch.allclose(model.features(images), six(zeroed), atol=1e-5)
     with pytest.raises(ValueError, match="exactly one input convolution"):
         slice_stem_channels(six.state_dict(), six.state_dict(), [1, 2])
+
+
+def test_validation_threshold_maximises_f1_and_moves_the_calls():
+    labels = ["EMPTY"] * 6 + ["IFN-beta"] * 3
+    score = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.32, 0.4, 0.9])  # ranked perfectly, but mostly below 0.5
+    threshold = best_f1_threshold(np.array(labels) == "IFN-beta", score)
+    assert 0.3 < threshold < 0.32  # halfway between the last negative and the first positive
+    assert classification_metrics(labels, score, ["EMPTY", "IFN-beta"])["f1"] == pytest.approx(0.5)
+    assert classification_metrics(labels, score, ["EMPTY", "IFN-beta"], threshold=threshold)["f1"] == 1.0
+    assert best_f1_threshold([True, True], [0.2, 0.3]) == 0.5  # nothing to tune on
+    with pytest.raises(ValueError, match="two labels"):
+        classification_metrics([0, 1, 2], np.eye(3), [0, 1, 2], threshold=0.5)
 
 
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():

@@ -45,14 +45,40 @@ def _one_vs_rest_scores(true_idx: np.ndarray, proba: np.ndarray) -> tuple[float,
     return (float(np.mean(roc)) if roc else nan), (float(np.mean(pr)) if pr else nan)
 
 
-def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: Sequence[Any]) -> dict[str, Any]:
+def best_f1_threshold(positive: Sequence[bool], score: Sequence[float]) -> float:
+    """The decision threshold on ``score`` that maximises the positive class's F1 (for a validation split).
+
+    It lies halfway between the lowest positive-called score and the next lower
+    score, so it does not sit on a validation sample; 0.5 when the split has no
+    positives or no negatives (nothing to tune on).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    if positive.all() or not positive.any():
+        return 0.5
+    candidates = np.unique(score)[::-1]  # each candidate t calls score >= t positive
+    best_f1, best_index = -1.0, 0
+    for index, threshold in enumerate(candidates):
+        called = score >= threshold
+        true_positives = np.sum(called & positive)
+        f1 = 2.0 * true_positives / (called.sum() + positive.sum())
+        if f1 > best_f1:
+            best_f1, best_index = f1, index
+    lower = candidates[best_index + 1] if best_index + 1 < len(candidates) else 0.0
+    return float((candidates[best_index] + lower) / 2.0)
+
+
+def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: Sequence[Any],
+                           threshold: float | None = None) -> dict[str, Any]:
     """Accuracy, precision, recall, F1 (headline, macro and per class), ROC-AUC, PR-AUC, confusion matrix.
 
     ``labels`` fixes the class order: the columns of a 2-D ``y_score`` (n, n_labels),
     and the rows/columns of the confusion matrix. With two labels a 1-D ``y_score``
     is the probability of ``labels[1]``, the positive class. Predictions are the
-    highest-scoring class. Headline ``precision``, ``recall`` and ``f1`` are those of
-    the positive class for binary problems and the macro averages otherwise.
+    highest-scoring class, or for two labels with ``threshold`` given, the positive
+    class where its probability is at least ``threshold``. Headline ``precision``,
+    ``recall`` and ``f1`` are those of the positive class for binary problems and
+    the macro averages otherwise.
     """
     labels = list(labels)
     y_true = np.asarray(y_true)
@@ -67,7 +93,9 @@ def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: S
     # sklearn cannot type object arrays of mixed labels; score class indices instead.
     index_of = {label: k for k, label in enumerate(labels)}
     true_idx = np.array([index_of[v] for v in y_true.tolist()], dtype=np.int64)
-    pred_idx = np.argmax(proba, axis=1)
+    if threshold is not None and len(labels) != 2:
+        raise ValueError("a decision threshold needs exactly two labels")
+    pred_idx = (proba[:, 1] >= threshold).astype(np.int64) if threshold is not None else np.argmax(proba, axis=1)
     class_ids = list(range(len(labels)))
 
     precision, recall, f1, support = precision_recall_fscore_support(

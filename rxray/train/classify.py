@@ -49,8 +49,8 @@ from rxray.data.layout import CONTROL, N_CHANNELS
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.ssl.augment import SimCLRAugment, normalize
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_epoch, latest_checkpoint, load_checkpoint
-from rxray.train.loop import (CONFIG_FILE, EpochLog, ThroughputMeter, TrainWorker, autocast_for, fit, read_metrics,
-                              unwrap, worker_cpus)
+from rxray.train.loop import (CONFIG_FILE, EpochLog, ThroughputMeter, TrainWorker, autocast_for, cache_datasets, fit,
+                              read_metrics, unwrap, worker_cpus)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -588,25 +588,35 @@ def predict(dataset: "ray.data.Dataset", model_uri: str, *, batch_size: int, act
     return pd.concat(parts, ignore_index=True).sort_values("site_id", ignore_index=True)
 
 
-def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan) -> dict[str, Any]:
-    """Test metrics (metrics.json), predictions.parquet and the three plots; returns the metrics."""
+def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
+                     threshold: float | None = None) -> dict[str, Any]:
+    """Test metrics (metrics.json), predictions.parquet and the three plots; returns the metrics.
+
+    ``threshold`` (binary tasks): the positive-class probability from which a site
+    is called positive, chosen on the validation split; the headline metrics use
+    it and ``at_argmax`` keeps the plain highest-probability ones.
+    """
     from rxray.evaluate.metrics import classification_metrics
     from rxray.evaluate.plots import plot_confusion_matrix, plot_pr_curve, plot_roc_curve
 
     y = predictions["label"].to_numpy(dtype=np.int64)
     probs = np.stack(predictions["probs"].to_numpy()).astype(np.float64)
     names = [plan.classes[i] for i in y]
-    metrics = classification_metrics(names, probs, labels=plan.classes)
+    metrics = classification_metrics(names, probs, labels=plan.classes, threshold=threshold)
     if plan.task == "binary":
         metrics["prevalence"] = float(np.mean(y == 1))
+        metrics["threshold"] = 0.5 if threshold is None else threshold
+        argmax = classification_metrics(names, probs, labels=plan.classes)
+        metrics["at_argmax"] = {key: argmax[key] for key in ("accuracy", "precision", "recall", "f1",
+                                                             "confusion_matrix")}
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), plan.classes, storage.join(out, FIGURES[0]))
     plot_pr_curve(y, probs, storage.join(out, FIGURES[1]), labels=plan.classes)
     plot_roc_curve(y, probs, storage.join(out, FIGURES[2]), labels=plan.classes)
-    storage.write_bytes(storage.join(out, PREDICTIONS_FILE), _predictions_parquet(predictions, plan))
+    storage.write_bytes(storage.join(out, PREDICTIONS_FILE), _predictions_parquet(predictions, plan, threshold))
     return metrics
 
 
-def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan) -> bytes:
+def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan, threshold: float | None = None) -> bytes:
     """predictions.parquet: metadata, true and predicted class names, and the class probabilities (logit order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -618,13 +628,21 @@ def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan) -> bytes:
     columns = {name: pa.array(predictions[name].to_numpy()) for name in _PREDICTION_COLUMNS if name in predictions}
     columns.update({
         "label": pa.array(classes[y].tolist(), pa.string()),
-        "predicted": pa.array(classes[probs.argmax(axis=1)].tolist() if len(probs) else [], pa.string()),
+        "predicted": pa.array(classes[_predicted_index(probs, threshold)].tolist() if len(probs) else [],
+                              pa.string()),
         "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(plan.classes)),
     })
     table = pa.table(columns).replace_schema_metadata({"classes": json.dumps(plan.classes)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def _predicted_index(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Predicted class per row: the positive class from ``threshold`` on (binary), else the most probable."""
+    if threshold is None:
+        return probs.argmax(axis=1)
+    return (probs[:, 1] >= threshold).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- driver
@@ -727,9 +745,12 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
     datasets = {"train": split_dataset(cfg, run.plan, run.splits, "train", gains=gains)}
     if run.splits["counts"]["val"]["sites"]:
         datasets["val"] = split_dataset(cfg, run.plan, run.splits, "val", gains=gains)
+    image_side = _image_side(cfg.data)
+    datasets = cache_datasets(datasets, {name: run.splits["counts"][name]["sites"] for name in datasets},
+                              N_CHANNELS * image_side ** 2, cfg.cache, "finetune")
     loop_config = {"cfg": config_to_dict(cfg), "plan": dataclasses.asdict(run.plan),
                    "channel_mean": run.channel_mean, "channel_std": run.channel_std,
-                   "image_size": _image_side(cfg.data), "cpus_per_worker": cpus, "resume_from": run.resume_from,
+                   "image_size": image_side, "cpus_per_worker": cpus, "resume_from": run.resume_from,
                    "backbone": run.backbone, "stem": run.stem, "encoder_uri": run.encoder_uri,
                    "encoder_init": run.encoder_init, "has_val": "val" in datasets, "plate_gains": gains,
                    "class_weights": class_weights(run.train_sites, cfg.class_weights)}
@@ -752,15 +773,37 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], timer: Time
     ensure_ray()
     with timer.time("evaluate"):
         cpus = worker_cpus(cfg.workers, cfg.gpu, None)
+        threshold = _validation_threshold(cfg, run, model, cpus)
         test = split_dataset(cfg, run.plan, run.splits, "test", keep=_PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
         predictions = predict(test, model["uri"], batch_size=cfg.batch_size, actors=cfg.workers,
                               cpus_per_actor=cpus, gpu=cfg.gpu)
-        metrics = write_evaluation(cfg.out, predictions, run.plan)
+        metrics = write_evaluation(cfg.out, predictions, run.plan, threshold)
         metrics.update(task=run.plan.task, label_col=run.plan.label_col, classes=run.plan.classes,
                        positive=run.plan.positive, negative_classes=run.plan.negative_classes, split="test",
                        best_epoch=model["epoch"], selection_metric=model.get("selection_metric"))
         storage.write_text(storage.join(cfg.out, METRICS_JSON), json.dumps(_json_safe(metrics), indent=2))
     return metrics
+
+
+def _validation_threshold(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], cpus: float) -> float | None:
+    """Binary tasks: the F1-maximising decision threshold of the selected model on the validation split.
+
+    Class weights shift the probabilities away from calibration, so 0.5 is not the
+    natural cut; the test split never informs the choice. None (argmax) for other
+    tasks, with --threshold argmax, or without validation sites.
+    """
+    from rxray.evaluate.metrics import best_f1_threshold
+
+    if run.plan.task != "binary" or cfg.threshold != "val-f1" or not run.splits["counts"]["val"]["sites"]:
+        return None
+    val = split_dataset(cfg, run.plan, run.splits, "val", keep=_PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
+    predictions = predict(val, model["uri"], batch_size=cfg.batch_size, actors=cfg.workers, cpus_per_actor=cpus,
+                          gpu=cfg.gpu)
+    probs = np.stack(predictions["probs"].to_numpy()).astype(np.float64)
+    threshold = best_f1_threshold(predictions["label"].to_numpy() == 1, probs[:, 1])
+    print(f"finetune: decision threshold {threshold:.3f} (best F1 on the {len(predictions)} validation sites)",
+          flush=True)
+    return threshold
 
 
 def _starting_point(cfg: FinetuneConfig) -> tuple[str, str, str | None, str]:
@@ -940,7 +983,7 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The test metrics a summary shows."""
     if metrics is None:
         return None
-    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "n")
+    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
