@@ -38,6 +38,8 @@ from rxray.runtime import Timer, ensure_ray, read_manifest, write_manifest
 # 6 x 256 x 256 is 25 MB).
 ROW_GROUP_ROWS = 64
 PARQUET_COMPRESSION = "zstd"
+# Parquet's path of the pixel values inside the image column (a tensor extension over large_list<uint8>).
+IMAGE_PIXELS_PATH = f"{shards.IMAGE_COLUMN}.list.element"
 # Content of a shard depends on these config fields; the others (thresholds, threads)
 # may change between a run and its resume.
 _CONTENT_FIELDS = ("source", "size", "treatments", "group", "controls", "balance", "labels", "shard_rows",
@@ -228,15 +230,19 @@ class ShardWriter:
 def parquet_bytes(table: pa.Table) -> pa.Buffer:
     """A shard table as zstd Parquet, in memory.
 
-    Parquet has no 8-bit type, so plain uint8 pixels are stored as 4-byte INT32; the
-    dictionary encoding (at most 256 values) stores them in one byte before zstd, which
-    made shards of synthetic 256 px sites 37% smaller than zstd alone (174 vs 277 KB a
-    site) at no extra write time. Min/max statistics of pixels help no reader: skipped.
+    Parquet has no 8-bit type, so uint8 pixels are stored as 4-byte INT32. The
+    BYTE_STREAM_SPLIT encoding puts each byte position in its own stream, so the
+    three zero bytes vanish under zstd and the pixel bytes compress as they are.
+    Measured on synthetic 256 px sites against the dictionary encoding used before:
+    the same size (176 vs 179 KB a site; zstd alone: 283 KB), written 3.7x faster
+    (4.2 vs 15.7 ms a site, a fifth of a site's CPU budget next to decoding its six
+    PNGs, ~53 ms) and read 1.6x faster. Min/max statistics of pixels help no reader: skipped.
     """
     plain_columns = [name for name in table.column_names if name != shards.IMAGE_COLUMN]
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_ROWS,
-                   use_dictionary=True, write_statistics=plain_columns)
+                   use_dictionary=plain_columns, write_statistics=plain_columns,
+                   column_encoding={IMAGE_PIXELS_PATH: "BYTE_STREAM_SPLIT"})
     return sink.getvalue()
 
 
