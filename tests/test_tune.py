@@ -1,0 +1,199 @@
+"""`rxray tune`: a 4-trial ASHA search over fine-tuning whose best config `rxray finetune` takes, the space and base
+files, and a search killed partway (a real SIGKILL of `python -m rxray.cli tune`) that resumes without rerunning
+finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from rxray import storage
+from rxray.cli import main as cli_main
+from rxray.config import ConfigError, FinetuneConfig, PretrainConfig, TuneConfig, load_config
+from rxray.data.layout import METADATA_COLUMNS
+from rxray.runtime import read_manifest, write_manifest
+from rxray.train.checkpoints import load_checkpoint
+from rxray.train.loop import read_metrics
+from rxray.tune import BEST_CONFIG, PLOT_FILE, RESULTS_CSV, RESULTS_PARQUET, TRIAL_RECORD, TRIALS_DIR, tune
+
+pytestmark = pytest.mark.slow
+
+SIZE = 32
+PLATES = [("HUVEC-1", 1), ("HUVEC-1", 2), ("HUVEC-2", 1), ("HUVEC-2", 2)]
+TREATMENTS = {"EMPTY": None, "IFN-beta": 2, "IFN-gamma": 4}  # treatment -> the stain it brightens
+PER_TREATMENT = 8  # sites per treatment per plate: 96 sites
+
+
+def _rows(seed: int = 0) -> list[dict]:
+    """4 plates x 3 treatments x 8 sites of 32 px; each treatment brightens its own stain, plates shift levels."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p, (experiment, plate) in enumerate(PLATES):
+        for t, (treatment, stain) in enumerate(TREATMENTS.items()):
+            for i in range(PER_TREATMENT):
+                image = rng.normal(60 + 5 * p, 12, (6, SIZE, SIZE))
+                if stain is not None:
+                    image[stain] += 40
+                well = f"{'ABC'[t]}{i + 1:02d}"
+                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
+                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
+                             "treatment": treatment, "treatment_conc": 0.0 if stain is None else 1.0,
+                             "image": np.clip(image, 0, 255).astype(np.uint8)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    """The shards (9 metadata columns + image) and an ingest manifest with channel statistics, on local disk."""
+    uri = str(tmp_path_factory.mktemp("shards") / "ingest")
+    rows = _rows()
+    assert list(rows[0])[:9] == METADATA_COLUMNS
+    images = np.stack([row["image"] for row in rows]).astype(np.float64)
+    fs, path = storage.pyarrow_filesystem(uri)
+    ray_local.data.from_items(rows).repartition(3).write_parquet(path, filesystem=fs)
+    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
+                   channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=[6, SIZE, SIZE],
+                   counts={"written": len(rows)})
+    return uri
+
+
+def _write_yaml(path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _finetune_search(shards: str, tmp_path, **values) -> TuneConfig:
+    base = _write_yaml(tmp_path / "base.yaml", {"finetune": {
+        "positive": "IFN-beta", "backbone": "resnet18", "workers": 1, "head_hidden": 16, "val_frac": 0.25,
+        "test_frac": 0.0, "patience": 5}})  # no test split: trials are ranked on validation, and it saves time
+    space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "lr": {"loguniform": [1e-3, 3e-2]},
+                                                  "aug_strength": {"choice": [0.0, 0.5]}})
+    return load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "search"), "objective": "finetune",
+                                           "base": base, "space": space, "samples": 4, "epochs": 2,
+                                           "max_concurrent": 1, **values})
+
+
+def test_finetune_search_writes_results_plot_and_a_best_config_rxray_finetune_takes(shards, tmp_path):
+    cfg = _finetune_search(shards, tmp_path)
+    summary = tune(cfg)
+
+    assert summary["metric"] == "val_pr_auc" and summary["trials"] == 4 and not summary["restored"]
+    table = pd.read_parquet(os.path.join(cfg.out, RESULTS_PARQUET))
+    assert len(table) == 4 and table["trial_id"].is_unique
+    assert set(table["status"]) <= {"complete", "stopped"}  # ASHA may stop the weaker half after epoch 1
+    assert (table["epochs"] >= 1).all() and (table["epochs"] <= 2).all() and (table["status"] == "complete").any()
+    assert table["val_pr_auc"].between(0, 1).all()
+    assert (table["config/batch_size"] == 8).all() and table["config/lr"].between(1e-3, 3e-2).all()
+    assert table["config/lr"].nunique() == 4  # each trial its own sample
+    assert pd.read_csv(os.path.join(cfg.out, RESULTS_CSV))["trial_id"].tolist() == table["trial_id"].tolist()
+    with open(os.path.join(cfg.out, PLOT_FILE), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    for trial_id, epochs in zip(table["trial_id"], table["epochs"]):
+        trial_out = os.path.join(cfg.out, TRIALS_DIR, trial_id)
+        assert [entry["epoch"] for entry in read_metrics(trial_out)] == list(range(1, epochs + 1))
+        assert json.load(open(os.path.join(trial_out, TRIAL_RECORD)))["starts"] == 1
+
+    best = table.loc[table["val_pr_auc"].idxmax()]
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    manifest = read_manifest(cfg.out)
+    assert manifest["step"] == "tune" and manifest["best"]["trial_id"] == best["trial_id"]
+    best_config = load_config(FinetuneConfig, os.path.join(cfg.out, BEST_CONFIG))
+    assert best_config.positive == "IFN-beta" and best_config.batch_size == 8 and best_config.epochs == 2
+    assert best_config.lr == pytest.approx(best["config/lr"]) and best_config.head_hidden == 16
+
+    retrained = str(tmp_path / "best-run")
+    assert cli_main(["finetune", "--config", os.path.join(cfg.out, BEST_CONFIG), "--out", retrained,
+                     "--epochs", "1"]) == 0
+    finished = read_manifest(retrained)
+    assert finished["step"] == "finetune" and finished["epochs_completed"] == 1
+    assert finished["config"]["lr"] == pytest.approx(best["config/lr"]) and finished["config"]["batch_size"] == 8
+
+
+def test_space_and_base_errors_name_the_field_before_any_trial(shards, tmp_path):
+    bad_range = _write_yaml(tmp_path / "bad-range.yaml", {"dropout": {"uniform": [0.0, 2.0]}})
+    with pytest.raises(ConfigError, match=r"^tune.space: pretrain.dropout: must be <= 0.95"):
+        tune(load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "a"), "space": bad_range}))
+    unknown = _write_yaml(tmp_path / "unknown.yaml", {"momentum": {"uniform": [0.1, 0.9]}})
+    with pytest.raises(ConfigError, match=r"^tune.space: 'momentum' is not a searchable pretrain setting"):
+        tune(load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "b"), "space": unknown}))
+    with pytest.raises(ConfigError, match=r"^tune.base: finetune.positive: is required"):
+        tune(load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "c"), "objective": "finetune"}))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
+
+
+def _pretrain_search_command(shards: str, tmp_path) -> list[str]:
+    base = _write_yaml(tmp_path / "base.yaml", {"backbone": "resnet18", "workers": 1, "probe_sites": 96})
+    space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "proj_dim": {"choice": [16, 32]}})
+    return [sys.executable, "-m", "rxray.cli", "tune", "--data", shards, "--out", str(tmp_path / "search"),
+            "--objective", "pretrain", "--base", base, "--space", space, "--samples", "2", "--epochs", "2",
+            "--scheduler", "none", "--max-concurrent", "1"]
+
+
+def _finished_trials(search: str) -> list[str]:
+    trials = os.path.join(search, TRIALS_DIR)
+    if not os.path.isdir(trials):
+        return []
+    return sorted(t for t in os.listdir(trials) if read_manifest(os.path.join(trials, t)) is not None)
+
+
+def test_a_killed_search_resumes_without_rerunning_finished_trials(shards, ray_local, tmp_path):
+    command = _pretrain_search_command(shards, tmp_path)
+    search = str(tmp_path / "search")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    with open(tmp_path / "killed.log", "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            # The first trial is finished and the second has trained an epoch: Tune has saved its state since.
+            while not (_finished_trials(search) and _second_trial_epochs(search) >= 1):
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no trial finished in time"
+                time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    finished = _finished_trials(search)
+    assert len(finished) == 1 and not os.path.exists(os.path.join(search, "_manifest.json"))
+    first = finished[0]
+    first_manifest = read_manifest(os.path.join(search, TRIALS_DIR, first))
+
+    cfg = load_config(TuneConfig, values={"data": shards, "out": search, "objective": "pretrain",
+                                          "base": str(tmp_path / "base.yaml"), "space": str(tmp_path / "space.yaml"),
+                                          "samples": 2, "epochs": 2, "scheduler": "none", "max_concurrent": 1})
+    summary = tune(cfg)
+    assert summary["restored"] and summary["trials"] == 2 and summary["metric"] == "probe_score"
+    table = pd.read_parquet(os.path.join(search, RESULTS_PARQUET))
+    assert first in table["trial_id"].tolist() and (table["status"] == "complete").all()
+    assert table["probe_score"].between(0, 1).all()
+    # The finished trial was not run again: one start, its manifest and its two epochs untouched.
+    first_out = os.path.join(search, TRIALS_DIR, first)
+    assert json.load(open(os.path.join(first_out, TRIAL_RECORD)))["starts"] == 1
+    assert read_manifest(first_out) == first_manifest
+    assert [entry["epoch"] for entry in read_metrics(first_out)] == [1, 2]
+    for trial_id in table["trial_id"]:  # every trial trained each epoch once
+        history = read_metrics(os.path.join(search, TRIALS_DIR, trial_id))
+        assert [entry["epoch"] for entry in history] == [1, 2]
+        assert all(0.0 <= entry["probe_score"] <= 1.0 for entry in history)
+    (second,) = set(table["trial_id"]) - {first}  # interrupted after its first epoch, resumed from that checkpoint
+    assert load_checkpoint(os.path.join(search, TRIALS_DIR, second))["starts"] == [0, 1]
+    assert load_checkpoint(first_out)["starts"] == [0]
+    best = load_config(PretrainConfig, os.path.join(search, BEST_CONFIG))  # what `rxray pretrain --config` loads
+    assert best.probe and best.batch_size == 8 and best.proj_dim in (16, 32) and best.backbone == "resnet18"
+
+
+def _second_trial_epochs(search: str) -> int:
+    """Epochs logged by the trial that is running after the first finished one (0 if none yet)."""
+    trials = os.path.join(search, TRIALS_DIR)
+    finished = set(_finished_trials(search))
+    running = [t for t in sorted(os.listdir(trials)) if t not in finished] if os.path.isdir(trials) else []
+    return max((len(read_metrics(os.path.join(trials, t))) for t in running), default=0)
