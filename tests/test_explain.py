@@ -69,9 +69,9 @@ def _classifier(channels=None, with_conc=False, only_channel=None, seed=0) -> Cl
     return Classifier(encoder, head, channels=channels, with_conc=with_conc).eval()
 
 
-def _save(model: Classifier, out: str, mean, std) -> str:
+def _save(model: Classifier, out: str, mean, std, **extra) -> str:
     """The model as a finetune checkpoint under ``out/run/checkpoint_epoch0001``; returns ``out``."""
-    state = {"encoder": model.encoder.state_dict(), "head": model.head.state_dict(), "backbone": "resnet18",
+    state = extra | {"encoder": model.encoder.state_dict(), "head": model.head.state_dict(), "backbone": "resnet18",
              "stem": "adapt", "channels": model.channels, "with_conc": model.with_conc, "classes": CLASSES,
              "task": "multiclass", "label_col": "treatment", "channel_mean": mean, "channel_std": std,
              "head_hidden": 32, "dropout": 0.0, "epoch": 1, "config": {}}
@@ -214,6 +214,21 @@ def test_attribution_goes_to_the_only_stain_the_logit_depends_on(channel):
     np.testing.assert_allclose(attributions[:, channel], 1.0, atol=1e-6)
     drops = occlusion_batch(model, _images(4, seed=channel), MEAN, STD, 1)
     assert (np.delete(drops, channel, axis=1) == 0).all() and (drops[:, channel] != 0).all()
+
+
+def test_explained_images_carry_the_plate_gains_the_classifier_trained_with(tmp_path):
+    from rxray.batch.gradcam import ExplainBatch
+
+    images = np.full((2, 6, 4, 4), 100, dtype=np.uint8)
+    batch = {"image": images, "experiment": np.array(["HUVEC-1", "HUVEC-2"]), "plate": np.array([1, 1])}
+    gains = {"HUVEC-2_1": [0.5, 1.0, 1.0, 1.0, 1.0, 2.0]}  # a plate without an entry keeps gain 1
+    with_gains = ExplainBatch(_save(_classifier(), str(tmp_path / "a"), MEAN, STD, plate_gains=gains), {}, "treatment",
+                              str(tmp_path / "out"))
+    scaled = with_gains.model_images(batch)
+    assert scaled[0].tolist() == images[0].tolist()
+    assert scaled[1, :, 0, 0].tolist() == [50.0, 100.0, 100.0, 100.0, 100.0, 200.0]
+    without = ExplainBatch(_save(_classifier(), str(tmp_path / "b"), MEAN, STD), {}, "treatment", str(tmp_path / "out"))
+    assert without.model_images(batch) is images
 
 
 def test_channel_shares_and_stats_helpers():

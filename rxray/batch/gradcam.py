@@ -224,6 +224,9 @@ class ExplainBatch:
         self.model = model.to(torch.device("cuda" if gpu else "cpu")).eval()
         self.classes = [str(c) for c in checkpoint["classes"]]
         self.mean, self.std = classifier_channel_stats(checkpoint)
+        # Plate normalisation of `rxray finetune`: the classifier saw each image scaled by its plate's stain gains.
+        self.plate_gains = {str(group): np.asarray(gains, dtype=np.float32)
+                            for group, gains in (checkpoint.get("plate_gains") or {}).items()}
         self.class_index = dict(class_index)
         self.label_col = label_col
         self.out = out
@@ -240,9 +243,21 @@ class ExplainBatch:
                            attribution=row["attribution"])
         return relative
 
+    def model_images(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The batch's images as the classifier saw them in training: scaled by their plate's stain gains, if any."""
+        images = batch[IMAGE_COLUMN]
+        if not self.plate_gains:
+            return images
+        from rxray.train.classify import plate_groups
+
+        ones = np.ones(N_CHANNELS, dtype=np.float32)
+        gains = np.stack([self.plate_gains.get(group, ones)
+                          for group in plate_groups(batch["experiment"], batch["plate"])])
+        return np.asarray(images, dtype=np.float32) * gains[:, :, None, None]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's metadata columns plus the explanation columns (``image`` dropped)."""
-        images = batch[IMAGE_COLUMN]
+        images = self.model_images(batch)
         targets = np.array([self.class_index[str(label)] for label in batch[self.label_col]], dtype=np.int64)
         conc = batch["treatment_conc"] if self.model.with_conc else None
         heatmaps, attributions, probs = gradcam_batch(self.model, images, self.mean, self.std, targets, conc)
@@ -269,7 +284,7 @@ class ExplainBatch:
             row = {"site_id": site_id, "treatment": batch["treatment"][i],
                    "treatment_conc": float(batch["treatment_conc"][i]), "target_class": out["target_class"][i],
                    "target_prob": float(out["target_prob"][i]), "attribution": attributions[i]}
-            panels.append(self._write_panel(np.asarray(images[i]), heatmaps[i], row))
+            panels.append(self._write_panel(np.asarray(batch[IMAGE_COLUMN][i]), heatmaps[i], row))
         out["panel"] = np.array(panels, dtype=object)
         return out
 
