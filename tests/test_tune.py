@@ -74,7 +74,8 @@ def _write_yaml(path, data: dict) -> str:
 def _finetune_search(shards: str, tmp_path, **values) -> TuneConfig:
     base = _write_yaml(tmp_path / "base.yaml", {"finetune": {
         "positive": "IFN-beta", "backbone": "resnet18", "workers": 1, "head_hidden": 16, "val_frac": 0.25,
-        "test_frac": 0.0, "patience": 5}})  # no test split: trials are ranked on validation, and it saves time
+        "test_frac": 0.0, "patience": 5, "plate_norm": False}})
+    # no test split (trials are ranked on validation) and no plate-gain pass per trial: it saves time
     space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "lr": {"loguniform": [1e-3, 3e-2]},
                                                   "aug_strength": {"choice": [0.0, 0.5]}})
     return load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "search"), "objective": "finetune",
