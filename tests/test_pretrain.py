@@ -143,8 +143,8 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
 def test_worker_process_death_on_s3_resumes_from_last_checkpoint(tiny_shards, s3_bucket, tmp_path):
     marker = tmp_path / "crashed"
     out = f"{s3_bucket}/pretrain"
-    # One worker: the restart path is the same as with two (the 2-worker run above covers DDP).
-    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, workers=1),
+    # cache off: the restarted workers stream the shards again, as a full-scale run does
+    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, cache="off"),
                        crash_once=CrashOnce(epoch=1, marker=str(marker)))
     assert marker.exists()  # rank 0's process really died, partway through epoch 1
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2

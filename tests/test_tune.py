@@ -98,9 +98,12 @@ def test_finetune_search_writes_results_plot_and_a_best_config_rxray_finetune_ta
     assert pd.read_csv(os.path.join(cfg.out, RESULTS_CSV))["trial_id"].tolist() == table["trial_id"].tolist()
     with open(os.path.join(cfg.out, PLOT_FILE), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    for trial_id, epochs in zip(table["trial_id"], table["epochs"]):
+    for trial_id, epochs, status in zip(table["trial_id"], table["epochs"], table["status"]):
         trial_out = os.path.join(cfg.out, TRIALS_DIR, trial_id)
-        assert [entry["epoch"] for entry in read_metrics(trial_out)] == list(range(1, epochs + 1))
+        logged = [entry["epoch"] for entry in read_metrics(trial_out)]
+        assert logged[:epochs] == list(range(1, epochs + 1))  # the table holds what Tune scored
+        # a trial ASHA stops may finish the epoch in flight before the stop reaches its workers
+        assert len(logged) <= epochs + (status == "stopped")
         assert json.load(open(os.path.join(trial_out, TRIAL_RECORD)))["starts"] == 1
 
     best = table.loc[table["val_pr_auc"].idxmax()]
