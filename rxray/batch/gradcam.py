@@ -225,8 +225,7 @@ class ExplainBatch:
         self.classes = [str(c) for c in checkpoint["classes"]]
         self.mean, self.std = classifier_channel_stats(checkpoint)
         # Plate normalisation of `rxray finetune`: the classifier saw each image scaled by its plate's stain gains.
-        self.plate_gains = {str(group): np.asarray(gains, dtype=np.float32)
-                            for group, gains in (checkpoint.get("plate_gains") or {}).items()}
+        self.plate_gains = {str(group): gains for group, gains in (checkpoint.get("plate_gains") or {}).items()}
         self.class_index = dict(class_index)
         self.label_col = label_col
         self.out = out
@@ -248,11 +247,9 @@ class ExplainBatch:
         images = batch[IMAGE_COLUMN]
         if not self.plate_gains:
             return images
-        from rxray.train.classify import plate_groups
+        from rxray.train.classify import row_gains
 
-        ones = np.ones(N_CHANNELS, dtype=np.float32)
-        gains = np.stack([self.plate_gains.get(group, ones)
-                          for group in plate_groups(batch["experiment"], batch["plate"])])
+        gains = row_gains(self.plate_gains, batch["experiment"], batch["plate"])
         return np.asarray(images, dtype=np.float32) * gains[:, :, None, None]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

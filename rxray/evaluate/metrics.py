@@ -68,6 +68,16 @@ def best_f1_threshold(positive: Sequence[bool], score: Sequence[float]) -> float
     return float((candidates[best_index] + lower) / 2.0)
 
 
+def predicted_classes(proba: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Predicted class index per row of (n, k) probabilities: the most probable, or with ``threshold``
+    (two classes only) class 1 where its probability is at least ``threshold``."""
+    if threshold is None:
+        return np.argmax(proba, axis=1)
+    if proba.shape[1] != 2:
+        raise ValueError("a decision threshold needs exactly two labels")
+    return (proba[:, 1] >= threshold).astype(np.int64)
+
+
 def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: Sequence[Any],
                            threshold: float | None = None) -> dict[str, Any]:
     """Accuracy, precision, recall, F1 (headline, macro and per class), ROC-AUC, PR-AUC, confusion matrix.
@@ -93,9 +103,7 @@ def classification_metrics(y_true: Sequence[Any], y_score: np.ndarray, labels: S
     # sklearn cannot type object arrays of mixed labels; score class indices instead.
     index_of = {label: k for k, label in enumerate(labels)}
     true_idx = np.array([index_of[v] for v in y_true.tolist()], dtype=np.int64)
-    if threshold is not None and len(labels) != 2:
-        raise ValueError("a decision threshold needs exactly two labels")
-    pred_idx = (proba[:, 1] >= threshold).astype(np.int64) if threshold is not None else np.argmax(proba, axis=1)
+    pred_idx = predicted_classes(proba, threshold)
     class_ids = list(range(len(labels)))
 
     precision, recall, f1, support = precision_recall_fscore_support(

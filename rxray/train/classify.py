@@ -156,10 +156,7 @@ def label_batch(batch: dict[str, np.ndarray], *, plan: TaskPlan, keep: Sequence[
     index = plan.class_indices(batch[plan.label_col])
     rows = index >= 0
     conc = np.nan_to_num(np.asarray(batch["treatment_conc"], dtype=np.float32)[rows], nan=0.0)
-    gain = np.ones((int(rows.sum()), N_CHANNELS), dtype=np.float32)
-    if gains:
-        for i, group in enumerate(plate_groups(batch["experiment"][rows], batch["plate"][rows])):
-            gain[i] = gains.get(group, 1.0)
+    gain = row_gains(gains, batch["experiment"][rows], batch["plate"][rows])
     out = {"image": np.ascontiguousarray(batch["image"][rows]), "label": index[rows], "conc": conc,
            GAIN_COLUMN: gain}
     out.update({name: batch[name][rows] for name in keep})
@@ -169,6 +166,16 @@ def label_batch(batch: dict[str, np.ndarray], *, plan: TaskPlan, keep: Sequence[
 def plate_groups(experiments: Sequence[Any], plates: Sequence[Any]) -> list[str]:
     """The plate group (``<experiment>_<plate>``, as in :mod:`rxray.data.splits`) of each row."""
     return [f"{experiment}_{plate}" for experiment, plate in zip(experiments, plates)]
+
+
+def row_gains(gains: dict[str, Sequence[float]] | None, experiments: Sequence[Any],
+              plates: Sequence[Any]) -> np.ndarray:
+    """Each row's plate gain per stain (n, 6) float32 from ``gains`` (keyed by plate group); 1 where none is known."""
+    gain = np.ones((len(experiments), N_CHANNELS), dtype=np.float32)
+    if gains:
+        for i, group in enumerate(plate_groups(experiments, plates)):
+            gain[i] = gains.get(group, 1.0)
+    return gain
 
 
 def model_inputs(images: torch.Tensor, gain: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -621,6 +628,8 @@ def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan, threshold:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rxray.evaluate.metrics import predicted_classes
+
     probs = np.stack(predictions["probs"].to_numpy()).astype(np.float32) if len(predictions) else \
         np.zeros((0, len(plan.classes)), np.float32)
     classes = np.asarray(plan.classes, dtype=object)
@@ -628,7 +637,7 @@ def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan, threshold:
     columns = {name: pa.array(predictions[name].to_numpy()) for name in _PREDICTION_COLUMNS if name in predictions}
     columns.update({
         "label": pa.array(classes[y].tolist(), pa.string()),
-        "predicted": pa.array(classes[_predicted_index(probs, threshold)].tolist() if len(probs) else [],
+        "predicted": pa.array(classes[predicted_classes(probs, threshold)].tolist() if len(probs) else [],
                               pa.string()),
         "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(plan.classes)),
     })
@@ -636,13 +645,6 @@ def _predictions_parquet(predictions: "pd.DataFrame", plan: TaskPlan, threshold:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
-
-
-def _predicted_index(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Predicted class per row: the positive class from ``threshold`` on (binary), else the most probable."""
-    if threshold is None:
-        return probs.argmax(axis=1)
-    return (probs[:, 1] >= threshold).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- driver
