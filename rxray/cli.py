@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "Grad-CAM maps and per-stain attributions of a classifier"),
     "report": ("rxray.config:ReportConfig", "rxray.evaluate.report:report",
                "one HTML page with the figures of every step under a run"),
+    "probe": ("rxray.config:ProbeConfig", "rxray.evaluate.probe:probe",
+              "plate-grouped probes on a trained encoder beside random-init encoders"),
     "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
               "Random-Forest scores, batch correction and mAP per treatment"),
     "tune": ("rxray.config:TuneConfig", "rxray.tune:tune",
@@ -73,7 +75,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _ = _unwrap_optional(hints[f.name])
         default = "required" if meta.get("required") else f.default if f.default is not dataclasses.MISSING \
             else f.default_factory()  # type: ignore[misc]
-        help_text = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        help_text = meta.get("help", "")
+        if "(default:" not in help_text:  # a help text that explains its own default keeps that wording
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help
         if tp is bool:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(_flag(f), dest=f.name, action="store_const", const="true", default=None,

@@ -317,6 +317,37 @@ class PretrainConfig:
                                                          "(default: all)")
     probe_sites: int = option(1024, "most sites the probe embeds each epoch (a seeded, class-stratified sample)",
                               minimum=4)
+    probe_correct: str = option("center", "center: scale each plate's embeddings on its own control sites before "
+                                          "probing (plates with fewer than 2 controls sit out), or none",
+                                choices=["none", "center"])
+
+
+@dataclass
+class ProbeConfig:
+    """`rxray probe`: plate-grouped probes on a trained encoder's embeddings beside random-init encoders'."""
+
+    section = "probe"
+
+    data: str = option(help="URI of the ingest shards")
+    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it")
+    out: str = option(help="output URI for probe.csv and the manifest with the comparison")
+    treatments: Optional[list[str]] = option(None, "treatments to probe; controls are always kept (default: all)")
+    tasks: list[str] = option(["control", "treatment"], "probe targets: control (treated vs control) and/or "
+                                                        "treatment (identity)", choices=["control", "treatment"])
+    methods: list[str] = option(["logistic", "knn"], "probe classifiers", choices=["logistic", "knn"])
+    baseline_seeds: int = option(3, "random-init encoders of the same architecture to compare with", minimum=0)
+    correct: str = option("center", "center: scale each plate's embeddings on its own control sites first "
+                                    "(plates with fewer than 2 controls sit out), or none", choices=["none", "center"])
+    max_sites: int = option(4096, "most sites to embed (a seeded sample, half controls)", minimum=4)
+    batch_size: int = option(64, "images per inference batch", minimum=1)
+    gpu: bool = option(False, "embed on a GPU (the probe's one Ray task asks for one)")
+    seed: int = option(0, "random seed of the site sample")
+
+    def validate(self) -> None:
+        """At least one task and one method."""
+        for name in ("tasks", "methods"):
+            if not getattr(self, name):
+                raise ConfigError(f"probe.{name}", "needs at least one value")
 
 
 @dataclass

@@ -6,6 +6,7 @@ and one section per step with that step's own config fields::
     pipeline: {run: s3://bucket/runs/ifn, source: s3://bucket/rxrx2}
     ingest: {size: 256, group: interferons}
     pretrain: {backbone: densenet121, epochs: 20}
+    probe: {}                       # the SimCLR encoder beside random-init encoders
     finetune:                       # one mapping, or a list of named classifier runs
       - {name: ifn-beta, positive: IFN-beta}
     embed: {}
@@ -40,7 +41,7 @@ from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
 from rxray.runtime import Timer, package_versions, read_manifest
 
-STEP_ORDER = ("synth", "ingest", "pretrain", "finetune", "embed", "score", "explain", "report")
+STEP_ORDER = ("synth", "ingest", "pretrain", "probe", "finetune", "embed", "score", "explain", "report")
 RUN_RECORD = "_pipeline.json"
 DEFAULT_CLASSIFIER = "classifier"
 
@@ -49,6 +50,7 @@ _INPUTS: dict[str, dict[str, str]] = {
     "synth": {},
     "ingest": {},
     "pretrain": {"data": "ingest"},
+    "probe": {"data": "ingest", "model": "pretrain"},
     "finetune": {"data": "ingest", "encoder": "pretrain"},
     "embed": {"data": "ingest", "model": "pretrain"},
     "score": {"embeddings": "embed"},

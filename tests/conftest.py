@@ -68,3 +68,58 @@ def tiny_dataset(tmp_path_factory, ray_local):
                                                sites=2, size=64, treatments=6, seed=7))
     synthesize(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def write_shards(ray_local):
+    """A function writing metadata+image rows as ingest shards plus a manifest with channel statistics."""
+    import numpy as np
+
+    from rxray import storage
+    from rxray.data.layout import METADATA_COLUMNS
+    from rxray.runtime import write_manifest
+
+    def write(uri: str, rows: list[dict], partitions: int = 3) -> str:
+        assert list(rows[0])[:9] == METADATA_COLUMNS
+        images = np.stack([row["image"] for row in rows]).astype(np.float64)
+        fs, path = storage.pyarrow_filesystem(uri)
+        ray_local.data.from_items(rows).repartition(partitions).write_parquet(path, filesystem=fs)
+        write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
+                       channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=list(images.shape[1:]),
+                       counts={"written": len(rows)})
+        return uri
+
+    return write
+
+
+def save_encoder_checkpoint(root: str, seed: int = 1, perturb_batch_norm: bool = True) -> str:
+    """A `rxray pretrain` output under ``root`` with one resnet18 checkpoint in its documented format.
+
+    The encoder is built under ``torch.manual_seed(seed)``; ``perturb_batch_norm`` gives its batch-norm
+    layers non-trivial running statistics, as a trained encoder has.
+    """
+    import torch
+
+    from rxray.models.backbones import build_encoder
+    from rxray.train.checkpoints import checkpoint_dir_name
+
+    torch.manual_seed(seed)
+    encoder = build_encoder("resnet18", stem="adapt", in_channels=6)
+    if perturb_batch_norm:
+        with torch.no_grad():
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 2.0)
+    directory = os.path.join(root, "simclr", checkpoint_dir_name(1))
+    os.makedirs(directory)
+    torch.save({"encoder": encoder.state_dict(), "head": {}, "optimizer": {}, "epoch": 1, "config": {},
+                "backbone": "resnet18", "stem": "adapt", "in_channels": 6, "channel_mean": [60.0] * 6,
+                "channel_std": [20.0] * 6, "metrics": []}, os.path.join(directory, "checkpoint.pt"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoder_checkpoint():
+    """The function that saves a `rxray pretrain`-format checkpoint (:func:`save_encoder_checkpoint`)."""
+    return save_encoder_checkpoint

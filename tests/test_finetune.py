@@ -13,12 +13,11 @@ import torch
 
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig, load_config
-from rxray.data.layout import METADATA_COLUMNS
 from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
-from rxray.runtime import read_manifest, write_manifest
-from rxray.train.checkpoints import checkpoint_dir_name, load_checkpoint
+from rxray.runtime import read_manifest
+from rxray.train.checkpoints import load_checkpoint
 from rxray.train.classify import (FIGURES, RUN_NAME, EarlyStopping, build_classifier, control_sums, finetune,
                                   label_batch, plan_task, slice_stem_channels)
 from rxray.train.loop import read_metrics
@@ -57,40 +56,15 @@ def _rows(seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def labelled_shards(ray_local, tmp_path_factory):
+def labelled_shards(write_shards, tmp_path_factory):
     """The shards (metadata + moa + image) and an ingest manifest with channel statistics."""
-    uri = str(tmp_path_factory.mktemp("shards") / "ingest")
-    rows = _rows()
-    assert list(rows[0])[:9] == METADATA_COLUMNS
-    images = np.stack([row["image"] for row in rows]).astype(np.float64)
-    fs, path = storage.pyarrow_filesystem(uri)
-    ray_local.data.from_items(rows).repartition(3).write_parquet(path, filesystem=fs)
-    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
-                   channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=[6, SIZE, SIZE])
-    return uri
+    return write_shards(str(tmp_path_factory.mktemp("shards") / "ingest"), _rows())
 
 
 def _config(data: str, out: str, **values) -> FinetuneConfig:
     base = dict(data=data, out=out, backbone="resnet18", epochs=1, batch_size=8, lr=3e-3, workers=1, seed=0,
                 head_hidden=32, patience=2)
     return load_config(FinetuneConfig, values={**base, **values})
-
-
-def _simclr_checkpoint(root: str) -> str:
-    """A `rxray pretrain` output with one checkpoint in its documented format; BN statistics non-trivial."""
-    torch.manual_seed(1)
-    encoder = build_encoder("resnet18", stem="adapt", in_channels=6)
-    with torch.no_grad():
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    directory = os.path.join(root, "simclr", checkpoint_dir_name(1))
-    os.makedirs(directory)
-    torch.save({"encoder": encoder.state_dict(), "head": {}, "optimizer": {}, "epoch": 1, "config": {},
-                "backbone": "resnet18", "stem": "adapt", "in_channels": 6, "channel_mean": [60.0] * 6,
-                "channel_std": [20.0] * 6, "metrics": []}, os.path.join(directory, "checkpoint.pt"))
-    return root
 
 
 def _check_outputs(out: str, classes: list[str]) -> dict:
@@ -255,10 +229,10 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
 
 
 @pytest.fixture(scope="module")
-def frozen_run(labelled_shards, tmp_path_factory):
+def frozen_run(labelled_shards, encoder_checkpoint, tmp_path_factory):
     """EMPTY vs IFN-beta on a frozen SimCLR encoder cut to stains 1-3, 2 workers, 2 epochs."""
     root = tmp_path_factory.mktemp("finetune")
-    encoder = _simclr_checkpoint(str(root / "pretrain"))
+    encoder = encoder_checkpoint(str(root / "pretrain"))
     cfg = _config(labelled_shards, str(root / "binary"), positive="IFN-beta", encoder=encoder, channels=[1, 2, 3],
                   workers=2, epochs=2)
     return cfg, finetune(cfg), encoder

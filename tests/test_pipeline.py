@@ -30,6 +30,7 @@ TINY_SECTIONS = {
               "seed": 3},
     "ingest": {"size": 32, "shard_rows": 16},
     "pretrain": {"backbone": "resnet18", "epochs": 1, "batch_size": 16},
+    "probe": {"baseline_seeds": 1, "methods": ["logistic"]},
     "finetune": {"name": "ifn-beta", "positive": "IFN-beta", "epochs": 1, "batch_size": 8},
     "embed": {"batch_size": 16},
     "score": {"trees": 10, "folds": 2, "permutations": 20},
@@ -93,10 +94,12 @@ def test_steps_are_wired_under_the_run(tmp_path):
         "embed": {"model": "s3://elsewhere/encoder"}})
     plan = plan_pipeline(load_pipeline(path))
     steps = {s.key: s for s in plan.steps}
-    assert list(steps) == ["synth", "ingest", "pretrain", "finetune/beta", "finetune/scratch", "embed", "score",
-                           "explain", "report"]
+    assert list(steps) == ["synth", "ingest", "pretrain", "probe", "finetune/beta", "finetune/scratch", "embed",
+                           "score", "explain", "report"]
     assert steps["synth"].config.out == steps["ingest"].config.source == "s3://bucket/rxrx2"
     assert steps["pretrain"].config.data == "s3://bucket/run/shards"
+    assert (steps["probe"].config.data, steps["probe"].config.model, steps["probe"].out) == (
+        "s3://bucket/run/shards", "s3://bucket/run/pretrain", "s3://bucket/run/probe")
     assert steps["finetune/beta"].config.encoder == "s3://bucket/run/pretrain"
     assert steps["finetune/scratch"].config.encoder is None, "weights replace the wired encoder"
     assert steps["finetune/scratch"].out == "s3://bucket/run/finetune/scratch"
@@ -155,7 +158,7 @@ def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_p
     record_path = tmp_path / "run" / "_pipeline.json"
     with pytest.raises(StepFailed):
         run(TINY_SECTIONS, fail="embed")
-    assert ran == ["synth", "ingest", "pretrain", "finetune/ifn-beta"]
+    assert ran == ["synth", "ingest", "pretrain", "probe", "finetune/ifn-beta"]
     record = json.loads(record_path.read_text())
     assert record["status"] == "failed" and record["failed_step"] == "embed"
     assert record["steps"]["embed"]["error"] == "embed went wrong"
@@ -173,7 +176,7 @@ def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_p
 
     # More pretraining: pretrain and everything that reads it (directly or not) runs again.
     run({**TINY_SECTIONS, "pretrain": {**TINY_SECTIONS["pretrain"], "epochs": 2}})
-    assert ran == ["pretrain", "finetune/ifn-beta", "embed", "score", "explain", "report"]
+    assert ran == ["pretrain", "probe", "finetune/ifn-beta", "embed", "score", "explain", "report"]
 
     # --steps: only those steps, the rest left as they are.
     path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"),

@@ -13,8 +13,7 @@ import torch
 
 from rxray import storage
 from rxray.config import ConfigError, PretrainConfig, load_config
-from rxray.data.layout import METADATA_COLUMNS
-from rxray.runtime import read_manifest, write_manifest
+from rxray.runtime import read_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
 from rxray.train.loop import CrashOnce, cache_datasets, read_metrics
 from rxray.train.simclr import RUN_NAME, pretrain
@@ -42,22 +41,10 @@ def _site_rows(count: int, size: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_tiny_shards(ray, uri: str, count: int = SITES, size: int = SIZE, seed: int = 0) -> str:
-    """Shards following the ingest contract (9 metadata columns + image, and a manifest) at `uri`."""
-    rows = _site_rows(count, size, seed)
-    assert list(rows[0])[:9] == METADATA_COLUMNS
-    images = np.stack([row["image"] for row in rows]).astype(np.float64)
-    fs, path = storage.pyarrow_filesystem(uri)
-    ray.data.from_items(rows).repartition(4).write_parquet(path, filesystem=fs)
-    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
-                   channel_std=images.std(axis=(0, 2, 3)).tolist())
-    return uri
-
-
 @pytest.fixture(scope="module")
-def tiny_shards(ray_local, tmp_path_factory):
+def tiny_shards(write_shards, tmp_path_factory):
     """128 sites of 32 px in the shard format, on local disk."""
-    return write_tiny_shards(ray_local, str(tmp_path_factory.mktemp("shards") / "ingest"))
+    return write_shards(str(tmp_path_factory.mktemp("shards") / "ingest"), _site_rows(SITES, SIZE, seed=0), 4)
 
 
 def _config(data: str, out: str, **values) -> PretrainConfig:

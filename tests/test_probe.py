@@ -125,3 +125,92 @@ def test_embed_batches_runs_the_encoder_in_eval_mode_and_keeps_row_order():
     with torch.no_grad():
         expected = encoder((torch.from_numpy(images).float() - 100.0) / 50.0).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plate_controls_top_up_every_plate_and_leave_out_plates_without_enough():
+    _, treatments, groups = planted(n_plates=4, per_class=30)
+    experiments, plates = zip(*(g.split("_") for g in groups))
+    meta = pd.DataFrame({"site_id": [f"s{i:05d}" for i in range(len(treatments))], "experiment": experiments,
+                         "plate": np.asarray(plates, dtype=int), "treatment": treatments})
+    # the last plate keeps a single control site
+    lone = (groups == groups[-1]) & (treatments == "EMPTY")
+    meta = meta.drop(index=np.flatnonzero(lone)[1:])
+    sample = select_probe_sites(meta, task="treatment", max_sites=8, seed=2, plate_controls=3)
+    counts = sample[sample["treatment"] == "EMPTY"].groupby(["experiment", "plate"]).size()
+    assert len(counts) == 3 and (counts >= 3).all()
+    assert groups[-1] not in set(plate_groups(sample["experiment"], sample["plate"]))
+
+
+# --------------------------------------------------------------------------- `rxray probe` end to end
+
+PLATES = [("HUVEC-1", 1), ("HUVEC-1", 2), ("HUVEC-2", 1), ("HUVEC-2", 2)]
+STAINS = {"EMPTY": None, "IFN-beta": 2, "IFN-gamma": 4}  # treatment -> the stain it brightens
+
+
+def _probe_rows(size: int = 32, per_treatment: int = 6) -> list[dict]:
+    """4 plates x 3 treatments of 32 px sites; a treatment doubles its stain, each plate has its own gain."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for p, (experiment, plate) in enumerate(PLATES):
+        for t, (treatment, stain) in enumerate(STAINS.items()):
+            for i in range(per_treatment):
+                image = rng.normal(50, 10, (6, size, size)) * (1 + 0.15 * p)
+                if stain is not None:
+                    image[stain] *= 2
+                well = f"{'ABC'[t]}{i + 1:02d}"
+                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
+                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
+                             "treatment": treatment, "treatment_conc": 0.0 if stain is None else 1.0,
+                             "image": np.clip(image, 0, 255).astype(np.uint8)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def probe_shards(write_shards, tmp_path_factory):
+    """The shards of :func:`_probe_rows`, on local disk."""
+    return write_shards(str(tmp_path_factory.mktemp("probe") / "shards"), _probe_rows())
+
+
+def test_probe_command_scores_the_encoder_beside_random_init_baselines(probe_shards, encoder_checkpoint, tmp_path,
+                                                                      capsys):
+    import json
+
+    from rxray import storage
+    from rxray.cli import main as cli_main
+
+    # An "encoder" that is exactly random init with seed 0 must score exactly like the seed-0 baseline.
+    model = encoder_checkpoint(str(tmp_path / "pretrain"), seed=0, perturb_batch_norm=False)
+    out = str(tmp_path / "probe")
+    assert cli_main(["probe", "--data", probe_shards, "--model", model, "--out", out, "--baseline-seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "72 sites of 3 treatment(s) on 4 plates" in printed and "margin" in printed
+
+    table = pd.read_csv(storage.join(out, probe.PROBE_TABLE))
+    assert len(table) == 3 * 2 * 2 and set(table["encoder"]) == {"trained", "random_init_seed0", "random_init_seed1"}
+    assert (table["n"] == 72).all() and (table["groups"] == 4).all()
+    scores = table.set_index(["encoder", "task", "method"])["score"]
+    for task in ("control", "treatment"):
+        for method in ("logistic", "knn"):
+            assert scores["trained", task, method] == scores["random_init_seed0", task, method]
+    # a doubled stain is plain to any conv net once plates are centred on their controls
+    assert scores["trained", "control", "logistic"] > 0.85 and scores["trained", "treatment", "logistic"] > 0.6
+
+    manifest = json.loads(storage.read_text(storage.join(out, "_manifest.json")))
+    comparison = {(row["task"], row["method"]): row for row in manifest["comparison"]}
+    row = comparison["control", "logistic"]
+    assert row["trained"] == round(scores["trained", "control", "logistic"], 4) and len(row["random_init"]) == 2
+    assert row["margin"] == round(row["trained"] - max(row["random_init"]), 4) and row["margin"] <= 0
+    assert manifest["counts"] == {"sites": 72, "plates": 4}
+
+
+def test_probe_command_names_the_field_of_a_bad_value(probe_shards, encoder_checkpoint, tmp_path, capsys):
+    from rxray.cli import main as cli_main
+
+    model = encoder_checkpoint(str(tmp_path / "pretrain"))
+    base = ["probe", "--data", probe_shards, "--model", model, "--out", str(tmp_path / "out")]
+    assert cli_main([*base, "--treatments", "nope"]) == 2
+    assert "probe.treatments: probe treatments not in the data: nope" in capsys.readouterr().err
+    assert cli_main([*base, "--methods", "svm"]) == 2
+    assert "probe.methods" in capsys.readouterr().err
+    assert cli_main(["probe", "--data", probe_shards, "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "probe.model" in capsys.readouterr().err

@@ -35,7 +35,7 @@ N_SITES = 150
 DIM = 8
 PANELS = ["panels/IFN-beta__HUVEC-1_1_B02_1.png", "panels/IFN-beta__HUVEC-1_1_B02_2.png",
           "panels/IFN-gamma__HUVEC-1_1_C03_1.png", "panels/IFN-gamma__HUVEC-1_1_C03_2.png"]
-ALL_STEPS = ["ingest", "pretrain", "finetune", "embed", "score", "explain"]
+ALL_STEPS = ["ingest", "pretrain", "probe", "finetune", "embed", "score", "explain"]
 
 
 # --------------------------------------------------------------------------- a fake run, one writer per step
@@ -97,6 +97,18 @@ def write_pretrain(uri: str) -> None:
     write_manifest(uri, "pretrain", {"data": "shards", "epochs": 3}, status="trained", epochs_completed=3,
                    resumed_from=0, checkpoint=storage.join(uri, "simclr", "checkpoint_000003"),
                    final_metrics=history[-1], seconds={"fit": 6.0, "total": 7.0})
+
+
+def write_probe(uri: str) -> None:
+    rows = [{"encoder": encoder, "task": task, "method": "logistic", "score": score, "roc_auc": 0.8,
+             "f1_macro": 0.7, "accuracy": 0.7, "chance": chance, "n": 96, "groups": 4, "folds": 4}
+            for task, chance in (("control", 0.5), ("treatment", 0.25))
+            for encoder, score in (("trained", 0.8), ("random_init_seed0", 0.6), ("random_init_seed1", 0.65))]
+    storage.write_text(storage.join(uri, "probe.csv"), pd.DataFrame(rows).to_csv(index=False))
+    comparison = [{"task": task, "method": "logistic", "trained": 0.8, "random_init": [0.6, 0.65], "margin": 0.15,
+                   "chance": chance} for task, chance in (("control", 0.5), ("treatment", 0.25))]
+    write_manifest(uri, "probe", {"data": "shards", "model": "ssl"}, counts={"sites": 96, "plates": 4},
+                   comparison=comparison, timings={"embed": 2.0, "probes": 0.5})
 
 
 def write_finetune(uri: str, with_plots: bool) -> None:
@@ -190,6 +202,7 @@ def build_run(root: str, steps=tuple(ALL_STEPS)) -> str:
     """A run folder (local or s3://) with the outputs of `steps` under arbitrary folder names."""
     writers = {"ingest": lambda: write_ingest(storage.join(root, "data", "shards")),
                "pretrain": lambda: write_pretrain(storage.join(root, "ssl")),
+               "probe": lambda: write_probe(storage.join(root, "ssl-probe")),
                "finetune": lambda: (write_finetune(storage.join(root, "clf", "ifn-beta"), with_plots=True),
                                     write_finetune(storage.join(root, "clf", "multi"), with_plots=False)),
                "embed": lambda: write_embed(storage.join(root, "emb")),
@@ -292,13 +305,14 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     assert any(f.startswith("pretrain-") for f in figures) and "timings.png" in figures
     assert any(f.startswith("score-") for f in figures) and any(f.startswith("ingest-") for f in figures)
     tables = os.listdir(os.path.join(out, "tables"))
-    assert len(tables) == 2
+    assert len(tables) == 3
+    assert "+0.150" in section(page, "probe") or "0.15" in section(page, "probe")
     scores = pd.read_csv(os.path.join(out, "tables", [t for t in tables if t.startswith("score")][0]))
     assert len(scores) == 2 * (len(TREATMENTS) - 1)
 
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert manifest["step"] == "report" and manifest["counts"]["figures"] == result["figures"]
-    assert manifest["counts"]["step_outputs"] == 8  # synth, ingest, pretrain, 2 finetune, embed, score, explain
+    assert manifest["counts"]["step_outputs"] == 9  # synth, ingest, pretrain, probe, 2 finetune, embed, score, explain
 
 
 def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
@@ -307,7 +321,7 @@ def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
     assert main(["report", "--run", run, "--out", out]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] == ["synth", "ingest", "score"]
-    assert result["not_run"] == ["pretrain", "finetune", "embed", "explain"]
+    assert result["not_run"] == ["pretrain", "probe", "finetune", "embed", "explain"]
     parser, page = read_page(result["report"])
     assert_links_resolve(out, parser)
     for step in result["not_run"]:
@@ -332,7 +346,7 @@ def test_search_skips_bulk_folders_and_report_outputs(full_run, tmp_path, monkey
     bulk = {"images", "_shards", "sites", "heatmaps", "panels", "checkpoint_000003", "second"}
     searched = {part for uri in listed for part in os.path.relpath(uri, full_run).split(os.sep)}
     assert not bulk & searched, bulk & searched
-    assert len(find_step_outputs(full_run, depth=1)) == 4  # ssl, emb, rf, cam; data/* and clf/* are deeper
+    assert len(find_step_outputs(full_run, depth=1)) == 5  # ssl, ssl-probe, emb, rf, cam; data/* and clf/* deeper
     assert len(find_step_outputs(os.path.join(full_run, "rf"))) == 1  # the run URI may be one step's output
 
 

@@ -16,11 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from rxray import storage
 from rxray.cli import main as cli_main
 from rxray.config import ConfigError, FinetuneConfig, PretrainConfig, TuneConfig, load_config
-from rxray.data.layout import METADATA_COLUMNS
-from rxray.runtime import read_manifest, write_manifest
+from rxray.runtime import read_manifest
 from rxray.train.checkpoints import load_checkpoint
 from rxray.train.loop import read_metrics
 from rxray.tune import BEST_CONFIG, PLOT_FILE, RESULTS_CSV, RESULTS_PARQUET, TRIAL_RECORD, TRIALS_DIR, tune
@@ -52,18 +50,9 @@ def _rows(seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory):
+def shards(write_shards, tmp_path_factory):
     """The shards (9 metadata columns + image) and an ingest manifest with channel statistics, on local disk."""
-    uri = str(tmp_path_factory.mktemp("shards") / "ingest")
-    rows = _rows()
-    assert list(rows[0])[:9] == METADATA_COLUMNS
-    images = np.stack([row["image"] for row in rows]).astype(np.float64)
-    fs, path = storage.pyarrow_filesystem(uri)
-    ray_local.data.from_items(rows).repartition(3).write_parquet(path, filesystem=fs)
-    write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
-                   channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=[6, SIZE, SIZE],
-                   counts={"written": len(rows)})
-    return uri
+    return write_shards(str(tmp_path_factory.mktemp("shards") / "ingest"), _rows())
 
 
 def _write_yaml(path, data: dict) -> str:

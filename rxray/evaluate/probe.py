@@ -21,13 +21,21 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from rxray import storage
 from rxray.data.layout import CONTROL
 
 if TYPE_CHECKING:
     import pandas as pd
+    import ray.data
     import torch
 
+    from rxray.config import ProbeConfig
+
 PROBE_TASKS = ("treatment", "control")
+PROBE_CORRECTIONS = ("none", "center")
+PROBE_TABLE = "probe.csv"
+TRAINED = "trained"
+RANDOM_INIT = "random_init"
 PROBE_METHODS = ("logistic", "knn")
 TREATED = "treated"
 # Fewer folds than plates keeps the cost flat on a 24-plate screen; 5 leaves 80 % of plates to train on.
@@ -128,14 +136,17 @@ def _fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, c
 
 
 def select_probe_sites(meta: "pd.DataFrame", *, task: str, treatments: Sequence[str] | None = None,
-                       max_sites: int = 1024, seed: int = 0, control: str = CONTROL) -> "pd.DataFrame":
-    """A seeded, class-stratified sample of at most ``max_sites`` rows of ``meta`` (site_id, experiment, plate,
+                       max_sites: int = 1024, seed: int = 0, control: str = CONTROL,
+                       plate_controls: int = 0) -> "pd.DataFrame":
+    """A seeded, class-stratified sample of about ``max_sites`` rows of ``meta`` (site_id, experiment, plate,
     treatment) for a probe.
 
     ``treatments`` restricts the sites to those treatments (controls are always
     kept). Each probe class gets an equal share of the sites, drawn at random from
     all its plates; a class with fewer sites gives its unused share to none (the
-    sample stays small and balanced). Raises ValueError if fewer than 2 classes or
+    sample stays small and balanced). ``plate_controls`` > 0 tops every plate up to
+    that many control sites (so each plate can be centred on its own controls) and
+    leaves out plates that have fewer. Raises ValueError if fewer than 2 classes or
     plates remain.
     """
     frame = meta.sort_values("site_id", kind="stable").reset_index(drop=True)
@@ -154,11 +165,32 @@ def select_probe_sites(meta: "pd.DataFrame", *, task: str, treatments: Sequence[
     for name in classes:
         rows = np.flatnonzero(targets == name)
         chosen.extend(rng.permutation(rows)[:share].tolist())
+    if plate_controls > 0:
+        chosen = _with_plate_controls(frame, chosen, plate_controls, rng, control)
     sample = frame.iloc[sorted(chosen)].reset_index(drop=True)
     n_plates = len(set(plate_groups(sample["experiment"], sample["plate"])))
     if n_plates < 2:
         raise ValueError(f"a grouped probe needs sites from at least 2 plates; the selected sites span {n_plates}")
     return sample
+
+
+def _with_plate_controls(frame: "pd.DataFrame", chosen: list[int], per_plate: int, rng: np.random.Generator,
+                         control: str) -> list[int]:
+    """``chosen`` rows plus random controls until each plate has ``per_plate``, minus plates that cannot."""
+    plates = plate_groups(frame["experiment"], frame["plate"])
+    is_control = (frame["treatment"].astype(str) == control).to_numpy()
+    picked = np.zeros(len(frame), dtype=bool)
+    picked[chosen] = True
+    for plate in np.unique(plates):
+        on_plate = plates == plate
+        controls = np.flatnonzero(on_plate & is_control)
+        if len(controls) < per_plate:
+            picked[on_plate] = False
+            continue
+        missing = per_plate - int(picked[controls].sum())
+        if missing > 0:
+            picked[rng.permutation(controls[~picked[controls]])[:missing]] = True
+    return np.flatnonzero(picked).tolist()
 
 
 def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.ndarray]], *,
@@ -171,23 +203,176 @@ def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.nda
     statistics), on inputs normalised like training inputs; the caller restores
     train mode.
     """
+    features, columns = embed_with_encoders({"encoder": encoder}, batches, mean=mean, std=std, device=device)
+    return features["encoder"], columns
+
+
+def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterable[dict[str, np.ndarray]], *,
+                        mean: Sequence[float], std: Sequence[float], device: "torch.device",
+                        channels: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`embed_batches` for several encoders in one pass over ``batches``: features per encoder name.
+    ``channels`` (0-based) selects the input channels of encoders trained on a subset."""
     import torch
 
     from rxray.ssl.augment import normalize
     from rxray.train.loop import autocast_for
 
-    encoder.eval()
-    features: list[np.ndarray] = []
+    for encoder in encoders.values():
+        encoder.eval()
+    features: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     columns: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for batch in batches:
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
-            with autocast_for(device):
-                output = encoder(normalize(images, mean, std))
-            features.append(output.float().cpu().numpy())
+            images = batch["image"] if channels is None else batch["image"][:, list(channels)]
+            images = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std)
+            for name, encoder in encoders.items():
+                with autocast_for(device):
+                    features[name].append(encoder(images).float().cpu().numpy())
             for name, values in batch.items():
                 if name != "image":
                     columns.setdefault(name, []).append(np.asarray(values))
-    if not features:  # a worker whose share of the probe sites is empty
-        return np.zeros((0, getattr(encoder, "feature_dim", 0)), np.float32), {}
-    return np.concatenate(features), {name: np.concatenate(parts) for name, parts in columns.items()}
+    if not any(features.values()):  # a worker whose share of the probe sites is empty
+        return {name: np.zeros((0, getattr(encoder, "feature_dim", 0)), np.float32)
+                for name, encoder in encoders.items()}, {}
+    return ({name: np.concatenate(parts) for name, parts in features.items()},
+            {name: np.concatenate(parts) for name, parts in columns.items()})
+
+
+def probe_dataset(data: str, *, task: str, treatments: Sequence[str] | None, max_sites: int, seed: int,
+                  plate_controls: int = 0) -> tuple["ray.data.Dataset", "pd.DataFrame"]:
+    """The probe's sites chosen from the shards' metadata (:func:`select_probe_sites`) as a lazy Ray Dataset
+    (image + :data:`PROBE_COLUMNS`), and the chosen rows.
+
+    Only metadata columns are read to choose the sites; the images of the chosen
+    ones are read by a site_id filter inside the Parquet scan. Raises ValueError
+    when the selection is unusable.
+    """
+    import pyarrow.dataset as pads
+    from ray.data.expressions import col
+
+    from rxray.data.shards import read_shards
+
+    fs, path = storage.pyarrow_filesystem(data)
+    meta = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=list(PROBE_COLUMNS)).to_pandas()
+    sample = select_probe_sites(meta, task=task, treatments=treatments, max_sites=max_sites, seed=seed,
+                                plate_controls=plate_controls)
+    site_ids = sample["site_id"].astype(str).tolist()
+    return read_shards(data, columns=["image", *PROBE_COLUMNS]).filter(expr=col("site_id").is_in(site_ids)), sample
+
+
+def score_embeddings(X: np.ndarray, columns: dict[str, np.ndarray], *, task: str, method: str = "logistic",
+                     correct: str = "none", control: str = CONTROL) -> dict[str, Any]:
+    """:func:`probe_score` of embedded probe sites (``columns`` from :func:`embed_batches`), plates as groups;
+    ``correct="center"`` first centres every plate on its own control sites."""
+    if correct not in PROBE_CORRECTIONS:
+        raise ValueError(f"unknown probe correction {correct!r}; choose one of {', '.join(PROBE_CORRECTIONS)}")
+    treatments = np.asarray([str(t) for t in columns["treatment"]], dtype=object)
+    return probe_score(X, probe_targets(treatments, task, control), plate_groups(columns["experiment"],
+                       columns["plate"]), method=method,
+                       center_on=(treatments == control) if correct == "center" else None)
+
+
+def probe(cfg: "ProbeConfig") -> dict[str, Any]:
+    """`rxray probe`: plate-grouped probes on a trained encoder's embeddings beside random-init encoders'.
+
+    A self-supervised encoder is only worth its training if simple probes on its
+    frozen embeddings recover the biology better than on an untrained encoder of
+    the same architecture, which is already a strong baseline for stain intensities.
+    One pass over the chosen sites embeds them with every encoder, in one Ray task
+    (on a GPU with ``--gpu``); each (encoder, task, method) is scored with the same
+    plate-grouped folds. Writes ``probe.csv`` (one row per score) and
+    ``_manifest.json`` (config, counts and the comparison per task and method).
+    """
+    import pandas as pd
+    import ray
+
+    from rxray.config import ConfigError, config_to_dict
+    from rxray.evaluate.correction import MIN_PLATE_CONTROLS
+    from rxray.runtime import Timer, ensure_ray, write_manifest
+    from rxray.train.checkpoints import require_checkpoint
+
+    ensure_ray()
+    timer = Timer()
+    checkpoint = require_checkpoint(cfg.model, "probe.model")
+    # The sample is stratified for treated vs control, so a many-treatment screen still gets controls on every plate.
+    try:
+        sites, sample = probe_dataset(cfg.data, task="control", treatments=cfg.treatments, max_sites=cfg.max_sites,
+                                      seed=cfg.seed, plate_controls=MIN_PLATE_CONTROLS if cfg.correct == "center" else 0)
+    except ValueError as exc:
+        raise ConfigError("probe.treatments", str(exc)) from None
+    names = [TRAINED, *(f"{RANDOM_INIT}_seed{seed}" for seed in range(cfg.baseline_seeds))]
+    print(f"probe: {len(sample)} sites of {sample['treatment'].nunique()} treatment(s) on "
+          f"{len(set(plate_groups(sample['experiment'], sample['plate'])))} plates; encoders: {', '.join(names)}",
+          flush=True)
+    with timer.time("embed"):
+        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.gpu else 0)(_embed_probe_sites)
+        features, columns = ray.get(task.remote(checkpoint["uri"], sites, cfg.baseline_seeds, cfg.batch_size,
+                                                cfg.gpu))
+    if len(columns.get("site_id", ())) != len(sample):
+        raise RuntimeError(f"{len(sample)} probe sites chosen but {len(columns.get('site_id', ()))} read back")
+
+    rows = []
+    with timer.time("probes"):
+        for name in names:
+            for task_name in cfg.tasks:
+                for method in cfg.methods:
+                    result = score_embeddings(features[name], columns, task=task_name, method=method,
+                                              correct=cfg.correct)
+                    rows.append({"encoder": name, "task": task_name, "method": method,
+                                 **{key: result[key] for key in ("score", "roc_auc", "f1_macro", "accuracy",
+                                                                 "chance", "n", "groups", "folds")}})
+    table = pd.DataFrame(rows)
+    comparison = compare_to_baselines(table)
+    storage.write_text(storage.join(cfg.out, PROBE_TABLE), table.to_csv(index=False))
+    write_manifest(cfg.out, "probe", config_to_dict(cfg), model={"uri": checkpoint["uri"],
+                   "epoch": checkpoint.get("epoch"), "backbone": checkpoint["backbone"], "stem": checkpoint["stem"]},
+                   counts={"sites": len(sample), "plates": int(table["groups"].iloc[0])}, comparison=comparison,
+                   timings=timer.seconds)
+    print(format_comparison(comparison), flush=True)
+    return {"out": cfg.out, "sites": len(sample), "comparison": comparison}
+
+
+def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_seeds: int, batch_size: int,
+                       gpu: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Features of the probe sites from the checkpoint's encoder and ``baseline_seeds`` random-init ones."""
+    import torch
+
+    from rxray.batch.embed import input_channels
+    from rxray.train.checkpoints import checkpoint_encoder, load_checkpoint
+
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError("--gpu was given but the probe task sees no CUDA device")
+    device = torch.device("cuda" if gpu else "cpu")
+    checkpoint = load_checkpoint(checkpoint_uri)
+    channels, mean, std = input_channels(checkpoint)
+    encoders = {TRAINED: checkpoint_encoder(checkpoint)}
+    for seed in range(baseline_seeds):
+        torch.manual_seed(seed)
+        encoders[f"{RANDOM_INIT}_seed{seed}"] = checkpoint_encoder(checkpoint, trained=False)
+    encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
+    return embed_with_encoders(encoders, sites.iter_batches(batch_size=batch_size, batch_format="numpy"),
+                               mean=mean, std=std, device=device, channels=channels)
+
+
+def compare_to_baselines(table: "pd.DataFrame") -> list[dict[str, Any]]:
+    """Per task and method: the trained encoder's score, the random-init scores, and the margin over the best."""
+    comparison = []
+    for (task, method), group in table.groupby(["task", "method"], sort=False):
+        trained = float(group.loc[group["encoder"] == TRAINED, "score"].iloc[0])
+        baselines = group.loc[group["encoder"] != TRAINED, "score"].astype(float).tolist()
+        comparison.append({"task": task, "method": method, "trained": round(trained, 4),
+                           "random_init": [round(b, 4) for b in baselines],
+                           "margin": round(trained - max(baselines), 4) if baselines else None,
+                           "chance": float(group["chance"].iloc[0])})
+    return comparison
+
+
+def format_comparison(comparison: list[dict[str, Any]]) -> str:
+    """The comparison as a small text table (balanced accuracy; margin over the best random-init encoder)."""
+    lines = [f"{'task':<10} {'method':<9} {'trained':>8} {'random init':>24} {'margin':>7} {'chance':>7}"]
+    for row in comparison:
+        baselines = ", ".join(f"{b:.3f}" for b in row["random_init"]) or "-"
+        margin = f"{row['margin']:+.3f}" if row["margin"] is not None else "-"
+        lines.append(f"{row['task']:<10} {row['method']:<9} {row['trained']:>8.3f} {baselines:>24} {margin:>7} "
+                     f"{row['chance']:>7.3f}")
+    return "\n".join(lines)

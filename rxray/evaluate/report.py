@@ -39,6 +39,7 @@ from rxray import storage
 from rxray.config import ConfigError, ReportConfig, config_to_dict
 from rxray.data.layout import CHANNEL_NAMES, CONTROL
 from rxray.evaluate.plots import figure_png, new_figure
+from rxray.evaluate.probe import PROBE_TABLE
 from rxray.runtime import Timer, write_manifest
 
 MANIFEST = "_manifest.json"
@@ -46,7 +47,8 @@ REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
 # Sections in pipeline order; steps not listed here go to "Other step outputs".
-SECTIONS = (("ingest", "Ingest"), ("pretrain", "SimCLR pretraining"), ("finetune", "Classifiers (finetune)"),
+SECTIONS = (("ingest", "Ingest"), ("pretrain", "SimCLR pretraining"),
+            ("probe", "Probes: trained vs random-init encoder"), ("finetune", "Classifiers (finetune)"),
             ("embed", "Embeddings"), ("score", "Random-Forest scores and mAP"),
             ("explain", "Grad-CAM and channel importance"))
 # Folder levels below the run searched for manifests: run/<step>/<variant>/<sub> covers every layout
@@ -392,6 +394,24 @@ def pretrain_html(output: StepOutput, ctx: Context) -> str:
     return "".join(parts)
 
 
+def probe_html(output: StepOutput, ctx: Context) -> str:
+    """The probe comparison (balanced accuracy of the trained encoder, the random-init ones, the margin)."""
+    comparison = output.manifest.get("comparison") or []
+    if not comparison:
+        return '<p class="not-run">no probe comparison in the manifest</p>'
+    frame = pd.DataFrame([{**row, "random_init": ", ".join(f"{b:.3f}" for b in row["random_init"])}
+                          for row in comparison])
+    counts = output.manifest.get("counts") or {}
+    note = (f"<p>Balanced accuracy of plate-grouped probes on {counts.get('sites', '?')} sites of "
+            f"{counts.get('plates', '?')} plates (held-out plates; margin = trained minus the best random-init "
+            f"encoder).</p>")
+    parts = [note, html_table(frame)]
+    if PROBE_TABLE in output.files:
+        link = ctx.folder.write_table(read_table(storage.join(output.uri, PROBE_TABLE)), f"probe-{output.label}")
+        parts.append(f"<p>Every score: {link_html(link, 'CSV')}</p>")
+    return "".join(parts)
+
+
 def _manifest_figure_paths(value: Any) -> list[str]:
     """Relative PNG paths named anywhere in a manifest's ``figures`` field (str, list or dict)."""
     if isinstance(value, str):
@@ -676,7 +696,7 @@ def timings_html(outputs: list[StepOutput], ctx: Context) -> str:
 
 
 SECTION_RENDERERS: dict[str, Callable[[StepOutput, Context], str]] = {
-    "ingest": ingest_html, "pretrain": pretrain_html, "finetune": finetune_html, "embed": embed_html,
+    "ingest": ingest_html, "pretrain": pretrain_html, "probe": probe_html, "finetune": finetune_html, "embed": embed_html,
     "score": score_html, "explain": explain_html,
 }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -108,14 +107,20 @@ def load_encoder(uri: str) -> tuple["Encoder", dict[str, Any]]:
     The dict holds ``channel_mean``/``channel_std`` for normalising inputs the way
     training did, and the backbone, stem and config it was trained with.
     """
+    state = load_checkpoint(uri)
+    return checkpoint_encoder(state), state
+
+
+def checkpoint_encoder(state: dict[str, Any], trained: bool = True) -> "Encoder":
+    """The encoder (eval mode, CPU) of a checkpoint dict; ``trained=False`` gives the same architecture at
+    random init (seeded by torch's global generator), the baseline a trained encoder is compared with."""
     from rxray.models.backbones import build_encoder
 
-    state = load_checkpoint(uri)
     encoder = build_encoder(state["backbone"], stem=state["stem"], weights=None,
                             in_channels=state.get("in_channels") or len(state.get("channels") or range(6)))
-    encoder.load_state_dict(state["encoder"])
-    encoder.eval()
-    return encoder, state
+    if trained:
+        encoder.load_state_dict(state["encoder"])
+    return encoder.eval()
 
 
 def _checkpoint_dirs(uri: str) -> list[tuple[int, str]]:

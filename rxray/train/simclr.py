@@ -172,7 +172,7 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
     """
     import ray.train
 
-    from rxray.evaluate.probe import embed_batches, plate_groups, probe_score, probe_targets
+    from rxray.evaluate.probe import embed_batches, score_embeddings
 
     batches = ray.train.get_dataset_shard("probe").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
     features, columns = embed_batches(unwrap(model).encoder, batches, mean=mean, std=std, device=worker.device)
@@ -183,8 +183,7 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
         raise RuntimeError("the probe sites reached no worker (an empty probe sample?)")
     X = np.concatenate([share[0] for share in shares])
     column = {name: np.concatenate([share[1][name] for share in shares]) for name in shares[0][1]}
-    result = probe_score(X, probe_targets(column["treatment"], cfg.probe_task),
-                         plate_groups(column["experiment"], column["plate"]))
+    result = score_embeddings(X, column, task=cfg.probe_task, correct=cfg.probe_correct)
     return {"probe_score": result["score"], "probe_accuracy": result["accuracy"],
             "probe_f1_macro": result["f1_macro"], "probe_roc_auc": result["roc_auc"]}
 
@@ -260,28 +259,20 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
 
 
 def _probe_dataset(cfg: PretrainConfig):
-    """The probe's sites (a class-stratified sample chosen from the shards' metadata) as a lazy Ray Dataset.
+    """The probe's sites (a class-stratified sample chosen from the shards' metadata) as a lazy Ray Dataset."""
+    from rxray.evaluate.correction import MIN_PLATE_CONTROLS
+    from rxray.evaluate.probe import probe_dataset
 
-    Only metadata columns are read to choose the sites; the images of the chosen
-    ones are read by a site_id filter inside the Parquet scan, every epoch.
-    """
-    import pyarrow.dataset as pads
-    from ray.data.expressions import col
-
-    from rxray.data.shards import read_shards
-    from rxray.evaluate.probe import PROBE_COLUMNS, select_probe_sites
-
-    fs, path = storage.pyarrow_filesystem(cfg.data)
-    meta = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=list(PROBE_COLUMNS)).to_pandas()
     try:
-        sample = select_probe_sites(meta, task=cfg.probe_task, treatments=cfg.probe_treatments,
-                                    max_sites=cfg.probe_sites, seed=cfg.seed)
+        dataset, sample = probe_dataset(cfg.data, task=cfg.probe_task, treatments=cfg.probe_treatments,
+                                        max_sites=cfg.probe_sites, seed=cfg.seed,
+                                        plate_controls=MIN_PLATE_CONTROLS if cfg.probe_correct == "center" else 0)
     except ValueError as exc:
         raise ConfigError("pretrain.probe_treatments", str(exc)) from None
     print(f"pretrain: probe on {len(sample)} sites of {sample['treatment'].nunique()} treatment(s) "
-          f"({cfg.probe_task}), plate-grouped folds", flush=True)
-    site_ids = sample["site_id"].astype(str).tolist()
-    return read_shards(cfg.data, columns=["image", *PROBE_COLUMNS]).filter(expr=col("site_id").is_in(site_ids))
+          f"({cfg.probe_task}), plate-grouped folds" + (", plates centred on their controls"
+                                                        if cfg.probe_correct == "center" else ""), flush=True)
+    return dataset
 
 
 def _check_weights(cfg: PretrainConfig) -> None:
