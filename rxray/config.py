@@ -300,7 +300,10 @@ class PretrainConfig:
     dropout: float = option(0.1, "projection head dropout", minimum=0.0, maximum=0.95)
     crop_size: Optional[int] = option(None, "augmented view side in pixels (default: the shard image size)",
                                       minimum=8)
-    aug_strength: float = option(1.0, "scale of the colour/noise augmentations", minimum=0.0)
+    # 0.3 (+-12% per-stain brightness/contrast): at 1.0 (+-40%) SimCLR learns to ignore the stain intensity changes
+    # that most phenotypes are made of, and its embeddings lose to a random-init encoder's (docs/science-checks.md).
+    aug_strength: float = option(0.3, "scale of the colour/noise augmentations (1.0: +-40% per-stain brightness "
+                                      "and contrast, noise up to 0.1 std)", minimum=0.0)
     workers: int = option(1, "Ray Train workers", minimum=1)
     gpu: bool = option(False, "train on GPUs (one per worker)")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)

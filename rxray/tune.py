@@ -83,7 +83,7 @@ DEFAULT_SPACES: dict[str, dict[str, Any]] = {
         "temperature": {"loguniform": [0.05, 1.0]},
         "batch_size": {"choice": [32, 64, 128]},
         "proj_dim": {"choice": [64, 128, 256]},
-        "aug_strength": {"uniform": [0.5, 1.5]},
+        "aug_strength": {"uniform": [0.05, 1.0]},
         "dropout": {"uniform": [0.0, 0.3]},
         "weight_decay": {"loguniform": [1e-7, 1e-4]},
     },

@@ -117,6 +117,24 @@ def test_latest_checkpoint_names_what_is_missing(tmp_path):
         latest_checkpoint(str(tmp_path))
 
 
+def test_a_newer_stored_checkpoint_is_found_and_a_cut_off_one_passed_over(tmp_path, capsys):
+    from rxray.train.checkpoints import checkpoint_dir_name, newest_checkpoint_after, save_checkpoint_file
+
+    run = tmp_path / "simclr"
+    for epoch in (1, 2, 3):
+        os.makedirs(run / checkpoint_dir_name(epoch))
+        save_checkpoint_file({"epoch": epoch, "weights": torch.zeros(4)}, str(run / checkpoint_dir_name(epoch)))
+    cut_off = run / checkpoint_dir_name(3) / "checkpoint.pt"
+    cut_off.write_bytes(cut_off.read_bytes()[:40])  # a write that never finished
+    (run / checkpoint_dir_name(4)).mkdir()  # a directory whose file never arrived
+
+    found = newest_checkpoint_after(str(run), epoch=1)
+    assert found["epoch"] == 2 and found["uri"].endswith(f"{checkpoint_dir_name(2)}/checkpoint.pt")
+    assert "passing over" in capsys.readouterr().out
+    assert newest_checkpoint_after(str(run), epoch=2) is None
+    assert newest_checkpoint_after(str(tmp_path / "missing"), epoch=0) is None
+
+
 def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_path):
     bad = tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
@@ -131,7 +149,7 @@ def test_worker_process_death_on_s3_resumes_from_last_checkpoint(tiny_shards, s3
     marker = tmp_path / "crashed"
     out = f"{s3_bucket}/pretrain"
     # cache off: the restarted workers stream the shards again, as a full-scale run does
-    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, cache="off"),
+    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, cache="off", workers=1),
                        crash_once=CrashOnce(epoch=1, marker=str(marker)))
     assert marker.exists()  # rank 0's process really died, partway through epoch 1
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,28 @@ def checkpoint_encoder(state: dict[str, Any], trained: bool = True) -> "Encoder"
     if trained:
         encoder.load_state_dict(state["encoder"])
     return encoder.eval()
+
+
+def newest_checkpoint_after(run_uri: str, epoch: int) -> dict[str, Any] | None:
+    """The newest checkpoint dict under a Ray Train run directory with an epoch above ``epoch`` that loads,
+    else None.
+
+    A checkpoint that a worker wrote just before dying may never have been registered
+    by Ray Train's controller, which then restarts the workers from an older one;
+    this finds it. One that does not load (a write cut off) is passed over.
+    """
+    try:
+        candidates = sorted(_checkpoint_dirs(run_uri), reverse=True)
+    except FileNotFoundError:
+        return None
+    for found, directory in candidates:
+        if found <= epoch:
+            break
+        try:
+            return load_checkpoint(directory)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means "not this one"
+            print(f"checkpoints: passing over {directory}: {type(exc).__name__}: {exc}", flush=True)
+    return None
 
 
 def _checkpoint_dirs(uri: str) -> list[tuple[int, str]]:

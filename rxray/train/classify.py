@@ -360,7 +360,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mean, std = loop_config["channel_mean"], loop_config["channel_std"]
     worker = TrainWorker(cpus=loop_config["cpus_per_worker"])
 
-    state = worker.restore(fallback_uri=loop_config.get("resume_from"))
+    state = worker.restore(fallback_uri=loop_config.get("resume_from"), run_uri=storage.join(cfg.out, RUN_NAME))
     start_epoch = state["epoch"] if state else 0
     history: list[dict[str, Any]] = list(state["metrics"]) if state else []
     starts: list[int] = list(state.get("starts", [])) + [start_epoch] if state else [0]

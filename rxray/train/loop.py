@@ -227,19 +227,34 @@ class TrainWorker:
         torch.distributed.all_gather_object(gathered, value)
         return gathered
 
-    def restore(self, fallback_uri: str | None = None) -> dict[str, Any] | None:
-        """The latest checkpoint dict of this run (after a worker failure or a rerun), else `fallback_uri`'s."""
+    def restore(self, fallback_uri: str | None = None, run_uri: str | None = None) -> dict[str, Any] | None:
+        """The latest checkpoint dict of this run (after a worker failure or a rerun), else `fallback_uri`'s.
+
+        With ``run_uri`` (the run's directory in storage), a newer checkpoint found
+        there wins over Ray's: a worker that died right after saving one may have
+        left it unregistered. Rank 0 picks it and every worker loads the same one.
+        """
         import ray.train
 
+        from rxray.train.checkpoints import load_checkpoint, newest_checkpoint_after
+
+        state = None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        if fallback_uri:
-            from rxray.train.checkpoints import load_checkpoint
-
-            return load_checkpoint(fallback_uri)
-        return None
+                state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        elif fallback_uri:
+            state = load_checkpoint(fallback_uri)
+        if run_uri is None:
+            return state
+        newer = newest_checkpoint_after(run_uri, state["epoch"] if state else 0) if self.is_chief else None
+        chosen = self.gather(newer["uri"] if newer else None)[0]
+        if chosen is None:
+            return state
+        if self.is_chief:
+            print(f"restored the epoch {newer['epoch']} checkpoint from storage ({chosen}); Ray Train had "
+                  f"{state['epoch'] if state else 'none'}", flush=True)
+        return newer if self.is_chief else load_checkpoint(chosen)
 
     def report(self, metrics: dict[str, Any], epoch: int, state: Callable[[], dict[str, Any]]) -> None:
         """Report an epoch's metrics from every worker, with rank 0's checkpoint dict (built by `state()`)."""
