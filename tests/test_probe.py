@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+from rxray.data.layout import plate_groups
 from rxray.evaluate import probe
-from rxray.evaluate.probe import (embed_batches, grouped_folds, plate_groups, probe_score, probe_targets,
-                                  select_probe_sites)
+from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score, probe_targets, select_probe_sites
 
 CLASSES = ["EMPTY", "IFN-beta", "IFN-gamma", "etoposide"]
 

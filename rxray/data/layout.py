@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
 
 METADATA_COLUMNS = [
     "site_id",
@@ -68,6 +71,11 @@ def is_edge_well(well: str) -> bool:
 def make_well_id(experiment: str, plate: int, well: str) -> str:
     """RxRx2 well id, e.g. 'HUVEC-1_1_AA03'."""
     return f"{experiment}_{plate}_{well}"
+
+
+def plate_groups(experiments: Iterable[Any], plates: Iterable[Any]) -> np.ndarray:
+    """The plate key of each row, ``<experiment>_<plate>`` (plate numbers repeat across experiments)."""
+    return np.asarray([f"{experiment}_{plate}" for experiment, plate in zip(experiments, plates)], dtype=object)
 
 
 def make_site_id(experiment: str, plate: int, well: str, site: int) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from rxray import storage
-from rxray.data.layout import CONTROL
+from rxray.data.layout import CONTROL, plate_groups
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,11 +53,6 @@ def probe_targets(treatments: Iterable[Any], task: str, control: str = CONTROL) 
     if task == "control":
         return np.where(values == control, "control", TREATED).astype(object)
     raise ValueError(f"unknown probe task {task!r}; choose one of {', '.join(PROBE_TASKS)}")
-
-
-def plate_groups(experiments: Iterable[Any], plates: Iterable[Any]) -> np.ndarray:
-    """The plate group of each site, ``<experiment>_<plate>`` (plate numbers repeat across experiments)."""
-    return np.asarray([f"{e}_{p}" for e, p in zip(experiments, plates)], dtype=object)
 
 
 def grouped_folds(groups: Sequence[Any], max_folds: int = MAX_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:

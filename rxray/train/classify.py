@@ -45,7 +45,7 @@ from torch import nn
 
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_yaml, read_yaml
-from rxray.data.layout import CONTROL, N_CHANNELS
+from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.ssl.augment import SimCLRAugment, normalize
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_epoch, latest_checkpoint, load_checkpoint
@@ -161,11 +161,6 @@ def label_batch(batch: dict[str, np.ndarray], *, plan: TaskPlan, keep: Sequence[
            GAIN_COLUMN: gain}
     out.update({name: batch[name][rows] for name in keep})
     return out
-
-
-def plate_groups(experiments: Sequence[Any], plates: Sequence[Any]) -> list[str]:
-    """The plate group (``<experiment>_<plate>``, as in :mod:`rxray.data.splits`) of each row."""
-    return [f"{experiment}_{plate}" for experiment, plate in zip(experiments, plates)]
 
 
 def row_gains(gains: dict[str, Sequence[float]] | None, experiments: Sequence[Any],
