@@ -12,7 +12,14 @@ The headline ``score`` is balanced accuracy over the pooled out-of-fold
 predictions (chance = 1 / number of classes), so a large control class cannot
 carry it. :func:`select_probe_sites` picks a small, class-stratified sample of
 sites, and :func:`embed_batches` embeds them with an encoder in eval mode, so the
-probe is cheap enough to run after every training epoch.
+probe is cheap enough to run after every training epoch. With plate centring
+(``center``, the default of ``rxray probe`` and of the per-epoch probe) every
+plate's embeddings are first scaled on its own control sites, as a screen's
+profiles are: otherwise an encoder that has learned to recognise plates (easy
+for SimCLR when its colour augmentation is mild) looks worse than it is.
+
+:func:`probe` is the ``rxray probe`` step: the same probes on a trained encoder
+and on random-init encoders of the same architecture, side by side.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ if TYPE_CHECKING:
     from rxray.config import ProbeConfig
 
 PROBE_TASKS = ("treatment", "control")
+PROBE_METHODS = ("logistic", "knn")
 PROBE_CORRECTIONS = ("none", "center")
 PROBE_TABLE = "probe.csv"
+TREATED = "treated"
+# Encoder names in probe.csv: the checkpoint's, and random_init_seed<k> for the baselines.
 TRAINED = "trained"
 RANDOM_INIT = "random_init"
-PROBE_METHODS = ("logistic", "knn")
-TREATED = "treated"
 # Fewer folds than plates keeps the cost flat on a 24-plate screen; 5 leaves 80 % of plates to train on.
 MAX_FOLDS = 5
 NEIGHBORS = 5
@@ -262,8 +270,8 @@ def score_embeddings(X: np.ndarray, columns: dict[str, np.ndarray], *, task: str
     if correct not in PROBE_CORRECTIONS:
         raise ValueError(f"unknown probe correction {correct!r}; choose one of {', '.join(PROBE_CORRECTIONS)}")
     treatments = np.asarray([str(t) for t in columns["treatment"]], dtype=object)
-    return probe_score(X, probe_targets(treatments, task, control), plate_groups(columns["experiment"],
-                       columns["plate"]), method=method,
+    groups = plate_groups(columns["experiment"], columns["plate"])
+    return probe_score(X, probe_targets(treatments, task, control), groups, method=method,
                        center_on=(treatments == control) if correct == "center" else None)
 
 
