@@ -173,3 +173,19 @@ def test_benchmark_rows_go_into_the_embedding_section_only(tmp_path):
     section = text[text.index(SECTION):text.index("## Training")]
     assert section.count(TABLE_HEADER) == 1
     assert section.index("| first |") < section.index("| second |") and "- shared machine" in section
+
+
+def test_benchmark_notes_and_prose_under_a_table_are_kept(tmp_path):
+    from rxray.bench.embed import SECTION, record
+
+    path = str(tmp_path / "benchmarks.md")
+    record(path, "| first |", note="run one")
+    with open(path, "a") as handle:
+        handle.write("Reading it: a paragraph a person wrote.\n")
+    record(path, "| second |", note="run two")
+    record(path, "| third |")
+    section = open(path).read()
+    assert section.startswith(SECTION) and section.count("Reading it: a paragraph a person wrote.") == 1
+    order = [section.index(text) for text in ("| first |", "| second |", "| third |", "- run one", "- run two",
+                                              "Reading it")]
+    assert order == sorted(order)
