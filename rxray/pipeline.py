@@ -22,7 +22,9 @@ before any step runs, so a typo anywhere fails at once.
 
 A step whose output holds a manifest of the same config is skipped, unless a step it
 reads from ran in this invocation; so a failed or killed pipeline resumes where it
-stopped, and a step cut off half-way resumes through its own resume logic.
+stopped, and a step cut off half-way resumes through its own resume logic. A finished
+training run (pretrain, finetune) whose inputs or settings changed is removed and
+trained from scratch; only a larger ``epochs`` continues it.
 ``run/_pipeline.json`` records the config, versions, and per-step status, timings and
 counts after every step.
 """
@@ -43,6 +45,9 @@ from rxray.runtime import Timer, package_versions, read_manifest
 
 STEP_ORDER = ("synth", "ingest", "pretrain", "probe", "finetune", "embed", "score", "explain", "report")
 RUN_RECORD = "_pipeline.json"
+# Steps that continue from checkpoints in their output, and the fields whose change continues that run.
+RESUMABLE_STEPS = frozenset({"pretrain", "finetune"})
+CONTINUING_FIELDS = frozenset({"epochs"})
 DEFAULT_CLASSIFIER = "classifier"
 
 # Each step's input fields -> the step whose output feeds them (used unless the section gives the field).
@@ -272,13 +277,36 @@ def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _config_changes(manifest: dict[str, Any], config: Any) -> list[str]:
-    """Fields whose value differs from the config recorded in a step's manifest ([] if none or unknown)."""
+def _changed_fields(manifest: dict[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
+    """Field -> (recorded, current) for values that differ from the config in a step's manifest."""
     recorded = manifest.get("config")
     if not isinstance(recorded, dict):
-        return []
+        return {}
     current = _comparable(config_to_dict(config))
-    return [f"{k}: {recorded[k]!r} -> {v!r}" for k, v in current.items() if k in recorded and recorded[k] != v]
+    return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+
+
+def _config_changes(manifest: dict[str, Any], config: Any) -> list[str]:
+    """Fields whose value differs from the config recorded in a step's manifest ([] if none or unknown)."""
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in _changed_fields(manifest, config).items()]
+
+
+def _start_over_reason(step: PlannedStep, rerun_for: list[str]) -> str | None:
+    """Why a training step must discard its finished run before running again, or None to let it resume.
+
+    Training steps resume from the checkpoints in their output, so a finished run
+    would count as complete and keep a model trained on old inputs or settings; only
+    more epochs of the same run may continue it.
+    """
+    if step.step not in RESUMABLE_STEPS:
+        return None
+    manifest = read_manifest(step.out)
+    if manifest is None:  # never finished: a cut-off run resumes through the step's own logic
+        return None
+    if rerun_for:
+        return f"{', '.join(rerun_for)} ran again"
+    changed = [k for k in _changed_fields(manifest, step.config) if k not in CONTINUING_FIELDS]
+    return f"{', '.join(changed)} changed" if changed else None
 
 
 def _is_complete(step: PlannedStep) -> tuple[bool, str]:
@@ -385,6 +413,10 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
             continue
         reason = f"{', '.join(rerun_for)} ran again" if complete else why or "not run yet"
         _say(f"run {step.key} -> {step.out} ({reason})")
+        restart = _start_over_reason(step, rerun_for)
+        if restart:
+            _say(f"start {step.key} over ({restart}): removing the finished run at {step.out}")
+            storage.remove(step.out, recursive=True)
         record.update(step.key, status="running")
         try:
             with timer.time(step.key):

@@ -174,9 +174,19 @@ def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_p
     run(TINY_SECTIONS)
     assert ran == []
 
-    # More pretraining: pretrain and everything that reads it (directly or not) runs again.
-    run({**TINY_SECTIONS, "pretrain": {**TINY_SECTIONS["pretrain"], "epochs": 2}})
+    # More pretraining: pretrain and everything that reads it (directly or not) runs again; pretrain continues
+    # its run, the classifier trained on the old encoder is discarded and trained again.
+    pretrain_mark, finetune_mark = (tmp_path / "run" / "pretrain" / "mark", tmp_path / "run" / "finetune" /
+                                    "ifn-beta" / "mark")
+    pretrain_mark.write_text("checkpoints"), finetune_mark.write_text("checkpoints")
+    more = {**TINY_SECTIONS, "pretrain": {**TINY_SECTIONS["pretrain"], "epochs": 2}}
+    run(more)
     assert ran == ["pretrain", "probe", "finetune/ifn-beta", "embed", "score", "explain", "report"]
+    assert pretrain_mark.exists() and not finetune_mark.exists()
+
+    # Other settings of a finished training run: it starts over.
+    run({**more, "pretrain": {**more["pretrain"], "lr": 1e-3}})
+    assert ran[:2] == ["pretrain", "probe"] and not pretrain_mark.exists()
 
     # --steps: only those steps, the rest left as they are.
     path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"),
