@@ -93,6 +93,15 @@ def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
     assert len(read_metrics(cfg.out)) == 2
 
 
+def test_other_settings_cannot_claim_a_finished_run(finished_run):
+    cfg, first, _ = finished_run
+    changed = load_config(PretrainConfig, values={**vars(cfg), "lr": 1e-4, "workers": 1})
+    with pytest.raises(ConfigError, match=r"^pretrain.lr: .*finished 2-epoch run trained with other settings "
+                                          r"\(lr: 0.002 -> 0.0001\); use a new --out"):
+        pretrain(changed)
+    assert read_manifest(cfg.out)["config"]["lr"] == cfg.lr  # the record still says how the run was trained
+
+
 def test_checkpoint_round_trip_to_encoder(finished_run):
     cfg, summary, _ = finished_run
     for uri in (cfg.out, storage.join(cfg.out, RUN_NAME), os.path.dirname(summary["checkpoint"]),

@@ -13,6 +13,7 @@ the loss alone falls when augmentations get easier, so `rxray tune` ranks runs b
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +31,9 @@ RUN_NAME = "simclr"
 IN_CHANNELS = 6
 # Settings that decide the shapes in a checkpoint: a rerun into the same output must keep them.
 _ARCHITECTURE_FIELDS = ("backbone", "stem", "proj_dim")
+# Settings that say where and how long to run, not what is trained: a rerun may change them freely.
+_RUN_RESOURCE_FIELDS = ("out", "epochs", "workers", "gpu", "max_failures", "worker_cpus", "threads", "cache",
+                        "probe", "probe_task", "probe_treatments", "probe_sites", "probe_correct")
 
 
 class SimCLRModel(nn.Module):
@@ -288,19 +292,35 @@ def _check_weights(cfg: PretrainConfig) -> None:
 
 
 def _completed_epochs(cfg: PretrainConfig) -> tuple[int, str | None]:
-    """Epochs already trained into ``cfg.out`` and the latest checkpoint's URI ((0, None) for a new run)."""
+    """Epochs already trained into ``cfg.out`` and the latest checkpoint's URI ((0, None) for a new run).
+
+    A rerun into an existing run must keep its architecture; other training settings
+    may change for the epochs still to train, but a finished run cannot take them.
+    """
     try:
         latest = latest_checkpoint(cfg.out)
     except FileNotFoundError:
         return 0, None
+    done = checkpoint_epoch(latest) or 0
     saved_config = storage.join(cfg.out, CONFIG_FILE)
-    if storage.exists(saved_config):
-        before = read_yaml(saved_config).get(PretrainConfig.section, {})
-        for name in _ARCHITECTURE_FIELDS:
-            if name in before and before[name] != getattr(cfg, name):
-                raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={before[name]!r}, not "
-                                                      f"{getattr(cfg, name)!r}; use a new --out to start over")
-    return checkpoint_epoch(latest) or 0, latest
+    if not storage.exists(saved_config):
+        return done, latest
+    before = read_yaml(saved_config).get(PretrainConfig.section, {})
+    current = json.loads(json.dumps(config_to_dict(cfg)))
+    changed = {name: (before[name], value) for name, value in current.items()
+               if name in before and before[name] != value and name not in _RUN_RESOURCE_FIELDS}
+    for name in _ARCHITECTURE_FIELDS:
+        if name in changed:
+            raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={before[name]!r}, not "
+                                                  f"{current[name]!r}; use a new --out to start over")
+    if changed:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        if done >= cfg.epochs:
+            raise ConfigError(f"pretrain.{next(iter(changed))}",
+                              f"{cfg.out} holds a finished {done}-epoch run trained with other settings ({listed}); "
+                              f"use a new --out to train with them, or more --epochs to continue the run with them")
+        print(f"pretrain: epochs {done + 1}-{cfg.epochs} train with changed settings ({listed})", flush=True)
+    return done, latest
 
 
 def _dataset_shape(uri: str, dataset) -> tuple[int, int]:
