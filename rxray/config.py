@@ -277,6 +277,9 @@ class IngestConfig:
 
 CACHE_HELP = ("hold the training images in Ray's object store after the first epoch's read: auto when they fit in "
               "40% of it, on, or off (stream from storage every epoch)")
+PROBE_CORRECT_HELP = ("center: scale each plate's embeddings on its own control sites before probing (plates with "
+                      "fewer than 2 controls sit out), or none")
+PROBE_CORRECTIONS = ["none", "center"]
 BACKBONES = ["densenet121", "densenet201", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 
 
@@ -320,9 +323,7 @@ class PretrainConfig:
                                                          "(default: all)")
     probe_sites: int = option(1024, "most sites the probe embeds each epoch (a seeded, class-stratified sample)",
                               minimum=4)
-    probe_correct: str = option("center", "center: scale each plate's embeddings on its own control sites before "
-                                          "probing (plates with fewer than 2 controls sit out), or none",
-                                choices=["none", "center"])
+    probe_correct: str = option("center", PROBE_CORRECT_HELP, choices=PROBE_CORRECTIONS)
 
 
 @dataclass
@@ -339,8 +340,7 @@ class ProbeConfig:
                                                         "treatment (identity)", choices=["control", "treatment"])
     methods: list[str] = option(["logistic", "knn"], "probe classifiers", choices=["logistic", "knn"])
     baseline_seeds: int = option(3, "random-init encoders of the same architecture to compare with", minimum=0)
-    correct: str = option("center", "center: scale each plate's embeddings on its own control sites first "
-                                    "(plates with fewer than 2 controls sit out), or none", choices=["none", "center"])
+    correct: str = option("center", PROBE_CORRECT_HELP, choices=PROBE_CORRECTIONS)
     max_sites: int = option(4096, "most sites to embed (a seeded sample, half controls)", minimum=4)
     batch_size: int = option(64, "images per inference batch", minimum=1)
     gpu: bool = option(False, "embed on a GPU (the probe's one Ray task asks for one)")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from rxray import storage
+from rxray.config import PROBE_CORRECTIONS
 from rxray.data.layout import CONTROL, plate_groups
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 PROBE_TASKS = ("treatment", "control")
 PROBE_METHODS = ("logistic", "knn")
-PROBE_CORRECTIONS = ("none", "center")
 PROBE_TABLE = "probe.csv"
 TREATED = "treated"
 # Encoder names in probe.csv: the checkpoint's, and random_init_seed<k> for the baselines.
