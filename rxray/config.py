@@ -9,6 +9,7 @@ The resolved config is saved with every output (:func:`config_to_dict`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,6 +202,17 @@ def load_config(cls: type, yaml_uri: str | None = None, overrides: dict[str, Any
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as a plain dict (for manifests and saved YAML)."""
     return dataclasses.asdict(cfg)
+
+
+def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Field -> (recorded, current) for the fields of ``cfg`` whose value differs from a saved config dict.
+
+    Values are compared as JSON, the form configs are saved in, so a YAML or JSON
+    round trip (tuples as lists, ...) compares equal; fields the record lacks are skipped.
+    """
+    current = json.loads(json.dumps(config_to_dict(cfg), default=str))
+    return {name: (recorded[name], value) for name, value in current.items()
+            if name in recorded and recorded[name] != value}
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from rxray import storage
-from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
+from rxray.config import ConfigError, changed_settings, config_to_dict, load_config, option, read_yaml
 from rxray.runtime import Timer, package_versions, read_manifest
 
 STEP_ORDER = ("synth", "ingest", "pretrain", "probe", "finetune", "embed", "score", "explain", "report")
@@ -280,10 +280,7 @@ def _comparable(value: Any) -> Any:
 def _changed_fields(manifest: dict[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
     """Field -> (recorded, current) for values that differ from the config in a step's manifest."""
     recorded = manifest.get("config")
-    if not isinstance(recorded, dict):
-        return {}
-    current = _comparable(config_to_dict(config))
-    return {k: (recorded[k], v) for k, v in current.items() if k in recorded and recorded[k] != v}
+    return changed_settings(recorded, config) if isinstance(recorded, dict) else {}
 
 
 def _config_changes(manifest: dict[str, Any], config: Any) -> list[str]:

@@ -298,9 +298,10 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     timer = Timer()
     checkpoint = require_checkpoint(cfg.model, "probe.model")
     # The sample is stratified for treated vs control, so a many-treatment screen still gets controls on every plate.
+    plate_controls = MIN_PLATE_CONTROLS if cfg.correct == "center" else 0
     try:
         sites, sample = probe_dataset(cfg.data, task="control", treatments=cfg.treatments, max_sites=cfg.max_sites,
-                                      seed=cfg.seed, plate_controls=MIN_PLATE_CONTROLS if cfg.correct == "center" else 0)
+                                      seed=cfg.seed, plate_controls=plate_controls)
     except ValueError as exc:
         raise ConfigError("probe.treatments", str(exc)) from None
     names = [TRAINED, *(f"{RANDOM_INIT}_seed{seed}" for seed in range(cfg.baseline_seeds))]

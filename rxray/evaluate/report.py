@@ -696,8 +696,8 @@ def timings_html(outputs: list[StepOutput], ctx: Context) -> str:
 
 
 SECTION_RENDERERS: dict[str, Callable[[StepOutput, Context], str]] = {
-    "ingest": ingest_html, "pretrain": pretrain_html, "probe": probe_html, "finetune": finetune_html, "embed": embed_html,
-    "score": score_html, "explain": explain_html,
+    "ingest": ingest_html, "pretrain": pretrain_html, "probe": probe_html, "finetune": finetune_html,
+    "embed": embed_html, "score": score_html, "explain": explain_html,
 }
 
 

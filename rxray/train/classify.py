@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from rxray import storage
-from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_yaml, read_yaml
+from rxray.config import (ConfigError, FinetuneConfig, changed_settings, config_to_dict, config_to_yaml,
+                          read_yaml)
 from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.ssl.augment import SimCLRAugment, normalize
@@ -898,12 +899,12 @@ def _check_rerun(cfg: FinetuneConfig, splits: dict[str, Any]) -> None:
     saved_config = storage.join(cfg.out, CONFIG_FILE)
     if not storage.exists(saved_config):
         return
-    before = read_yaml(saved_config).get(FinetuneConfig.section, {})
-    current = json.loads(json.dumps(config_to_dict(cfg)))
+    changed = changed_settings(read_yaml(saved_config).get(FinetuneConfig.section, {}), cfg)
     for name in _RUN_FIELDS:
-        if name in before and before[name] != current[name]:
-            raise ConfigError(f"finetune.{name}", f"{cfg.out} holds a run with {name}={before[name]!r}, not "
-                                                  f"{current[name]!r}; use a new --out to start over")
+        if name in changed:
+            old, new = changed[name]
+            raise ConfigError(f"finetune.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
+                                                  f"use a new --out to start over")
     written = read_splits(cfg.out)
     if written is not None and written["groups"] != splits["assignment"]:
         raise ConfigError("finetune.data", f"the groups in {cfg.data} no longer give the splits {cfg.out} was "

@@ -13,7 +13,6 @@ the loss alone falls when augmentations get easier, so `rxray tune` ranks runs b
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch
 from torch import nn
 
 from rxray import storage
-from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml, read_yaml
+from rxray.config import (ConfigError, PretrainConfig, changed_settings, config_to_dict, config_to_yaml,
+                          read_yaml)
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint
 from rxray.train.loop import (CONFIG_FILE, CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
@@ -305,14 +305,14 @@ def _completed_epochs(cfg: PretrainConfig) -> tuple[int, str | None]:
     saved_config = storage.join(cfg.out, CONFIG_FILE)
     if not storage.exists(saved_config):
         return done, latest
-    before = read_yaml(saved_config).get(PretrainConfig.section, {})
-    current = json.loads(json.dumps(config_to_dict(cfg)))
-    changed = {name: (before[name], value) for name, value in current.items()
-               if name in before and before[name] != value and name not in _RUN_RESOURCE_FIELDS}
+    changed = {name: values for name, values in
+               changed_settings(read_yaml(saved_config).get(PretrainConfig.section, {}), cfg).items()
+               if name not in _RUN_RESOURCE_FIELDS}
     for name in _ARCHITECTURE_FIELDS:
         if name in changed:
-            raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={before[name]!r}, not "
-                                                  f"{current[name]!r}; use a new --out to start over")
+            old, new = changed[name]
+            raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
+                                                  f"use a new --out to start over")
     if changed:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
         if done >= cfg.epochs:
