@@ -70,6 +70,16 @@ def tiny_dataset(tmp_path_factory, ray_local):
     return out
 
 
+def shard_row(experiment: str, plate: int, well: str, site: int, treatment: str, conc: float | None, image,
+              **labels) -> dict:
+    """One shard row: the 9 RxRx2 metadata columns (HUVEC), any label columns, then the uint8 image."""
+    from rxray.data.layout import make_site_id, make_well_id
+
+    return {"site_id": make_site_id(experiment, plate, well, site), "well_id": make_well_id(experiment, plate, well),
+            "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": site,
+            "treatment": treatment, "treatment_conc": conc, **labels, "image": image}
+
+
 @pytest.fixture(scope="session")
 def write_shards(ray_local):
     """A function writing metadata+image rows as ingest shards plus a manifest with channel statistics."""

@@ -21,6 +21,7 @@ from rxray.train.checkpoints import load_checkpoint
 from rxray.train.classify import (FIGURES, RUN_NAME, EarlyStopping, build_classifier, control_sums, finetune,
                                   label_batch, plan_task, slice_stem_channels)
 from rxray.train.loop import read_metrics
+from conftest import shard_row
 
 SIZE = 32
 PLATES = [("HUVEC-1", 1), ("HUVEC-1", 2), ("HUVEC-2", 1), ("HUVEC-2", 2)]  # the default synthetic layout
@@ -48,10 +49,9 @@ def _rows(seed: int = 0) -> list[dict]:
                     image[stain] += 50
                 image *= PLATE_GAINS[p]
                 well = f"{'ABC'[t]}{i + 1:02d}"
-                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
-                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
-                             "treatment": treatment, "treatment_conc": None if stain is None else float(1 + i % 3),
-                             "moa": moa, "image": np.clip(image, 0, 255).astype(np.uint8)})
+                conc = None if stain is None else float(1 + i % 3)
+                image = np.clip(image, 0, 255).astype(np.uint8)
+                rows.append(shard_row(experiment, plate, well, 1, treatment, conc, image, moa=moa))
     return rows
 
 

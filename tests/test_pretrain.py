@@ -17,6 +17,7 @@ from rxray.runtime import read_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
 from rxray.train.loop import CrashOnce, cache_datasets, read_metrics
 from rxray.train.simclr import RUN_NAME, pretrain
+from conftest import shard_row
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,9 @@ def _site_rows(count: int, size: int, seed: int) -> list[dict]:
     rows = []
     for i in range(count):
         well = f"A{i % 48 + 1:02d}"
-        rows.append({"site_id": f"HUVEC-1_1_{well}_{i // 48 + 1}", "well_id": f"HUVEC-1_1_{well}",
-                     "cell_type": "HUVEC", "experiment": "HUVEC-1", "plate": 1, "well": well,
-                     "site": i // 48 + 1, "treatment": "EMPTY" if i % 4 == 0 else "IFN-beta",
-                     "treatment_conc": 0.0 if i % 4 == 0 else 1.0, "image": images[i]})
+        control = i % 4 == 0
+        rows.append(shard_row("HUVEC-1", 1, well, i // 48 + 1, "EMPTY" if control else "IFN-beta",
+                              0.0 if control else 1.0, images[i]))
     return rows
 
 

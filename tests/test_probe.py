@@ -10,6 +10,7 @@ import torch
 from rxray.data.layout import plate_groups
 from rxray.evaluate import probe
 from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score, probe_targets, select_probe_sites
+from conftest import shard_row
 
 CLASSES = ["EMPTY", "IFN-beta", "IFN-gamma", "etoposide"]
 
@@ -158,10 +159,8 @@ def _probe_rows(size: int = 32, per_treatment: int = 6) -> list[dict]:
                 if stain is not None:
                     image[stain] *= 2
                 well = f"{'ABC'[t]}{i + 1:02d}"
-                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
-                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
-                             "treatment": treatment, "treatment_conc": 0.0 if stain is None else 1.0,
-                             "image": np.clip(image, 0, 255).astype(np.uint8)})
+                rows.append(shard_row(experiment, plate, well, 1, treatment, 0.0 if stain is None else 1.0,
+                                      np.clip(image, 0, 255).astype(np.uint8)))
     return rows
 
 

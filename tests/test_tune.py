@@ -22,6 +22,7 @@ from rxray.runtime import read_manifest
 from rxray.train.checkpoints import load_checkpoint
 from rxray.train.loop import read_metrics
 from rxray.tune import BEST_CONFIG, PLOT_FILE, RESULTS_CSV, RESULTS_PARQUET, TRIAL_RECORD, TRIALS_DIR, tune
+from conftest import shard_row
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +43,8 @@ def _rows(seed: int = 0) -> list[dict]:
                 if stain is not None:
                     image[stain] += 40
                 well = f"{'ABC'[t]}{i + 1:02d}"
-                rows.append({"site_id": f"{experiment}_{plate}_{well}_1", "well_id": f"{experiment}_{plate}_{well}",
-                             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": 1,
-                             "treatment": treatment, "treatment_conc": 0.0 if stain is None else 1.0,
-                             "image": np.clip(image, 0, 255).astype(np.uint8)})
+                rows.append(shard_row(experiment, plate, well, 1, treatment, 0.0 if stain is None else 1.0,
+                                      np.clip(image, 0, 255).astype(np.uint8)))
     return rows
 
 
