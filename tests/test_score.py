@@ -172,6 +172,25 @@ def test_center_removes_plate_offsets_and_tvn_whitens_controls():
         center_by_plate(X, plates, is_control & (plates != 2))
 
 
+def test_a_feature_constant_on_one_plates_controls_does_not_blow_up():
+    """A ReLU unit that is zero on one plate's controls (or on all of them) stays on the scale of the others."""
+    rng = np.random.default_rng(1)
+    plates = np.repeat(np.arange(4), 50)
+    is_control = np.tile(np.r_[np.ones(30, bool), np.zeros(20, bool)], 4)
+    X = np.maximum(rng.normal(size=(200, 8)), 0.0)
+    X[:, 7] = np.abs(rng.normal(size=200))
+    X[(plates == 2) & is_control, 7] = 0.0  # dead on plate 2's controls only
+    X[is_control, 6] = 0.0  # dead on every control, alive in some treated sites
+    for method in ("center", "tvn"):
+        corrected = correct(X, plates, is_control, method)
+        assert np.isfinite(corrected).all()
+        assert np.abs(corrected).max() < 100, method
+    centered = center_by_plate(X, plates, is_control)
+    np.testing.assert_allclose(centered[:, 6], X[:, 6])  # no scale anywhere: left as it is (StandardScaler)
+    treated_on_plate_2 = (plates == 2) & ~is_control
+    assert np.abs(centered[treated_on_plate_2, 7]).max() < 50  # floored at a tenth of the typical std
+
+
 # --------------------------------------------------------------------------- mAP
 
 

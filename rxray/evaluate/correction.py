@@ -21,6 +21,13 @@ each plate's control wells into a *reference* half that fits the correction and 
 *comparison* half that treatments are scored against. A plate needs at least
 ``MIN_PLATE_CONTROLS`` reference control sites, otherwise its scale is not estimable
 and the correction refuses the input rather than inventing one.
+
+A feature (almost) constant on one plate's reference controls, e.g. a ReLU unit that
+is zero there, has no scale on that plate. Dividing by its tiny std would blow it up
+by orders of magnitude and let it dominate cosine similarities and the TVN covariance,
+so each plate's std is floored at ``SCALE_FLOOR`` of the feature's typical control std
+across plates, and a feature constant on every plate's controls is left unscaled, as
+scikit-learn's StandardScaler does.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from sklearn.covariance import LedoitWolf
 
 CORRECTIONS = ("none", "center", "tvn")
 MIN_PLATE_CONTROLS = 2
-# Keeps a feature with (almost) no control variation from being blown up to noise.
+# A plate's control std is floored at this fraction of the feature's median control std over plates.
+SCALE_FLOOR = 0.1
+# Below this a std counts as zero (float32 embeddings carry ~7 significant digits).
 _STD_FLOOR = 1e-6
 
 
@@ -41,21 +50,32 @@ def center_by_plate(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, sc
     plates = np.asarray(plates)
     reference = np.asarray(reference, dtype=bool)
     out = np.empty_like(X)
-    thin = []
+    thin, plate_rows, means, stds = [], [], [], []
     for plate in np.unique(plates):
         rows = plates == plate
         controls = X[rows & reference]
         if len(controls) < MIN_PLATE_CONTROLS:
             thin.append(f"{plate} ({len(controls)})")
             continue
-        centered = X[rows] - controls.mean(axis=0)
-        if scale:
-            centered /= np.maximum(controls.std(axis=0), _STD_FLOOR)
-        out[rows] = centered
+        plate_rows.append(rows)
+        means.append(controls.mean(axis=0))
+        stds.append(controls.std(axis=0))
     if thin:
         raise ValueError(f"plates with fewer than {MIN_PLATE_CONTROLS} control sites cannot be corrected: "
                          + ", ".join(thin[:5]) + (" ..." if len(thin) > 5 else ""))
+    scales = plate_scales(np.asarray(stds)) if scale else None
+    for k, rows in enumerate(plate_rows):
+        out[rows] = X[rows] - means[k]
+        if scales is not None:
+            out[rows] /= scales[k]
     return out
+
+
+def plate_scales(stds: np.ndarray) -> np.ndarray:
+    """Divisors (n_plates, d) from each plate's control std: floored per feature, 1 where there is no scale."""
+    typical = np.median(stds, axis=0)
+    scales = np.maximum(stds, SCALE_FLOOR * typical)
+    return np.where(scales > _STD_FLOOR, scales, 1.0)
 
 
 def fit_whitening(controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
