@@ -108,7 +108,7 @@ def test_one_embedding_per_site_from_the_latest_checkpoint(setup):
     assert "image" not in sites.columns
 
     encoder = build_encoder("resnet18")
-    assert setup["manifest"]["dim"] == encoder.feature_dim == 512
+    assert setup["manifest"]["dim"] == encoder.feature_dim == 960  # resnet18's four stages, pooled
     vectors = np.stack(sites["vector"])
     assert vectors.shape == (len(meta), encoder.feature_dim) and vectors.dtype == np.float32
 
@@ -123,7 +123,7 @@ def test_one_embedding_per_site_from_the_latest_checkpoint(setup):
     manifest = setup["manifest"]
     assert manifest["model"]["uri"] == setup["latest"] and manifest["model"]["epoch"] == LATEST_EPOCH
     assert manifest["counts"]["rows_in"] == manifest["counts"]["rows_out"] == len(meta)
-    assert manifest["counts"]["wells"] == len(WELLS) and manifest["dim"] == 512
+    assert manifest["counts"]["wells"] == len(WELLS) and manifest["dim"] == 960
 
 
 def test_well_profiles_are_site_means(setup):

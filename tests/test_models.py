@@ -15,8 +15,10 @@ from rxray.models.backbones import BACKBONES, build_encoder
 from rxray.models.heads import ClassifierHead, ProjectionHead
 from rxray.models.weights import WeightsError, load_backbone_weights, load_state_dict_uri
 
-FEATURE_DIMS = {"densenet121": 1024, "densenet201": 1920, "resnet18": 512, "resnet50": 2048,
-                "mobilenet_v2": 1280, "efficientnet_b0": 1280}
+# Multi-scale features: the pooled output of every stage, concatenated (rxray.models.backbones).
+FEATURE_DIMS = {"densenet121": 256 + 512 + 1024 + 1024, "densenet201": 256 + 512 + 1792 + 1920,
+                "resnet18": 64 + 128 + 256 + 512, "resnet50": 256 + 512 + 1024 + 2048,
+                "mobilenet_v2": 24 + 32 + 96 + 1280, "efficientnet_b0": 24 + 40 + 112 + 1280}
 
 
 def _rgb_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,7 +64,7 @@ def test_encoder_shapes_for_every_backbone_and_stem(name, stem):
 def test_other_channel_counts():
     encoder = build_encoder("resnet18", "adapt", in_channels=2).eval()
     with torch.no_grad():
-        assert encoder(torch.rand(1, 2, 32, 32)).shape == (1, 512)
+        assert encoder(torch.rand(1, 2, 32, 32)).shape == (1, FEATURE_DIMS["resnet18"])
     rgb = build_encoder("resnet18", "adapt", in_channels=3)
     assert rgb.backbone.conv1.in_channels == 3
 

@@ -10,6 +10,14 @@ Two ways to feed six stain channels to an RGB architecture:
 
 Models are built with ``weights=None``: nothing downloads, pretrained weights come
 from a file (:mod:`rxray.models.weights`).
+
+The features an encoder returns are multi-scale: the global average of every stage's
+output (for a ResNet, layer1..layer4), concatenated. A phenotype in a stain's
+intensity or fine texture lives in the early stages, and the last stage of a
+SimCLR encoder is trained to be invariant to colour jitter, so on its own it loses
+exactly what most stain phenotypes change (docs/science-checks.md measures it).
+Pooling every stage is the usual remedy in image-based profiling (DeepProfiler and
+CellProfiler-style features read several scales); it costs no extra convolution.
 """
 
 from __future__ import annotations
@@ -33,13 +41,17 @@ class _Layout:
     first_conv: str
     head: str  # the classifier, replaced by Identity so the model returns pooled features
     target: str  # the last conv block, as pytorch-grad-cam recommends for the family
+    stages: tuple[str, ...]  # earlier stage outputs pooled beside the last one (one per resolution)
 
 
 _LAYOUTS = {
-    "densenet": _Layout(first_conv="features.conv0", head="classifier", target="features.norm5"),
-    "resnet": _Layout(first_conv="conv1", head="fc", target="layer4"),
-    "mobilenet_v2": _Layout(first_conv="features.0.0", head="classifier", target="features.18"),
-    "efficientnet": _Layout(first_conv="features.0.0", head="classifier", target="features.8"),
+    "densenet": _Layout(first_conv="features.conv0", head="classifier", target="features.norm5",
+                        stages=("features.denseblock1", "features.denseblock2", "features.denseblock3")),
+    "resnet": _Layout(first_conv="conv1", head="fc", target="layer4", stages=("layer1", "layer2", "layer3")),
+    "mobilenet_v2": _Layout(first_conv="features.0.0", head="classifier", target="features.18",
+                            stages=("features.3", "features.6", "features.13")),
+    "efficientnet": _Layout(first_conv="features.0.0", head="classifier", target="features.8",
+                            stages=("features.2", "features.3", "features.5")),
 }
 
 
@@ -48,23 +60,41 @@ def _layout(name: str) -> _Layout:
 
 
 class Encoder(nn.Module):
-    """A backbone mapping (B, in_channels, H, W) float images to (B, feature_dim) pooled features."""
+    """A backbone mapping (B, in_channels, H, W) float images to (B, feature_dim) multi-scale pooled features."""
 
-    def __init__(self, name: str, stem: str, in_channels: int, backbone: nn.Module, feature_dim: int,
+    def __init__(self, name: str, stem: str, in_channels: int, backbone: nn.Module,
                  stem_projection: nn.Module | None = None):
         super().__init__()
         self.name = name
         self.stem = stem
         self.in_channels = in_channels
-        self.feature_dim = feature_dim
         self.stem_projection = stem_projection
         self.backbone = backbone
+        self._stage_outputs: list[torch.Tensor] = []
+        for path in _layout(name).stages:
+            backbone.get_submodule(path).register_forward_hook(self._keep_stage_output)
+        self.feature_dim = self._count_features()
+
+    def _keep_stage_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._stage_outputs.append(output.mean(dim=(2, 3)))
+
+    def _count_features(self) -> int:
+        """The width of the concatenated features, from one small forward pass."""
+        was_training = self.training
+        with torch.no_grad():
+            width = self.eval()(torch.zeros(1, self.in_channels, 32, 32)).shape[1]
+        self.train(was_training)
+        return int(width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, feature_dim) for images (B, in_channels, H, W)."""
+        """Pooled features (B, feature_dim) for images (B, in_channels, H, W): every stage's mean, concatenated."""
         if self.stem_projection is not None:
             images = self.stem_projection(images)
-        return self.backbone(images)
+        self._stage_outputs = []
+        final = self.backbone(images)
+        features = torch.cat([*self._stage_outputs, final], dim=1)
+        self._stage_outputs = []
+        return features
 
     def target_layer(self) -> nn.Module:
         """The last convolutional block, whose activations Grad-CAM weighs."""
@@ -84,7 +114,6 @@ def build_encoder(name: str, stem: str = "adapt", weights: str | None = None, in
     backbone = torchvision.models.get_model(name, weights=None)
     if weights:
         load_backbone_weights(backbone, load_state_dict_uri(weights), name, source=weights)
-    feature_dim = _head_in_features(backbone.get_submodule(layout.head))
     setattr(backbone, layout.head, nn.Identity())
 
     stem_projection = None
@@ -95,7 +124,7 @@ def build_encoder(name: str, stem: str = "adapt", weights: str | None = None, in
     elif in_channels != 3:
         _replace_module(backbone, layout.first_conv,
                         _adapted_conv(backbone.get_submodule(layout.first_conv), in_channels, pretrained=bool(weights)))
-    return Encoder(name, stem, in_channels, backbone, feature_dim, stem_projection)
+    return Encoder(name, stem, in_channels, backbone, stem_projection)
 
 
 def _adapted_conv(rgb_conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Conv2d:
@@ -110,11 +139,6 @@ def _adapted_conv(rgb_conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn
             if rgb_conv.bias is not None:
                 conv.bias.copy_(rgb_conv.bias)
     return conv
-
-
-def _head_in_features(head: nn.Module) -> int:
-    linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
-    return linear.in_features
 
 
 def _replace_module(root: nn.Module, dotted: str, module: nn.Module) -> None:

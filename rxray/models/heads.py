@@ -32,6 +32,10 @@ class ClassifierHead(nn.Module):
     ``extra_inputs`` are per-sample numbers concatenated to the features, such as the
     treatment concentration the RxRx2 study added; pass them on a scale comparable to
     the features (e.g. log concentration), since they enter the same linear layer.
+
+    The inputs are standardised first by a batch norm without learnable scale (as in
+    MAE's linear probing, He et al. 2022): encoder features of different stages differ
+    in scale by orders of magnitude, and a head on a frozen encoder cannot rescale them.
     """
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dim: int = 256, dropout: float = 0.3,
@@ -40,6 +44,7 @@ class ClassifierHead(nn.Module):
         self.in_dim = in_dim
         self.n_classes = n_classes
         self.extra_inputs = extra_inputs
+        self.normalize = nn.BatchNorm1d(in_dim + extra_inputs, affine=False)
         self.layers = nn.Sequential(
             nn.Linear(in_dim + extra_inputs, hidden_dim),
             nn.ReLU(inplace=True),
@@ -58,4 +63,7 @@ class ClassifierHead(nn.Module):
             features = torch.cat([features, extra], dim=1)
         elif extra is not None:
             raise ValueError("this head was built with extra_inputs=0 but extra inputs were given")
-        return self.layers(features)
+        if self.training and features.shape[0] == 1:  # batch statistics of one sample are undefined
+            return self.layers(nn.functional.batch_norm(features, self.normalize.running_mean,
+                                                        self.normalize.running_var, training=False))
+        return self.layers(self.normalize(features))
