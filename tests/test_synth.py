@@ -15,7 +15,16 @@ import pytest
 from rxray import storage
 from rxray.config import ConfigError, SynthConfig, load_config
 from rxray.data import cells, layout
-from rxray.data.synth import MOA_FILE, RARE_MOA, TRUTH_FILE, synthesize
+from rxray.data.synth import (
+    INTERFERON_EFFECTS,
+    INTERFERON_STRENGTH,
+    MOA_EFFECTS,
+    MOA_FILE,
+    RARE_MOA,
+    TRUTH_FILE,
+    build_treatments,
+    synthesize,
+)
 
 SITE_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}_\d+$")
 WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")
@@ -86,6 +95,18 @@ def test_layout_is_exact(small_dataset):
     assert set(truth["treatments"]) == set(meta["treatment"]) - {layout.CONTROL}
     assert os.path.exists(os.path.join(root, "_manifest.json"))
 
+    # Same-MoA compounds with a phenotype share their mechanism's component; nulls and interferons have none.
+    by_moa: dict[str, set] = {}
+    for planted in truth["treatments"].values():
+        if planted["null"] or planted["moa"] == "interferon":
+            assert planted["moa_kind"] == "none" and planted["moa_channel"] is None
+            continue
+        assert planted["moa_kind"] == MOA_EFFECTS[planted["moa"]] and planted["moa_top_strength"] > 0
+        assert planted["moa_channel"] == cells.effect_channel(planted["moa_kind"]) + 1
+        by_moa.setdefault(planted["moa"], set()).add(planted["moa_kind"])
+    assert all(len(kinds) == 1 for kinds in by_moa.values()), by_moa
+    assert any(sum(p["moa"] == moa and not p["null"] for p in truth["treatments"].values()) >= 2 for moa in by_moa)
+
 
 def test_deterministic_for_a_seed_whatever_the_chunking(small_dataset, tmp_path):
     root, _ = small_dataset
@@ -151,6 +172,42 @@ def test_each_effect_kind_moves_its_own_stain_most(kind):
     after = np.mean([cells.render_site(np.random.default_rng(i), treated, acq, 64).mean((1, 2)) for i in range(6)], 0)
     change = np.abs(np.log(after / before))
     assert np.argmax(change) == cells.effect_channel(kind) and change.max() > 0.1, change
+
+
+def test_default_plan_has_shared_moa_components_and_untouched_interferons():
+    """No rendering: the default dataset's compounds form same-MoA groups; interferons stay one-stain."""
+    treatments = build_treatments(SynthConfig(out="x"))
+    assert len(treatments) == 12
+    for t in treatments[:4]:
+        assert (t.kind, t.top_strength, t.moa_kind) == (INTERFERON_EFFECTS[t.name], INTERFERON_STRENGTH, "none")
+        assert t.effects(10.0) == [(t.kind, INTERFERON_STRENGTH)]  # one effect, on its own stain
+    compounds = treatments[4:]
+    assert compounds[0].moa == RARE_MOA and not compounds[0].null
+    active = [t for t in compounds if not t.null]
+    groups = pd.Series([t.moa for t in active]).value_counts()
+    assert (groups >= 2).sum() >= 2, groups  # true same-MoA relationships to recover
+    for t in active:
+        assert t.moa_kind == MOA_EFFECTS[t.moa] and t.moa_top_strength == pytest.approx(0.65 * abs(t.top_strength))
+        (moa_kind, moa_s), (kind, s) = t.effects(t.concentrations[-1])
+        assert moa_kind == t.moa_kind and moa_s > 0 and kind == t.kind and s == pytest.approx(t.top_strength)
+    for t in compounds:
+        if t.null:
+            assert t.effects(t.concentrations[-1]) == [] and t.moa != RARE_MOA
+    assert [t.null for t in build_treatments(SynthConfig(out="x", moa_share=0.0))] == [t.null for t in treatments]
+
+
+def test_effects_compose_and_a_compound_moves_both_its_stains():
+    base = cells.Morphology()
+    twice = cells.with_effects(base, [("nuclear_size", 0.4), ("nuclear_size", 0.3)])
+    assert twice.nucleus_radius == pytest.approx(cells.with_effect(base, "nuclear_size", 0.7).nucleus_radius)
+    assert cells.with_effects(base, []) == base
+    # Shared actin component (cytoskeleton) + individual nuclear size (nocodazole-like): both stains move.
+    treated = cells.with_effects(base, [("actin_fibres", 0.6), ("nuclear_size", 1.0)])
+    acq = cells.Acquisition()
+    before = np.mean([cells.render_site(np.random.default_rng(i), base, acq, 64).mean((1, 2)) for i in range(4)], 0)
+    after = np.mean([cells.render_site(np.random.default_rng(i), treated, acq, 64).mean((1, 2)) for i in range(4)], 0)
+    change = np.abs(np.log(after / before))
+    assert change[cells.ACTIN] > 0.1 and change[cells.NUCLEI] > 0.1, change
 
 
 def test_write_and_read_back_on_s3(s3_bucket, ray_local):

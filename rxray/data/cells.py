@@ -18,6 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -83,6 +84,17 @@ def with_effect(morph: Morphology, kind: str, strength: float) -> Morphology:
     if strength == 0.0:
         return morph
     return dataclasses.replace(morph, **EFFECTS[kind][1](morph, strength))
+
+
+def with_effects(morph: Morphology, effects: Iterable[tuple[str, float]]) -> Morphology:
+    """The morphology after several (kind, strength) effects, applied in turn.
+
+    Each effect acts on the morphology the previous ones left, so effects on one
+    field compose: multiplicative factors multiply, additive shifts add (then clip).
+    """
+    for kind, strength in effects:
+        morph = with_effect(morph, kind, strength)
+    return morph
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ METADATA_COLUMNS = [
 ]
 METADATA_FILE = "metadata.csv"
 EMBEDDINGS_FILE = "embeddings.csv"
+MOA_FILE = "moa.csv"  # treatment -> mechanism of action: written by `rxray synth`, the map's annotation
 EMBEDDING_DIM = 128
 CONTROL = "EMPTY"
 

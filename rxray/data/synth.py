@@ -34,10 +34,10 @@ from rxray import storage
 from rxray.cli import StepFailed
 from rxray.config import SynthConfig, config_to_dict
 from rxray.data import cells, layout
+from rxray.data.layout import MOA_FILE
 from rxray.runtime import Timer, ensure_ray, write_manifest
 
 TRUTH_FILE = "truth.json"
-MOA_FILE = "moa.csv"
 CONTROL_MOA = "control"
 RARE_MOA = "GPCR"
 RARE_EVERY = 30  # one compound in 30 is a GPCR ligand: a few percent of sites, as in the MoA study
@@ -54,22 +54,43 @@ GPCR_LIGANDS = ["isoproterenol", "histamine", "carbachol", "clozapine", "haloper
                 "loratadine", "salbutamol", "sumatriptan", "losartan", "metoprolol", "risperidone",
                 "olanzapine", "quetiapine", "ranitidine"]
 GPCR_EFFECT = "actin_fibres"  # GPCR -> Rho signalling -> stress fibres
-# (name, mechanism, phenotype kind) for the other compounds; past the list, names are cmpd-NNNN.
+# Each mechanism's shared phenotype: every compound of a MoA carries this component (at
+# SynthConfig.moa_share of its own strength) on top of its individual `kind`, as drugs with one
+# mechanism share a morphological signature, so a treatment map has true relationships to find.
+# Nine mechanisms share eight kinds: cytoskeleton and GPCR meet on actin, and proteasome inhibitors
+# meet ER stressors on the ER, as they do in real screens. Interferons carry no shared component.
+MOA_EFFECTS = {
+    "DNA damage": "nuclear_size",  # arrest in G2 after DNA damage: enlarged nuclei
+    "HDAC inhibitor": "nuclear_intensity",  # chromatin decondensation changes the Hoechst signal
+    "kinase inhibitor": "cell_count",  # broad kinase inhibition stops proliferation
+    "ER stress": "er_texture",  # unfolded-protein response: swollen, coarse ER
+    "proteasome inhibitor": "er_texture",  # misfolded proteins back up in the ER (UPR)
+    "transcription inhibitor": "nucleoli",  # RNA polymerase I/II block: nucleolar segregation
+    "mitochondrial": "mito_clumping",  # depolarised mitochondria fragment and cluster by the nucleus
+    "protein trafficking": "golgi",  # ER-Golgi transport block: Golgi disperses and swells
+    "cytoskeleton": "actin_fibres",  # actin/tubulin drugs remodel stress fibres
+    RARE_MOA: GPCR_EFFECT,
+}
+# (name, mechanism, individual phenotype kind) for the other compounds; past the list, names are
+# cmpd-NNNN and mechanisms cycle. The first seven (the default dataset's compounds after one GPCR
+# ligand) form mechanism groups on stains the interferons leave free: 3 ER stress, 2 HDAC, 2
+# transcription; with seed 0 the two HDAC inhibitors are the planted nulls, an annotated pair with no
+# phenotype to recover. Further on, some compounds' own kind differs from their mechanism's.
 COMPOUNDS = [
-    ("etoposide", "DNA damage", "nuclear_size"), ("staurosporine", "kinase inhibitor", "cell_count"),
-    ("tunicamycin", "ER stress", "er_texture"), ("cytochalasin-D", "cytoskeleton", "actin_fibres"),
-    ("actinomycin-D", "transcription inhibitor", "nucleoli"), ("rotenone", "mitochondrial", "mito_clumping"),
-    ("brefeldin-A", "protein trafficking", "golgi"), ("vorinostat", "HDAC inhibitor", "nuclear_intensity"),
-    ("thapsigargin", "ER stress", "er_texture"), ("nocodazole", "cytoskeleton", "nuclear_size"),
-    ("FCCP", "mitochondrial", "mito_clumping"), ("camptothecin", "DNA damage", "nuclear_intensity"),
-    ("monensin", "protein trafficking", "golgi"), ("CX-5461", "transcription inhibitor", "nucleoli"),
-    ("bortezomib", "proteasome inhibitor", "cell_count"), ("dasatinib", "kinase inhibitor", "actin_fibres"),
-    ("trichostatin-A", "HDAC inhibitor", "nuclear_intensity"), ("oligomycin", "mitochondrial", "mito_clumping"),
-    ("latrunculin-B", "cytoskeleton", "actin_fibres"), ("MG-132", "proteasome inhibitor", "cell_count"),
-    ("golgicide-A", "protein trafficking", "golgi"), ("doxorubicin", "DNA damage", "nuclear_size"),
-    ("dithiothreitol", "ER stress", "er_texture"), ("BMH-21", "transcription inhibitor", "nucleoli"),
-    ("imatinib", "kinase inhibitor", "cell_count"), ("antimycin-A", "mitochondrial", "mito_clumping"),
-    ("panobinostat", "HDAC inhibitor", "nuclear_intensity"), ("jasplakinolide", "cytoskeleton", "actin_fibres"),
+    ("tunicamycin", "ER stress", "er_texture"), ("thapsigargin", "ER stress", "er_texture"),
+    ("dithiothreitol", "ER stress", "er_texture"), ("vorinostat", "HDAC inhibitor", "nuclear_intensity"),
+    ("trichostatin-A", "HDAC inhibitor", "nuclear_intensity"), ("actinomycin-D", "transcription inhibitor", "nucleoli"),
+    ("CX-5461", "transcription inhibitor", "nucleoli"), ("dasatinib", "kinase inhibitor", "actin_fibres"),
+    ("staurosporine", "kinase inhibitor", "cell_count"), ("etoposide", "DNA damage", "nuclear_size"),
+    ("doxorubicin", "DNA damage", "nuclear_size"), ("camptothecin", "DNA damage", "nuclear_intensity"),
+    ("rotenone", "mitochondrial", "mito_clumping"), ("FCCP", "mitochondrial", "mito_clumping"),
+    ("oligomycin", "mitochondrial", "mito_clumping"), ("bortezomib", "proteasome inhibitor", "cell_count"),
+    ("MG-132", "proteasome inhibitor", "cell_count"), ("brefeldin-A", "protein trafficking", "golgi"),
+    ("monensin", "protein trafficking", "golgi"), ("panobinostat", "HDAC inhibitor", "nuclear_intensity"),
+    ("BMH-21", "transcription inhibitor", "nucleoli"), ("cytochalasin-D", "cytoskeleton", "actin_fibres"),
+    ("latrunculin-B", "cytoskeleton", "actin_fibres"), ("nocodazole", "cytoskeleton", "nuclear_size"),
+    ("antimycin-A", "mitochondrial", "mito_clumping"), ("imatinib", "kinase inhibitor", "cell_count"),
+    ("golgicide-A", "protein trafficking", "golgi"), ("jasplakinolide", "cytoskeleton", "actin_fibres"),
     ("exo1", "protein trafficking", "golgi"),
 ]
 
@@ -93,9 +114,11 @@ class Treatment:
 
     name: str
     moa: str
-    kind: str  # a cells.EFFECTS kind
+    kind: str  # a cells.EFFECTS kind: the treatment's individual phenotype
     top_strength: float  # signed strength at the top concentration; 0 for a planted null
     concentrations: tuple[float, ...]  # ascending
+    moa_kind: str = "none"  # the mechanism's shared phenotype (MOA_EFFECTS); "none" for interferons, nulls
+    moa_top_strength: float = 0.0  # its strength at the top concentration (always >= 0)
 
     @property
     def null(self) -> bool:
@@ -107,6 +130,18 @@ class Treatment:
         """Effect strength per unit of treatment_conc (the effect grows linearly with dose)."""
         return self.top_strength / self.concentrations[-1]
 
+    @property
+    def moa_strength_per_conc(self) -> float:
+        """Strength of the shared mechanism component per unit of treatment_conc."""
+        return self.moa_top_strength / self.concentrations[-1]
+
+    def effects(self, conc: float) -> list[tuple[str, float]]:
+        """The (kind, strength) phenotype components at a concentration; none for a planted null."""
+        if self.null:
+            return []
+        shared = [] if self.moa_kind == "none" else [(self.moa_kind, self.moa_strength_per_conc * conc)]
+        return shared + [(self.kind, self.strength_per_conc * conc)]
+
 
 def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
     """Concentrations halving down from the top dose, ascending."""
@@ -114,7 +149,12 @@ def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
 
 
 def build_treatments(cfg: SynthConfig) -> list[Treatment]:
-    """The interferons first, then named compounds (one in RARE_EVERY a GPCR ligand); some planted null."""
+    """The interferons first, then named compounds (one in RARE_EVERY a GPCR ligand); some planted null.
+
+    A compound's phenotype is its mechanism's shared component (MOA_EFFECTS, strength
+    cfg.moa_share x its own, always in the mechanism's direction) plus its individual
+    kind, whose sign may be negative unless it is the mechanism's own kind.
+    """
     rng = stable_rng(cfg.seed, "treatments")
     treatments = [Treatment(name, "interferon", INTERFERON_EFFECTS[name], INTERFERON_STRENGTH,
                             _dose_ladder(INTERFERON_TOP_CONC, cfg.doses))
@@ -127,13 +167,17 @@ def build_treatments(cfg: SynthConfig) -> list[Treatment]:
         name = pool[j][0] if j < len(pool) else f"cmpd-{i + 1:04d}"
         _, moa, kind = pool[j % len(pool)]
         sign = 1.0 if rare or rng.random() < 0.7 else -1.0
+        if kind == MOA_EFFECTS[moa]:
+            sign = 1.0  # a phenotype on the mechanism's own kind goes the mechanism's way
         top = float(rng.choice([1.0, 3.0, 10.0]))
-        others.append(Treatment(name, moa, kind, sign * float(rng.uniform(0.3, 0.8)), _dose_ladder(top, cfg.doses)))
+        strength = float(rng.uniform(0.3, 0.8))
+        others.append(Treatment(name, moa, kind, sign * strength, _dose_ladder(top, cfg.doses),
+                                MOA_EFFECTS[moa], cfg.moa_share * strength))
     # Nulls among the non-rare compounds only, so the rare class always has a phenotype to learn.
     candidates = [i for i, t in enumerate(others) if t.moa != RARE_MOA]
     n_null = min(len(candidates), math.ceil(cfg.null_fraction * len(others)))
     for i in rng.permutation(candidates)[:n_null]:
-        others[i] = dataclasses.replace(others[i], top_strength=0.0)
+        others[i] = dataclasses.replace(others[i], top_strength=0.0, moa_kind="none", moa_top_strength=0.0)
     return treatments + others
 
 
@@ -236,8 +280,8 @@ def _site_conditions(plan: Plan, site: Site) -> tuple[cells.Morphology, cells.Ac
     morph = dataclasses.replace(morph, cells_per_field=morph.cells_per_field * experiment["cell_density"]
                                 * edge["cell_density"] * well_density)
     treatment = plan.treatments.get(site.treatment)
-    if treatment is not None and not treatment.null:
-        morph = cells.with_effect(morph, treatment.kind, treatment.strength_per_conc * site.conc)
+    if treatment is not None:
+        morph = cells.with_effects(morph, treatment.effects(site.conc))
     gain = np.asarray(experiment["gain"]) * np.asarray(plate["gain"]) * edge["gain"] * well_gain
     offset = np.maximum(BASE_OFFSET + np.asarray(experiment["offset"]) + np.asarray(plate["offset"]), 0.0)
     acq = cells.Acquisition(gain=tuple(gain.tolist()), offset=tuple(offset.tolist()), gradient=plate["gradient"],
@@ -288,14 +332,22 @@ def _moa_csv(treatments: list[Treatment]) -> str:
 
 
 def _truth(cfg: SynthConfig, treatments: list[Treatment], batch: dict[str, Any]) -> dict[str, Any]:
-    """The planted answers: each treatment's phenotype and channel, and the batch effects."""
+    """The planted answers: each treatment's phenotype and channel, and the batch effects.
+
+    ``kind``/``channel`` are the individual (dominant) phenotype and its stain;
+    ``moa_kind``/``moa_channel`` the mechanism's shared component ("none"/None where absent).
+    """
     table = {}
     for t in treatments:
         channel = None if t.null else cells.effect_channel(t.kind)
+        moa_channel = None if t.moa_kind == "none" else cells.effect_channel(t.moa_kind) + 1
         table[t.name] = dict(kind="none" if t.null else t.kind, null=t.null, moa=t.moa,
                              channel_index=channel, channel=None if channel is None else channel + 1,
                              channel_name=None if channel is None else layout.CHANNEL_NAMES[channel],
                              strength_per_conc=round(t.strength_per_conc, 6), top_strength=round(t.top_strength, 6),
+                             moa_kind=t.moa_kind, moa_channel=moa_channel,
+                             moa_strength_per_conc=round(t.moa_strength_per_conc, 6),
+                             moa_top_strength=round(t.moa_top_strength, 6),
                              concentrations=list(t.concentrations))
     return dict(seed=cfg.seed, controls=[layout.CONTROL], rare_moa=RARE_MOA,
                 channels=[f"w{i + 1} {name} ({target})" for i, (name, target)
