@@ -39,10 +39,15 @@ def option(
     choices: typing.Sequence[Any] | None = None,
     flag: str | None = None,
     negative_flag: str | None = None,
+    uri: bool = False,
 ) -> Any:
-    """A config field with its CLI help, bounds and allowed values (and flag names for booleans)."""
+    """A config field with its CLI help, bounds and allowed values (and flag names for booleans).
+
+    ``uri`` marks a storage location: a relative local path is made absolute when the
+    config is loaded, because Ray's workers run in other working directories.
+    """
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "flag": flag,
-                "negative_flag": negative_flag}
+                "negative_flag": negative_flag, "uri": uri}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     if default is REQUIRED:
@@ -191,6 +196,10 @@ def load_config(cls: type, yaml_uri: str | None = None, overrides: dict[str, Any
             continue
         value = coerce(hints[name], raw, dotted)
         _check_bounds(f, value, dotted)
+        if f.metadata.get("uri") and value is not None:
+            from rxray import storage
+
+            value = storage.absolute(value)
         kwargs[name] = value
     cfg = cls(**kwargs)
     validate = getattr(cfg, "validate", None)
@@ -229,7 +238,7 @@ class SynthConfig:
 
     section = "synth"
 
-    out: str = option(help="output URI (local folder, s3://bucket/prefix)")
+    out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True)
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
     plates: int = option(2, "plates per experiment", minimum=1)
     wells: int = option(40, "wells per plate, controls included", minimum=2, maximum=1536)
@@ -241,6 +250,9 @@ class SynthConfig:
     null_fraction: float = option(0.25, "fraction of non-interferon treatments planted with no effect",
                                   minimum=0.0, maximum=1.0)
     doses: int = option(3, "concentrations per treatment (a halving ladder; effects grow with dose)", minimum=1)
+    moa_share: float = option(0.65, "strength of the phenotype a compound shares with its mechanism-of-action "
+                                    "class, as a fraction of its own (0: no shared component)",
+                              minimum=0.0, maximum=2.0)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
                                   minimum=0.0, maximum=5.0)
     chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
@@ -267,15 +279,15 @@ class IngestConfig:
 
     section = "ingest"
 
-    source: str = option(help="dataset root URI holding metadata.csv and images/")
-    out: str = option(help="output URI for the Parquet shards")
+    source: str = option(help="dataset root URI holding metadata.csv and images/", uri=True)
+    out: str = option(help="output URI for the Parquet shards", uri=True)
     size: int = option(256, "output image side in pixels (area interpolation)", minimum=8, maximum=4096)
     treatments: Optional[list[str]] = option(None, "comma-separated treatment names to keep (default: all)")
     group: Optional[str] = option(None, "named treatment group to keep", choices=sorted(TREATMENT_GROUPS))
     controls: list[str] = option(["EMPTY"], "control treatments added to a --treatments/--group subset")
     balance: Optional[int] = option(None, "downsample every class (each treatment and the controls) to this "
                                           "many sites (seeded)", minimum=1)
-    labels: Optional[str] = option(None, "label CSV joined on `treatment` (e.g. moa.csv)")
+    labels: Optional[str] = option(None, "label CSV joined on `treatment` (e.g. moa.csv)", uri=True)
     shard_rows: int = option(256, "rows per Parquet shard (bounds memory and file size)", minimum=1)
     max_reject_frac: float = option(0.01, "fail if more than this fraction of sites is rejected",
                                     minimum=0.0, maximum=1.0)
@@ -301,16 +313,20 @@ class PretrainConfig:
 
     section = "pretrain"
 
-    data: str = option(help="URI of the ingest shards")
-    out: str = option(help="output URI for checkpoints, metrics and config")
+    data: str = option(help="URI of the ingest shards", uri=True)
+    out: str = option(help="output URI for checkpoints, metrics and config", uri=True)
     backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONES)
-    weights: Optional[str] = option(None, "torchvision state-dict file (path or URI); default random init")
+    weights: Optional[str] = option(None, "torchvision state-dict file (path or URI); default random init", uri=True)
     stem: str = option("adapt", "6-channel input: adapt the first conv, or project 6->3", choices=["adapt", "project"])
     epochs: int = option(20, "training epochs", minimum=1)
     batch_size: int = option(64, "batch size per worker", minimum=2)
-    lr: float = option(4e-4, "Adam learning rate", minimum=0.0)
+    # 1e-3 and 0.2 (the study used 4e-4 and 0.5): at those the positive-pair top-1 of a 64 px ResNet-18 was 0.05 after
+    # 8 epochs, at these 0.20, and its embeddings beat random init in 6 epochs instead of ~40 (docs/science-checks.md).
+    lr: float = option(1e-3, "Adam learning rate", minimum=0.0)
     weight_decay: float = option(1e-6, "weight decay", minimum=0.0)
-    temperature: float = option(0.5, "NT-Xent temperature", minimum=1e-4)
+    temperature: float = option(0.2, "NT-Xent temperature", minimum=1e-4)
+    lr_schedule: str = option("cosine", "learning rate per epoch: cosine decay from --lr towards 0 over --epochs, "
+                                        "or constant", choices=["cosine", "constant"])
     proj_dim: int = option(128, "projection head output size", minimum=2)
     dropout: float = option(0.1, "projection head dropout", minimum=0.0, maximum=0.95)
     crop_size: Optional[int] = option(None, "augmented view side in pixels (default: the shard image size)",
@@ -344,9 +360,9 @@ class ProbeConfig:
 
     section = "probe"
 
-    data: str = option(help="URI of the ingest shards")
-    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it")
-    out: str = option(help="output URI for probe.csv and the manifest with the comparison")
+    data: str = option(help="URI of the ingest shards", uri=True)
+    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it", uri=True)
+    out: str = option(help="output URI for probe.csv and the manifest with the comparison", uri=True)
     treatments: Optional[list[str]] = option(None, "treatments to probe; controls are always kept (default: all)")
     tasks: list[str] = option(["control", "treatment"], "probe targets: control (treated vs control) and/or "
                                                         "treatment (identity)", choices=["control", "treatment"])
@@ -371,10 +387,10 @@ class ScoreConfig:
 
     section = "score"
 
-    embeddings: str = option(help="URI of `rxray embed` output, or an RxRx2 embeddings.csv")
-    out: str = option(help="output URI for the score tables")
+    embeddings: str = option(help="URI of `rxray embed` output, or an RxRx2 embeddings.csv", uri=True)
+    out: str = option(help="output URI for the score tables", uri=True)
     metadata: Optional[str] = option(None, "metadata.csv to join when --embeddings is an embeddings.csv "
-                                           "(default: the metadata.csv beside it)")
+                                           "(default: the metadata.csv beside it)", uri=True)
     treatments: Optional[list[str]] = option(None, "treatments to score (default: every non-control treatment)")
     controls: list[str] = option(["EMPTY"], "control treatments")
     correct: list[str] = option(["none", "center", "tvn"], "batch corrections to report",
@@ -384,6 +400,11 @@ class ScoreConfig:
     permutations: int = option(1000, "label permutations for mAP p-values", minimum=10)
     fdr: float = option(0.05, "false-discovery rate for calling a treatment active", minimum=0.0, maximum=1.0)
     seed: int = option(0, "random seed for forests, folds and permutations")
+    moa: Optional[str] = option(None, "moa.csv (treatment,moa) to benchmark the treatment similarity map against "
+                                      "(default: no benchmark; the map is still built)", uri=True)
+    map_neighbors: int = option(5, "nearest treatments listed per treatment in the similarity map", minimum=1)
+    map_permutations: int = option(1000, "MoA-label permutations for the similarity map's benchmark p-values",
+                                   minimum=10)
 
 
 @dataclass
@@ -392,9 +413,9 @@ class EmbedConfig:
 
     section = "embed"
 
-    data: str = option(help="URI of the ingest shards")
-    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it")
-    out: str = option(help="output URI for the embedding Parquet")
+    data: str = option(help="URI of the ingest shards", uri=True)
+    model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it", uri=True)
+    out: str = option(help="output URI for the embedding Parquet", uri=True)
     batch_size: int = option(64, "images per inference batch", minimum=1)
     actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else CPUs // 2)",
                                    minimum=1)
@@ -408,9 +429,9 @@ class ExplainConfig:
 
     section = "explain"
 
-    data: str = option(help="URI of the ingest shards")
-    model: str = option(help="output URI of `rxray finetune`, or one checkpoint in it")
-    out: str = option(help="output URI for heatmaps, panels and channel-importance tables")
+    data: str = option(help="URI of the ingest shards", uri=True)
+    model: str = option(help="output URI of `rxray finetune`, or one checkpoint in it", uri=True)
+    out: str = option(help="output URI for heatmaps, panels and channel-importance tables", uri=True)
     n: int = option(64, "images explained per target treatment", minimum=1)
     targets: Optional[list[str]] = option(None, "treatments whose images to explain (default: every "
                                                 "non-control class of the model)")
@@ -421,7 +442,7 @@ class ExplainConfig:
     occlusion: bool = option(True, "also measure the target-logit drop when each used stain is blanked "
                                    "(one extra forward pass per stain)")
     truth: Optional[str] = option(None, "truth.json of a synthetic dataset, to rank each treatment's planted "
-                                        "stain (default: the one beside the ingest source, if present)")
+                                        "stain (default: the one beside the ingest source, if present)", uri=True)
     seed: int = option(0, "seed for choosing which images to explain")
 
 
@@ -431,16 +452,16 @@ class FinetuneConfig:
 
     section = "finetune"
 
-    data: str = option(help="URI of the ingest shards")
-    out: str = option(help="output URI for checkpoints, splits, metrics and plots")
+    data: str = option(help="URI of the ingest shards", uri=True)
+    out: str = option(help="output URI for checkpoints, splits, metrics and plots", uri=True)
     task: str = option("binary", "binary (positive vs negative) or multiclass", choices=["binary", "multiclass"])
     label_col: str = option("treatment", "label column: treatment, or one joined at ingest (e.g. moa)")
     positive: Optional[str] = option(None, "binary: the positive class (e.g. IFN-beta, or GPCR with --label-col moa)")
     negative: Optional[list[str]] = option(None, "binary: negative classes, or 'rest' for every other class "
                                                  "(default: EMPTY for treatment labels, rest otherwise)")
     classes: Optional[list[str]] = option(None, "multiclass: classes to keep (default: all in the data)")
-    encoder: Optional[str] = option(None, "start from a SimCLR run or checkpoint (`rxray pretrain` output)")
-    weights: Optional[str] = option(None, "start from a torchvision state-dict file (path or URI)")
+    encoder: Optional[str] = option(None, "start from a SimCLR run or checkpoint (`rxray pretrain` output)", uri=True)
+    weights: Optional[str] = option(None, "start from a torchvision state-dict file (path or URI)", uri=True)
     backbone: str = option("mobilenet_v2", "torchvision backbone (ignored with --encoder)", choices=BACKBONES)
     stem: str = option("adapt", "6-channel input (ignored with --encoder)", choices=["adapt", "project"])
     freeze: bool = option(True, "train only the head on a frozen encoder (--finetune trains everything)",
@@ -467,6 +488,10 @@ class FinetuneConfig:
     workers: int = option(1, "Ray Train workers", minimum=1)
     gpu: bool = option(False, "train on GPUs (one per worker)")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
+    plate_scores: bool = option(True, "binary tasks: score each site as a z-score against its plate's own control "
+                                      "sites before the decision threshold, as screens normalise to plate controls "
+                                      "(--no-plate-scores: off)")
     threshold: str = option("val-f1", "binary decision threshold for the test metrics: the one with the best F1 on "
                                       "the validation split, or argmax (0.5)", choices=["val-f1", "argmax"])
     cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
@@ -489,8 +514,8 @@ class ReportConfig:
 
     section = "report"
 
-    run: str = option(help="run URI; every step output under it is found by its _manifest.json")
-    out: str = option(help="output folder or URI for report.html and its figures")
+    run: str = option(help="run URI; every step output under it is found by its _manifest.json", uri=True)
+    out: str = option(help="output folder or URI for report.html and its figures", uri=True)
     max_points: int = option(5000, "most sites drawn in the embedding scatter plots (seeded sample)", minimum=100)
     max_panels: int = option(12, "most Grad-CAM panels shown", minimum=0)
 
@@ -501,17 +526,17 @@ class TuneConfig:
 
     section = "tune"
 
-    data: str = option(help="URI of the ingest shards")
+    data: str = option(help="URI of the ingest shards", uri=True)
     out: str = option(help="output URI for the search (trials, results table, plot, best_config.yaml); rerunning "
-                           "the same command resumes it")
+                           "the same command resumes it", uri=True)
     objective: str = option("pretrain", "pretrain: SimCLR ranked by a plate-grouped probe score after each epoch; "
                                         "finetune: classifiers ranked by validation PR-AUC / macro F1",
                             choices=["pretrain", "finetune"])
     base: Optional[str] = option(None, "YAML file of the fixed step settings every trial shares (e.g. backbone, "
-                                       "workers, or positive for finetune); top level or under the step's section")
+                                       "workers, or positive for finetune); top level or under the step's section", uri=True)
     space: Optional[str] = option(None, "YAML file of search-space entries, each replacing or adding one step "
                                         "field: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]}, "
-                                        "{randint: [lo, hi]} or a constant")
+                                        "{randint: [lo, hi]} or a constant", uri=True)
     samples: int = option(8, "trials to run", minimum=1)
     max_concurrent: int = option(2, "most trials running at once (fewer when the cluster cannot hold them)",
                                  minimum=1)

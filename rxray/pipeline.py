@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 from rxray import storage
 from rxray.config import ConfigError, changed_settings, config_to_dict, load_config, option, read_yaml
+from rxray.data.layout import MOA_FILE
 from rxray.runtime import Timer, package_versions, read_manifest
 
 STEP_ORDER = ("synth", "ingest", "pretrain", "probe", "finetune", "embed", "score", "explain", "report")
@@ -71,8 +72,9 @@ class PipelineConfig:
 
     section = "pipeline"
 
-    run: str = option(help="run URI: every step writes under it (local folder or s3://bucket/prefix)")
-    source: str = option(help="dataset root URI (metadata.csv, images/); a synth section writes it if absent")
+    run: str = option(help="run URI: every step writes under it (local folder or s3://bucket/prefix)", uri=True)
+    source: str = option(help="dataset root URI (metadata.csv, images/); a synth section writes it if absent",
+                         uri=True)
     steps: Optional[list[str]] = option(None, "steps to run, in pipeline order (default: every step with a "
                                               "section in the file)", choices=STEP_ORDER)
     # The CLI keeps `--config FILE` under the name `_config`; a field of that name receives the file's path,
@@ -243,6 +245,11 @@ def _wiring(step: str, name: str | None, values: dict[str, Any], layout: RunLayo
     if step == "report":
         wired["run"] = layout.run
         needs.extend(s.key for s in planned)
+    if step == "score" and "moa" not in values:
+        # The dataset's mechanism-of-action table, when it has one, benchmarks the treatment map.
+        moa = storage.join(layout.source, MOA_FILE)
+        if "synth" in configured or storage.exists(moa):
+            wired["moa"] = moa
     for field, producer in _INPUTS[step].items():
         if field in values or producer not in configured:
             continue  # the section names its own input, or no step of this pipeline produces it
@@ -431,10 +438,24 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
     report = find_report(plan.layout.out("report")) if "report" in plan.selected else None
     seconds = time.perf_counter() - started
     record.finish("complete", seconds, report=report)
+    findings = run_findings(plan.layout.run)
+    for line in findings:
+        _say(line)
     _say(f"complete in {seconds:.1f} s ({len(ran)} steps run, {len(statuses) - len(ran)} skipped); "
          f"record: {record.uri}" + (f"; report: {report}" if report else ""))
     return {"run": plan.layout.run, "status": "complete", "steps": statuses, "seconds": round(seconds, 3),
-            "record": record.uri, "report": report}
+            "record": record.uri, "report": report, "findings": findings}
+
+
+def run_findings(run: str) -> list[str]:
+    """The run's findings in a few lines (see rxray.evaluate.findings); a line saying why when they cannot be read."""
+    from rxray.evaluate.findings import collect_findings, findings_lines
+    from rxray.evaluate.report import find_step_outputs
+
+    try:
+        return findings_lines(collect_findings(find_step_outputs(run)))
+    except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished pipeline
+        return [f"findings could not be summarised: {type(exc).__name__}: {exc}"]
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

@@ -54,6 +54,14 @@ def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1].rstrip("/")
 
 
+def absolute(uri: str) -> str:
+    """The URI with a relative local path made absolute (object-storage URIs and file:// URIs unchanged)."""
+    uri = str(uri)
+    if is_remote(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with '/' (never os.path.join on object keys)."""
     uri = str(uri)

@@ -236,17 +236,22 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_pipeline_resumes_and_completes(tmp_path):
-    # Three steps are enough to kill after the second and resume; every step runs end to end in the
-    # job-submission test and in its own tests, and this keeps the suite inside its time budget.
-    sections = {k: v for k, v in runnable_sections().items() if k in ("synth", "ingest", "pretrain")}
-    run, source = str(tmp_path / "run"), str(tmp_path / "data")
-    path = write_pipeline(tmp_path / "pipeline.yaml", run, source, sections)
-    plan = plan_pipeline(load_pipeline(path))
+    # Kill after the second step and resume; every step runs end to end in the job-submission test and in
+    # its own tests, and this keeps the suite inside its time budget. The run and source are relative
+    # paths, as `make demo` gives them: training metrics must land under the run, not in Ray's session folder.
+    sections = {k: v for k, v in runnable_sections().items() if k in ("synth", "ingest", "pretrain", "report")}
+    path = write_pipeline(tmp_path / "pipeline.yaml", "run", "data", sections)
+    os.chdir(tmp_path)
+    try:
+        plan = plan_pipeline(load_pipeline(path))
+    finally:
+        os.chdir(ROOT)
     first, second = plan.steps[0], plan.steps[1]
+    assert plan.steps[2].out == str(tmp_path / "run" / "pretrain"), "a relative run must resolve to an absolute path"
     command = [sys.executable, "-m", "rxray.cli", "pipeline", "--config", path]
 
     with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 600
             while read_manifest(second.out) is None:  # the second step is complete: kill the pipeline
@@ -260,7 +265,7 @@ def test_a_killed_pipeline_resumes_and_completes(tmp_path):
     record = json.loads((tmp_path / "run" / "_pipeline.json").read_text())
     assert record["status"] == "running", "the killed pipeline never got to finish its record"
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for done in (first, second):
         assert f"pipeline: skip {done.key}: " in rerun.stderr
@@ -273,5 +278,10 @@ def test_a_killed_pipeline_resumes_and_completes(tmp_path):
     for step in plan.steps:
         manifest = read_manifest(step.out)
         assert manifest is not None and manifest["step"] == step.step, step.key
+    pretrain = tmp_path / "run" / "pretrain"
+    assert (pretrain / "metrics.jsonl").read_text().count("\n") == sections["pretrain"]["epochs"]
+    assert any((pretrain / "tensorboard").iterdir()), "no TensorBoard events under the run"
     if "report" in sections:
         assert record["report"] and os.path.exists(record["report"])
+        page = Path(record["report"]).read_text()
+        assert "pretrain-pretrain-curves" in page and "no per-epoch metrics file" not in page

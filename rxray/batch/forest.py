@@ -24,11 +24,22 @@ against the same controls. RxRx2 has ~316 control sites per plate: ~158 fit the
 centre and scale, ~158 remain for comparison, far more than any treatment's ~12 sites
 per plate. The corrected matrix and well profiles of each correction go to the object
 store once; tasks get references and read them without copying.
+
+Beside the score table, the driver builds each correction's treatment similarity map
+while the tasks run: consensus profile per treatment, cosine similarity, clusters,
+nearest treatments and, with ``moa`` set, the EFAAR-style same-MoA recall and per-MoA
+consistency (see :mod:`rxray.evaluate.treatment_map`). Nothing in the map is compared
+with controls, so its profiles come from the correction fitted on every control (see
+:func:`_map_profiles`). It is treatments x treatments, never per site.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
+import sys
+import time
 import zlib
 from typing import Any
 
@@ -51,10 +62,17 @@ from rxray.evaluate.profiles import (
     unit_rows,
     well_profiles,
 )
+from rxray.evaluate.treatment_map import CLUSTER_DISTANCE, TOP_FRACTION, similarity_long, treatment_map
 from rxray.runtime import Timer, ensure_ray, write_manifest
 
 CONTROL, TREATED = 0, 1
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
 SCORE_TABLE = "scores"
+MAP_FILES = {"similarity": "treatment_similarity.parquet", "clusters": "treatment_clusters.csv",
+             "neighbors": "treatment_neighbors.csv", "doses": "treatment_doses.csv", "summary": "treatment_map.json"}
+# The benchmark numbers of each correction that go into the manifest summary (the JSON file has them all).
+MAP_SUMMARY_KEYS = ["n_treatments", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top", "recall_bottom",
+                    "null_mean", "null_sd", "p_value", "mean_moa_map", "n_moas_consistent"]
 COLUMNS = ["treatment", "correction", "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
            "n_treated", "n_control", "n_plates", "n_replicates", "map", "p_value", "q_value", "active", "status"]
 
@@ -198,6 +216,92 @@ def _write_table(frame: pd.DataFrame, out: str) -> list[str]:
     return [parquet_uri, csv_uri]
 
 
+def _map_profiles(meta: pd.DataFrame, X: np.ndarray, plates: np.ndarray, is_control: np.ndarray,
+                  correction: str) -> np.ndarray:
+    """Unit well profiles for the similarity map: the correction fitted on all of each plate's controls.
+
+    Scores hold half the controls out of the fit so treatments are not compared with
+    the controls that centred them. The map compares treatments with each other, and
+    every treatment on a plate shares the error of the plate's fitted control mean: with
+    the reference half alone, the planted nulls of a 24-treatment synthetic dataset had
+    mean cosine 0.45 to each other (a relationship that is not there); fitted on every
+    control, 0.04.
+    """
+    return unit_rows(well_profiles(meta, correct(X, plates, is_control, correction))[1])
+
+
+def _load_moa(cfg: ScoreConfig) -> pd.DataFrame | None:
+    """The treatment -> MoA table for the map's benchmark (None without ``cfg.moa``)."""
+    if cfg.moa is None:
+        return None
+    try:
+        with storage.open_file(cfg.moa, "rb") as handle:
+            frame = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ConfigError("score.moa", f"not found: {cfg.moa}") from None
+    missing = [c for c in ("treatment", "moa") if c not in frame.columns]
+    if missing:
+        raise ConfigError("score.moa", f"{cfg.moa} lacks columns {missing} (needs treatment,moa)")
+    frame = frame[["treatment", "moa"]].drop_duplicates()
+    conflicting = frame["treatment"][frame["treatment"].duplicated()].unique().tolist()
+    if conflicting:
+        raise ConfigError("score.moa", f"treatments with more than one moa: {', '.join(conflicting[:5])}")
+    return frame
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: NaN/inf floats become None, numpy scalars plain Python, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
+
+
+def _write_map(maps: dict[str, dict[str, Any]], cfg: ScoreConfig) -> tuple[list[str], dict[str, Any]]:
+    """Write the similarity map files of every correction; return their URIs and the manifest summary."""
+    def stacked(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+        frame = pd.concat([table.assign(correction=c) for c, table in tables.items()], ignore_index=True)
+        return frame[["correction"] + [c for c in frame.columns if c != "correction"]]
+
+    uris = {name: storage.join(cfg.out, file) for name, file in MAP_FILES.items()}
+    buffer = io.BytesIO()
+    stacked({c: similarity_long(m["names"], m["similarity"]) for c, m in maps.items()}).to_parquet(buffer, index=False)
+    storage.write_bytes(uris["similarity"], buffer.getvalue())
+    for part in ("clusters", "neighbors", "doses"):
+        storage.write_text(uris[part], stacked({c: m[part] for c, m in maps.items()}).to_csv(index=False))
+    detail = {c: {**m["benchmark"], "moa_map": m["moa"].to_dict("records")} for c, m in maps.items()}
+    storage.write_text(uris["summary"], json.dumps(_finite(
+        {"moa": cfg.moa, "top_fraction": TOP_FRACTION, "cluster_distance": CLUSTER_DISTANCE,
+         "permutations": cfg.map_permutations, "corrections": detail}), indent=1))
+    summary = {c: _finite({k: m["benchmark"][k] for k in MAP_SUMMARY_KEYS if k in m["benchmark"]})
+               for c, m in maps.items()}
+    return list(uris.values()), summary
+
+
+def gather_with_progress(pending: list, step: str, what: str, every_s: float = PROGRESS_EVERY_S) -> list:
+    """The results of Ray tasks in submission order, printing done/total, rate and ETA as they finish."""
+    index = {ref: k for k, ref in enumerate(pending)}
+    results: list[Any] = [None] * len(pending)
+    remaining, start, last = list(pending), time.perf_counter(), 0.0
+    while remaining:
+        done, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=every_s)
+        for ref in done:
+            results[index[ref]] = ray.get(ref)
+        elapsed = time.perf_counter() - start
+        finished = len(pending) - len(remaining)
+        if elapsed - last >= every_s or not remaining:
+            rate = finished / max(elapsed, 1e-9)
+            eta = f", ETA {len(remaining) / rate:.0f} s" if remaining and finished else ""
+            print(f"{step}: {finished}/{len(pending)} {what}, {rate:.1f}/s{eta}", file=sys.stderr, flush=True)
+            last = elapsed
+    return results
+
+
 def _call_activity(frame: pd.DataFrame, fdr: float) -> pd.DataFrame:
     """q-values and active calls, Benjamini-Hochberg within each correction."""
     frame = frame.copy()
@@ -229,6 +333,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     n_input = len(meta)
     finite = np.isfinite(X).all(axis=1)
     treatments = _select_treatments(cfg, meta)
+    moa = _load_moa(cfg)
     keep = finite & meta["treatment"].isin(list(cfg.controls) + treatments).to_numpy()
     meta, X = meta[keep].reset_index(drop=True), X[keep]
 
@@ -248,7 +353,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
 
     ensure_ray()
     sites_ref, wells_ref = ray.put(sites), ray.put(wells)
-    pending = []
+    pending, maps = [], {}
     for correction in cfg.correct:
         with timer.time(f"correct_{correction}"):
             try:
@@ -257,12 +362,17 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                 raise StepFailed(f"{correction} correction: {exc}") from None
             profiles = unit_rows(well_profiles(meta, corrected)[1])
         X_ref, profiles_ref = ray.put(corrected), ray.put(profiles)
-        del corrected, profiles
         pending += [_score_treatment_task.remote(X_ref, profiles_ref, sites_ref, wells_ref, codes[name], name,
                                                  correction, cfg.trees, cfg.folds, cfg.permutations, cfg.seed)
                     for name in treatments]
+        with timer.time("map"):  # in the driver, while the tasks run
+            if correction != "none":  # the map fits the correction on every control (see _map_profiles)
+                profiles = _map_profiles(meta, X, sites["plate"], is_control, correction)
+            maps[correction] = treatment_map(well_meta, profiles, cfg.controls, moa, cfg.map_neighbors,
+                                             cfg.map_permutations, cfg.seed)
+        del corrected, profiles
     with timer.time("score"):
-        rows = ray.get(pending)
+        rows = gather_with_progress(pending, "score", "treatment scores")
 
     frame = _call_activity(pd.DataFrame(rows), cfg.fdr)[COLUMNS]
     if not (frame["f1"].notna() | frame["map"].notna()).any():
@@ -270,8 +380,10 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     storage.makedirs(cfg.out)
     with timer.time("write"):
         outputs = _write_table(frame, cfg.out)
+        map_outputs, map_summary = _write_map(maps, cfg)
+    outputs += map_outputs
     summary = {"out": cfg.out, "n_treatments": len(treatments), "n_sites": int(len(meta)),
-               "n_wells": int(len(well_meta)), "corrections": summarize(frame)}
+               "n_wells": int(len(well_meta)), "corrections": summarize(frame), "treatment_map": map_summary}
     counts = {"input_sites": n_input, "scored_sites": int(len(meta)), "control_sites": int(is_control.sum()),
               "reference_control_sites": int(is_reference.sum()),
               "rejected": {"non-finite embedding": int((~finite).sum())},
