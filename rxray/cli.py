@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import typing
 from typing import Any, Callable
@@ -99,6 +100,8 @@ def config_from_args(cls: type, args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     """The `rxray` argument parser with every step and benchmark."""
     parser = argparse.ArgumentParser(prog="rxray", description="Cell-microscopy deep learning on Ray.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and progress bars (the same as RXRAY_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config_ref, fn_ref, help_text) in COMMANDS.items():
         step = sub.add_parser(name, help=help_text, description=help_text)
@@ -119,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> Any:
     """Parse argv, validate the config and run the step; returns the step's result."""
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from rxray.runtime import VERBOSE_ENV  # imports Ray: only when asked for
+
+        os.environ[VERBOSE_ENV] = "1"
     if not hasattr(args, "_fn_ref"):
         raise ConfigError(args.command, "this command is not available in this build")
     cfg = config_from_args(_resolve(args._config_ref), args)

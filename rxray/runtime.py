@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -13,12 +14,36 @@ from typing import Any, Iterator
 import ray
 
 
+VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own logs and every Ray Data progress bar
+# Driver-side loggers whose INFO lines flood a run (Ray Train's reports, Ray Tune's status) and the
+# token-authentication notice every start prints at WARNING (authentication stays on; only the notice goes).
+_CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING,
+                   "ray._private.authentication": logging.ERROR}
+
+
+def verbose() -> bool:
+    """True when the user asked for Ray's full logs (RXRAY_VERBOSE set and not 0/false)."""
+    return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start local Ray."""
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or start local Ray.
+
+    By default Ray logs at WARNING (workers, actors, Ray Data and the driver's chatty
+    loggers), so a step prints its own progress and summary, and data passes show Ray
+    Data's progress bar on a terminal; :data:`VERBOSE_ENV` restores Ray's INFO logs.
+    """
     if ray.is_initialized():
         return
+    quiet = not verbose()
+    if quiet:
+        for name, level in _CHATTY_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        # Ray Data re-reads this for every dataset it runs (its per-dataset plans and text progress are INFO).
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",
-             log_to_driver=True, ignore_reinit_error=True)
+             log_to_driver=True, ignore_reinit_error=True,
+             logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING") if quiet else None)
 
 
 def package_versions() -> dict[str, str]:

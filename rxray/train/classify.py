@@ -79,6 +79,8 @@ _METADATA_COLUMNS = ("site_id", "experiment", "plate", "treatment")
 _TENSOR_DTYPES = {"image": torch.uint8, "label": torch.int64, "conc": torch.float32, GAIN_COLUMN: torch.float32}
 # Columns of the test predictions besides the class: metadata and the dose as recorded (NaN for controls).
 _PREDICTION_COLUMNS = (*_METADATA_COLUMNS, "treatment_conc")
+# A plate's control logits closer together than this are a saturated classifier, not a scale to divide by.
+MIN_LOGIT_SPREAD = 0.1
 
 
 # --------------------------------------------------------------------------- the task: which rows, which classes
@@ -354,7 +356,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = FinetuneConfig(**loop_config["cfg"])
     plan = TaskPlan(**loop_config["plan"])
     mean, std = loop_config["channel_mean"], loop_config["channel_std"]
-    worker = TrainWorker(cpus=loop_config["cpus_per_worker"])
+    worker = TrainWorker(threads=cfg.threads, cpus=loop_config["cpus_per_worker"])
 
     state = worker.restore(fallback_uri=loop_config.get("resume_from"), run_uri=storage.join(cfg.out, RUN_NAME))
     start_epoch = state["epoch"] if state else 0
@@ -505,13 +507,11 @@ def _validate(cfg: FinetuneConfig, worker: TrainWorker, model: "Classifier", pla
     The unwrapped model runs here: a DDP forward would wait for the other workers,
     whose shards may hold a different number of batches.
     """
-    import ray.train
-
     from rxray.evaluate.metrics import classification_metrics
 
     model.eval()
     labels, probabilities = [], []
-    shard = ray.train.get_dataset_shard("val")
+    shard = worker.dataset_shard("val")
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False, device=worker.device,
                                               dtypes=_TENSOR_DTYPES):
@@ -589,6 +589,38 @@ def predict(dataset: "ray.data.Dataset", model_uri: str, *, batch_size: int, act
     if not parts:
         return pd.DataFrame(columns=[*_PREDICTION_COLUMNS, "label", "conc", "probs"])
     return pd.concat(parts, ignore_index=True).sort_values("site_id", ignore_index=True)
+
+
+def plate_control_zscores(predictions: "pd.DataFrame", plan: TaskPlan) -> "pd.DataFrame":
+    """Binary predictions with each plate's positive-class logits as robust z-scores against its control sites.
+
+    A classifier's scores drift from plate to plate with what plate normalisation of
+    the pixels leaves (offsets, illumination), so one threshold learnt on validation
+    plates calls whole control wells positive elsewhere while the ranking within each
+    plate is right. Screens normalise every readout to the plate's negative controls
+    (their positions are known from the plate map) as a z-score; this does the same to
+    the score: z = (logit - median of the plate's control logits) / their spread (1.4826
+    x MAD, floored at ``MIN_LOGIT_SPREAD``), reported as probability sigmoid(z), so the
+    threshold learnt on validation plates is in units of control variation. Plates
+    without control sites keep their scores.
+    """
+    if plan.task != "binary" or predictions.empty:
+        return predictions
+    probs = np.stack(predictions["probs"].to_numpy()).astype(np.float64)
+    logit = np.log(np.clip(probs[:, 1], 1e-7, 1 - 1e-7)) - np.log(np.clip(probs[:, 0], 1e-7, 1 - 1e-7))
+    plates = np.asarray(plate_groups(predictions["experiment"], predictions["plate"]))
+    is_control = (predictions["treatment"] == CONTROL).to_numpy()
+    z = logit.copy()
+    for plate in np.unique(plates[is_control]):
+        rows = plates == plate
+        controls = logit[rows & is_control]
+        centre = np.median(controls)
+        spread = max(1.4826 * float(np.median(np.abs(controls - centre))), MIN_LOGIT_SPREAD)
+        z[rows] = (logit[rows] - centre) / spread
+    positive = 1.0 / (1.0 + np.exp(-z))
+    centred = predictions.copy()
+    centred["probs"] = list(np.stack([1.0 - positive, positive], axis=1).astype(np.float32))
+    return centred
 
 
 def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
@@ -775,6 +807,8 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], timer: Time
         test = split_dataset(cfg, run.plan, run.splits, "test", keep=_PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
         predictions = predict(test, model["uri"], batch_size=cfg.batch_size, actors=cfg.workers,
                               cpus_per_actor=cpus, gpu=cfg.gpu)
+        if cfg.plate_scores:
+            predictions = plate_control_zscores(predictions, run.plan)
         metrics = write_evaluation(cfg.out, predictions, run.plan, threshold)
         metrics.update(task=run.plan.task, label_col=run.plan.label_col, classes=run.plan.classes,
                        positive=run.plan.positive, negative_classes=run.plan.negative_classes, split="test",
@@ -797,6 +831,8 @@ def _validation_threshold(cfg: FinetuneConfig, run: _Run, model: dict[str, Any],
     val = split_dataset(cfg, run.plan, run.splits, "val", keep=_PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
     predictions = predict(val, model["uri"], batch_size=cfg.batch_size, actors=cfg.workers, cpus_per_actor=cpus,
                           gpu=cfg.gpu)
+    if cfg.plate_scores:
+        predictions = plate_control_zscores(predictions, run.plan)
     probs = np.stack(predictions["probs"].to_numpy()).astype(np.float64)
     threshold = best_f1_threshold(predictions["label"].to_numpy() == 1, probs[:, 1])
     print(f"finetune: decision threshold {threshold:.3f} (best F1 on the {len(predictions)} validation sites)",

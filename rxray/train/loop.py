@@ -18,12 +18,16 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 from rxray import storage
+from rxray.runtime import verbose
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name
+
+if TYPE_CHECKING:
+    import ray.data
 
 T = TypeVar("T")
 
@@ -75,7 +79,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: s
     list from storage), and a worker that dies is restarted from the latest
     checkpoint up to `max_failures` times. Returns the ray.train.Result.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     filesystem, path = storage.pyarrow_filesystem(out)
@@ -87,11 +91,43 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: s
         checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         callbacks=tune_report_callbacks(),
     )
+    datasets, streamed = fixed_worker_shares(datasets, workers)
+    if not verbose():  # a per-epoch split-coordinator progress bar says nothing the epoch log does not
+        for dataset in datasets.values():
+            dataset.context.enable_progress_bars = False
     scaling = ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
                             | ({"GPU": 1} if gpu else {}))
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets=datasets)
+                           run_config=run_config, datasets=datasets,
+                           dataset_config=DataConfig(datasets_to_split=streamed))
     return trainer.fit()
+
+
+def worker_share_name(dataset: str, rank: int) -> str:
+    """The name under which a worker finds its fixed share of a cached dataset."""
+    return f"{dataset}@{rank}"
+
+
+def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[str, Any], list[str]]:
+    """Cached datasets split once into one fixed share per worker; the names of those left to streaming_split.
+
+    Ray Train's default streaming_split hands blocks to whichever worker asks first, so
+    which worker trains on which images, and hence the model, changes from run to run.
+    A cached (materialised) dataset is split here instead, deterministically and into
+    equal shares (``Dataset.split``), so the same seed gives the same numbers; a dataset
+    too large to cache streams as before (reproducible up to that assignment).
+    """
+    from ray.data import MaterializedDataset
+
+    fixed, streamed = {}, []
+    for name, dataset in datasets.items():
+        if isinstance(dataset, MaterializedDataset):
+            shares = dataset.split(workers, equal=True) if workers > 1 else [dataset]
+            fixed.update({worker_share_name(name, rank): share for rank, share in enumerate(shares)})
+        else:
+            fixed[name] = dataset
+            streamed.append(name)
+    return fixed, streamed
 
 
 def cache_datasets(datasets: dict[str, Any], rows: dict[str, int], image_bytes: int, policy: str,
@@ -196,13 +232,20 @@ class TrainWorker:
         Rows are shuffled within a buffer, seeded per epoch and worker. Every worker
         gets the same number of batches (Ray splits shards equally), as DDP requires.
         """
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(dataset)
+        shard = self.dataset_shard(dataset)
         return shard.iter_torch_batches(
             batch_size=batch_size, drop_last=True, dtypes=dtypes, device=self.device,
             prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
             local_shuffle_seed=seed + 7919 * epoch + self.rank, pin_memory=self.on_gpu)
+
+    def dataset_shard(self, dataset: str) -> "ray.data.DataIterator":
+        """This worker's iterator over a training dataset: its fixed share when cached, else its streamed split."""
+        import ray.train
+
+        try:
+            return ray.train.get_dataset_shard(worker_share_name(dataset, self.rank))
+        except KeyError:
+            return ray.train.get_dataset_shard(dataset)
 
     def image_batches(self, batch_size: int, *, seed: int, epoch: int, dataset: str = "train",
                       column: str = "image") -> Iterator[torch.Tensor]:
