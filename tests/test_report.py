@@ -315,6 +315,32 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     assert manifest["counts"]["step_outputs"] == 9  # synth, ingest, pretrain, probe, 2 finetune, embed, score, explain
 
 
+def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
+    from rxray.evaluate.findings import collect_findings, findings_lines
+
+    out = str(tmp_path / "report")
+    result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 50}))
+    _, page = read_page(result["report"])
+    findings = section(page, "findings")
+    assert page.index('<h2 id="findings">') < page.index('<h2 id="ingest">')
+    assert "1 of 3 treatments active" in findings and "center correction" in findings
+    assert "IFN-beta" in findings and "beats every random-init encoder" in findings
+    assert 'class="problem"' not in findings  # every check passed: no warning
+
+    found = collect_findings(find_step_outputs(full_run))
+    assert found["activity"]["active"] == ["IFN-beta"] and found["probe"]["beats_random_init"]
+    assert [c["name"] for c in found["classifiers"]] == ["clf/ifn-beta", "clf/multi"]
+    assert any(line.startswith("active treatments: 1 of 3") for line in findings_lines(found))
+
+    weak = build_run(str(tmp_path / "weak"), steps=("probe", "score"))
+    probe_manifest = json.loads(storage.read_text(storage.join(weak, "ssl-probe", "_manifest.json")))
+    for row in probe_manifest["comparison"]:
+        row["margin"] = -0.05
+    storage.write_text(storage.join(weak, "ssl-probe", "_manifest.json"), json.dumps(probe_manifest))
+    warnings = collect_findings(find_step_outputs(weak))["warnings"]
+    assert any("does not beat every random-init encoder" in w for w in warnings)
+
+
 def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
     run = build_run(str(tmp_path / "run"), steps=("ingest", "score"))
     out = str(tmp_path / "report")

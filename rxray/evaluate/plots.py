@@ -252,3 +252,30 @@ def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, path: str, labels: S
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     return save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------- treatment map
+
+# Above this many treatments a heatmap's rows cannot carry names; the clustered colour blocks still read.
+MAX_HEATMAP_LABELS = 60
+
+
+def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
+    """Cosine similarity of treatments (already in cluster leaf order) as a square heatmap; names when few."""
+    n = len(labels)
+    side = float(np.clip(3.0 + 0.16 * min(n, MAX_HEATMAP_LABELS), 4.0, 10.0))
+    figure = new_figure(side + 1.2, side)
+    ax = figure.subplots()
+    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="cosine similarity")
+    if n <= MAX_HEATMAP_LABELS:
+        ax.set_xticks(np.arange(n))
+        ax.set_yticks(np.arange(n))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_yticklabels(labels, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{n} treatments in cluster order")
+    ax.set_title(title, fontsize=10)
+    return figure

@@ -38,7 +38,8 @@ from matplotlib.ticker import MaxNLocator
 from rxray import storage
 from rxray.config import ConfigError, ReportConfig, config_to_dict
 from rxray.data.layout import CHANNEL_NAMES, CONTROL
-from rxray.evaluate.plots import figure_png, new_figure
+from rxray.evaluate.findings import collect_findings
+from rxray.evaluate.plots import figure_png, new_figure, similarity_heatmap
 from rxray.evaluate.probe import PROBE_TABLE
 from rxray.runtime import Timer, write_manifest
 
@@ -610,6 +611,38 @@ def score_html(output: StepOutput, ctx: Context) -> str:
         f"first {MAX_TABLE_ROWS} of {len(frame)} rows by mAP"
     parts.append(f"<p>Score table ({_esc(note)}; full table: {link_html(table_link, 'CSV')})</p>")
     parts.append(html_table(ordered[shown].head(MAX_TABLE_ROWS)))
+    parts.append(treatment_map_html(output, ctx))
+    return "".join(parts)
+
+
+def treatment_map_html(output: StepOutput, ctx: Context) -> str:
+    """The clustered treatment similarity heatmap of the headline correction, and each treatment's neighbours."""
+    if "treatment_similarity.parquet" not in output.files or "treatment_clusters.csv" not in output.files:
+        return ""
+    clusters = read_table(storage.join(output.uri, "treatment_clusters.csv"))
+    corrections = [c for c in ("center", "tvn", "none") if c in set(clusters["correction"])]
+    if not corrections:
+        return ""
+    correction = corrections[0]
+    order = clusters[clusters["correction"] == correction].sort_values("leaf_order")["treatment"].tolist()
+    pairs = read_table(storage.join(output.uri, "treatment_similarity.parquet"))
+    pairs = pairs[pairs["correction"] == correction]
+    matrix = pairs.pivot(index="treatment_a", columns="treatment_b", values="cosine").reindex(index=order,
+                                                                                               columns=order)
+    figure = similarity_heatmap(matrix.to_numpy(), order, f"Treatment map ({correction} correction)")
+    parts = ['<h4 id="treatment-map">Treatment map</h4>',
+             figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-treatment-map"),
+                         "Cosine similarity of the treatments' consensus profiles, in hierarchical-clustering order "
+                         "(average linkage)")]
+    if "treatment_neighbors.csv" in output.files:
+        neighbors = read_table(storage.join(output.uri, "treatment_neighbors.csv"))
+        neighbors = neighbors[(neighbors["correction"] == correction) & (neighbors["rank"] <= 3)]
+        table = neighbors.assign(neighbor=neighbors["neighbor"] + " (" + neighbors["cosine"].round(2).astype(str)
+                                 + ")").pivot(index="treatment", columns="rank", values="neighbor")
+        table.columns = [f"nearest {c}" for c in table.columns]
+        link = ctx.folder.write_table(neighbors, f"score-{output.label}-neighbors")
+        parts.append(f"<p>Nearest treatments (full table: {link_html(link, 'CSV')})</p>"
+                     + html_table(table.reset_index().head(MAX_TABLE_ROWS)))
     return "".join(parts)
 
 
@@ -704,6 +737,39 @@ SECTION_RENDERERS: dict[str, Callable[[StepOutput, Context], str]] = {
 # --------------------------------------------------------------------------- the page
 
 
+def findings_html(findings: dict[str, Any]) -> str:
+    """The Findings section: activity, ranked treatments, the map, the probe's verdict, classifiers, warnings."""
+    parts = []
+    if findings["warnings"]:
+        parts.append('<ul class="problem">' + "".join(f"<li>{_esc(w)}</li>" for w in findings["warnings"]) + "</ul>")
+    activity = findings.get("activity")
+    if activity:
+        parts.append(f"<p><b>{activity['n_active']} of {activity['n_tested']} treatments active</b> (mAP against "
+                     f"same-plate controls, Benjamini-Hochberg q &le; {_esc(activity['fdr'])}, "
+                     f"{_esc(activity['correction'])} correction).</p>")
+        ranked = pd.DataFrame(activity["ranked"]).fillna({"top_stain": "-"}).rename(columns={"map": "mAP", "q_value": "q",
+                                                                  "roc_auc": "RF ROC-AUC", "top_stain": "top stain"})
+        parts.append(html_table(ranked))
+    treatment_map = findings.get("treatment_map")
+    if treatment_map:
+        benchmark = treatment_map.get("benchmark") or {}
+        if "recall_top" in benchmark:
+            parts.append(f"<p>Treatment map ({_esc(treatment_map['correction'])}): same-MoA recall among the 5% most "
+                         f"similar pairs {_format(benchmark['recall_top'])} against a permutation null of "
+                         f"{_format(benchmark.get('null_mean'))} (p = {_format(benchmark.get('p_value'))}).</p>")
+        if treatment_map.get("clusters"):
+            items = "".join(f"<li>{_esc(', '.join(members))}</li>" for members in treatment_map["clusters"][:10])
+            parts.append(f"<p>Clusters of similar treatments:</p><ul>{items}</ul>")
+    probe = findings.get("probe")
+    if probe:
+        verdict = "beats" if probe["beats_random_init"] else "does not beat"
+        parts.append(f"<p>Probe: the SimCLR encoder {verdict} every random-init encoder at telling treated from "
+                     f"control sites on held-out plates.</p>" + html_table(pd.DataFrame(probe["rows"])))
+    if findings.get("classifiers"):
+        parts.append("<p>Classifiers on held-out plates:</p>" + html_table(pd.DataFrame(findings["classifiers"])))
+    return "".join(parts) or '<p class="not-run">no score, probe or classifier output to summarise</p>'
+
+
 def output_html(output: StepOutput, ctx: Context, render: Callable[[StepOutput, Context], str]) -> str:
     """One step output's block; a broken artifact becomes a visible error, not a missing report."""
     heading = f"<h3>{_esc(output.step)}: <code>{_esc(output.label)}</code></h3>"
@@ -723,14 +789,20 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
     for output in outputs:
         by_step.setdefault(output.step, []).append(output)
     others = [o for o in outputs if o.step not in SECTION_RENDERERS]
-    nav = [(step, title) for step, title in SECTIONS] + ([("other", "Other step outputs")] if others else []) + \
+    nav = [("findings", "Findings")] + [(step, title) for step, title in SECTIONS] + ([("other", "Other step outputs")] if others else []) + \
         [("timings", "Step timings")]
     body = [f"<h1>rxray report</h1><p>Run: <code>{_esc(run)}</code> &middot; written "
             f"{_esc(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))} &middot; {len(outputs)} step outputs</p>",
             "<nav>" + "".join(link_html(f"#{key}", title) for key, title in nav) + "</nav>"]
     found = pd.DataFrame([{"step": o.step, "folder": o.label, "created": o.manifest.get("created"),
                            "git": (o.manifest.get("versions") or {}).get("git")} for o in outputs])
-    body.append(html_table(found))
+    body.append('<h2 id="findings">Findings</h2>')
+    try:
+        body.append(findings_html(collect_findings(outputs)))
+    except Exception as exc:  # noqa: BLE001 - as in output_html
+        ctx.problems.append(f"findings: {type(exc).__name__}: {exc}")
+        body.append(f'<p class="problem">could not summarise the findings: {_esc(exc)}</p>')
+    body.append("<details><summary>Step outputs found</summary>" + html_table(found) + "</details>")
     for step, title in SECTIONS:
         body.append(f'<h2 id="{step}">{_esc(title)}</h2>')
         instances = by_step.get(step, [])

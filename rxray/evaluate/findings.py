@@ -1,0 +1,181 @@
+"""What a run found, in the order a scientist asks: which treatments act, how, and can the numbers be trusted.
+
+:func:`collect_findings` reads the manifests and small tables the steps wrote (never
+images or site tables) and returns a plain dict; the report renders it at the top of
+the page and the pipeline prints it as a few lines at the end of a run:
+
+- activity: how many treatments are active at the score step's FDR under the headline
+  correction (plate centring when it was run), and the ranked table (mAP, q, RF
+  ROC-AUC) with the stain that drives each treatment where explain measured it;
+- the treatment map: its clusters and the known-relationship benchmark (same-MoA
+  recall against its permutation null);
+- the probe's verdict on the SimCLR encoder against random-init encoders;
+- each classifier's test F1 and ROC-AUC on held-out plates;
+- warnings, whenever a check fails (no active treatment, an encoder that does not
+  beat random init, a classifier at chance), so a weak run never reads as a good one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Iterable
+
+import pandas as pd
+
+from rxray import storage
+
+if TYPE_CHECKING:
+    from rxray.evaluate.report import StepOutput
+
+HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
+TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
+CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no better than chance
+SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
+MAP_FILE = "treatment_map.json"
+CLUSTERS_FILE = "treatment_clusters.csv"
+
+
+def _first(outputs: Iterable["StepOutput"], step: str) -> "StepOutput | None":
+    return next((o for o in outputs if o.step == step), None)
+
+
+def _read_table(uri: str) -> pd.DataFrame:
+    if uri.endswith(".parquet"):
+        with storage.open_file(uri, "rb") as handle:
+            return pd.read_parquet(handle)
+    with storage.open_file(uri, "rb") as handle:
+        return pd.read_csv(handle)
+
+
+def _score_table(output: "StepOutput") -> pd.DataFrame | None:
+    for name in SCORE_TABLE_FILES:
+        if name in output.files:
+            return _read_table(storage.join(output.uri, name))
+    return None
+
+
+def activity_findings(score: "StepOutput", top_stain: dict[str, str]) -> dict[str, Any] | None:
+    """Active treatments under the headline correction, ranked by q then mAP, with the stain explain found."""
+    frame = _score_table(score)
+    if frame is None or frame.empty:
+        return None
+    run = [c for c in HEADLINE_CORRECTIONS if c in set(frame["correction"])]
+    correction = run[0] if run else str(frame["correction"].iloc[0])
+    table = frame[frame["correction"] == correction].copy()
+    table = table.sort_values(["q_value", "map"], ascending=[True, False], na_position="last")
+    table["top_stain"] = table["treatment"].map(top_stain)
+    tested = table["p_value"].notna()
+    rows = [{"treatment": r.treatment, "map": _round(r.map), "q_value": _round(r.q_value),
+             "roc_auc": _round(r.roc_auc), "active": bool(r.active),
+             "top_stain": r.top_stain if isinstance(r.top_stain, str) else None}
+            for r in table.head(TOP_TREATMENTS).itertuples()]
+    config = score.manifest.get("config") or {}
+    return {"correction": correction, "fdr": config.get("fdr"), "n_tested": int(tested.sum()),
+            "n_active": int(table["active"].sum()), "active": table.loc[table["active"], "treatment"].tolist(),
+            "ranked": rows, "n_treatments": int(len(table))}
+
+
+def map_findings(score: "StepOutput", correction: str) -> dict[str, Any] | None:
+    """The treatment map's benchmark and clusters for one correction, if the score step built a map."""
+    if MAP_FILE not in score.files:
+        return None
+    document = json.loads(storage.read_text(storage.join(score.uri, MAP_FILE)))
+    per_correction = document.get(correction) or document.get("corrections", {}).get(correction)
+    if per_correction is None:
+        return None
+    clusters = None
+    if CLUSTERS_FILE in score.files:
+        table = _read_table(storage.join(score.uri, CLUSTERS_FILE))
+        table = table[table["correction"] == correction]
+        groups = table.groupby("cluster")["treatment"].apply(list)
+        clusters = [members for members in groups.tolist() if len(members) > 1]
+    return {"correction": correction, "benchmark": per_correction.get("benchmark", per_correction),
+            "clusters": clusters}
+
+
+def probe_findings(probe: "StepOutput") -> dict[str, Any] | None:
+    """The probe's treated-vs-control comparison: does the trained encoder beat every random-init one?"""
+    rows = [r for r in probe.manifest.get("comparison") or [] if r.get("task") == "control"]
+    if not rows:
+        return None
+    beats = all(r.get("margin") is not None and r["margin"] > 0 for r in rows)
+    return {"beats_random_init": beats,
+            "rows": [{"method": r["method"], "trained": r["trained"], "random_init": r["random_init"],
+                      "margin": r["margin"]} for r in rows]}
+
+
+def classifier_findings(outputs: Iterable["StepOutput"]) -> list[dict[str, Any]]:
+    """Each finetune run's task and its test metrics on held-out plates."""
+    found = []
+    for output in outputs:
+        if output.step != "finetune":
+            continue
+        config = output.manifest.get("config") or {}
+        test = output.manifest.get("test") or {}
+        found.append({"name": output.label, "task": output.manifest.get("task"), "positive": config.get("positive"),
+                      "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
+                      "n": test.get("n")})
+    return found
+
+
+def collect_findings(outputs: list["StepOutput"]) -> dict[str, Any]:
+    """Findings of a run from its step outputs (see the module docstring), with warnings for failed checks."""
+    warnings: list[str] = []
+    explain = _first(outputs, "explain")
+    top_stain = dict(explain.manifest.get("top_stain") or {}) if explain else {}
+    score, probe = _first(outputs, "score"), _first(outputs, "probe")
+    activity = activity_findings(score, top_stain) if score else None
+    treatment_map = map_findings(score, activity["correction"]) if score and activity else None
+    probe_verdict = probe_findings(probe) if probe else None
+    classifiers = classifier_findings(outputs)
+
+    if activity is not None and activity["n_active"] == 0:
+        warnings.append(f"no treatment is active at FDR {activity['fdr']} under {activity['correction']} correction")
+    if probe_verdict is not None and not probe_verdict["beats_random_init"]:
+        warnings.append("the SimCLR encoder does not beat every random-init encoder in the treated-vs-control "
+                        "probe: its embeddings may not be worth its training")
+    for classifier in classifiers:
+        if classifier["roc_auc"] is not None and classifier["roc_auc"] <= CHANCE_ROC_AUC:
+            warnings.append(f"classifier {classifier['name']} is near chance on its test plates "
+                            f"(ROC-AUC {classifier['roc_auc']})")
+    benchmark = (treatment_map or {}).get("benchmark") or {}
+    p_value = benchmark.get("p_value")
+    if p_value is not None and p_value > 0.05:
+        warnings.append(f"the treatment map does not recover known MoA relationships (p = {p_value})")
+    return {"activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
+            "classifiers": classifiers, "warnings": warnings}
+
+
+def findings_lines(findings: dict[str, Any]) -> list[str]:
+    """The findings as a few console lines."""
+    lines = []
+    activity = findings.get("activity")
+    if activity:
+        active = ", ".join(activity["active"][:8]) + (" ..." if len(activity["active"]) > 8 else "")
+        lines.append(f"active treatments: {activity['n_active']} of {activity['n_tested']} "
+                     f"(q <= {activity['fdr']}, {activity['correction']} correction)" + (f": {active}" if active else ""))
+        stains = [f"{r['treatment']} -> {r['top_stain']}" for r in activity["ranked"] if r["active"] and r["top_stain"]]
+        if stains:
+            lines.append("driving stain (explain): " + ", ".join(stains[:6]))
+    benchmark = (findings.get("treatment_map") or {}).get("benchmark") or {}
+    if "recall_top" in benchmark:
+        lines.append(f"treatment map: same-MoA recall in the top 5% of pairs {benchmark['recall_top']:.2f} "
+                     f"(null {benchmark.get('null_mean', float('nan')):.2f}, p = {benchmark.get('p_value')})")
+    probe = findings.get("probe")
+    if probe:
+        best = max(probe["rows"], key=lambda r: r["margin"] if r["margin"] is not None else -1)
+        verdict = "beats" if probe["beats_random_init"] else "does NOT beat"
+        lines.append(f"SimCLR encoder {verdict} random init (treated vs control, {best['method']}: "
+                     f"{best['trained']:.3f} vs {max(best['random_init'], default=float('nan')):.3f})")
+    for classifier in findings.get("classifiers") or []:
+        lines.append(f"classifier {classifier['name']}: test F1 {classifier['f1']}, ROC-AUC {classifier['roc_auc']}")
+    lines += [f"WARNING: {w}" for w in findings.get("warnings") or []]
+    return lines
+
+
+def _round(value: Any, digits: int = 3) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if value != value else round(value, digits)
