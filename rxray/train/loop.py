@@ -117,7 +117,7 @@ def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[st
     equal shares (``Dataset.split``), so the same seed gives the same numbers; a dataset
     too large to cache streams as before (reproducible up to that assignment).
     """
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     fixed, streamed = {}, []
     for name, dataset in datasets.items():
