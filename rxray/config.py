@@ -492,8 +492,10 @@ class FinetuneConfig:
     plate_scores: bool = option(True, "binary tasks: score each site as a z-score against its plate's own control "
                                       "sites before the decision threshold, as screens normalise to plate controls "
                                       "(--no-plate-scores: off)")
-    threshold: str = option("val-f1", "binary decision threshold for the test metrics: the one with the best F1 on "
-                                      "the validation split, or argmax (0.5)", choices=["val-f1", "argmax"])
+    threshold: str = option("auto", "binary decision threshold for the test metrics: control-z (a site is positive "
+                                    "at 3 robust SDs above its plate's controls; needs plate scores), val-f1 (the "
+                                    "best F1 on the validation split), argmax (0.5); auto: control-z with plate "
+                                    "scores, else val-f1", choices=["auto", "control-z", "val-f1", "argmax"])
     cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
     seed: int = option(0, "random seed (splits, init, sampling)")
 
@@ -502,6 +504,8 @@ class FinetuneConfig:
             raise ConfigError("finetune.positive", "is required for --task binary")
         if self.encoder and self.weights:
             raise ConfigError("finetune.weights", "give either --encoder or --weights, not both")
+        if self.threshold == "control-z" and not self.plate_scores:
+            raise ConfigError("finetune.threshold", "control-z needs plate scores (drop --no-plate-scores)")
         if len(set(self.channels)) != len(self.channels):
             raise ConfigError("finetune.channels", f"has duplicates: {self.channels}")
         if self.val_frac + self.test_frac >= 1.0:

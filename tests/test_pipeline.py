@@ -185,7 +185,7 @@ def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_p
     assert pretrain_mark.exists() and not finetune_mark.exists()
 
     # Other settings of a finished training run: it starts over.
-    run({**more, "pretrain": {**more["pretrain"], "lr": 1e-3}})
+    run({**more, "pretrain": {**more["pretrain"], "lr": 3e-3}})  # any lr but the default
     assert ran[:2] == ["pretrain", "probe"] and not pretrain_mark.exists()
 
     # --steps: only those steps, the rest left as they are.

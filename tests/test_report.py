@@ -319,7 +319,7 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
     from rxray.evaluate.findings import collect_findings, findings_lines
 
     out = str(tmp_path / "report")
-    result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 50}))
+    result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 100}))
     _, page = read_page(result["report"])
     findings = section(page, "findings")
     assert page.index('<h2 id="findings">') < page.index('<h2 id="ingest">')

@@ -119,15 +119,27 @@ def classifier_findings(outputs: Iterable["StepOutput"]) -> list[dict[str, Any]]
 
 
 def collect_findings(outputs: list["StepOutput"]) -> dict[str, Any]:
-    """Findings of a run from its step outputs (see the module docstring), with warnings for failed checks."""
+    """Findings of a run from its step outputs (see the module docstring), with warnings for failed checks.
+
+    An output that cannot be read leaves its part out with a warning (the step's own report
+    section shows the error), so one broken artifact never hides the rest of the findings.
+    """
     warnings: list[str] = []
+
+    def part(step: str, read, *args):
+        try:
+            return read(*args)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            warnings.append(f"could not read the {step} output: {type(exc).__name__}: {exc}")
+            return None
+
     explain = _first(outputs, "explain")
     top_stain = dict(explain.manifest.get("top_stain") or {}) if explain else {}
     score, probe = _first(outputs, "score"), _first(outputs, "probe")
-    activity = activity_findings(score, top_stain) if score else None
-    treatment_map = map_findings(score, activity["correction"]) if score and activity else None
-    probe_verdict = probe_findings(probe) if probe else None
-    classifiers = classifier_findings(outputs)
+    activity = part("score", activity_findings, score, top_stain) if score else None
+    treatment_map = part("score", map_findings, score, activity["correction"]) if score and activity else None
+    probe_verdict = part("probe", probe_findings, probe) if probe else None
+    classifiers = part("finetune", classifier_findings, outputs) or []
 
     if activity is not None and activity["n_active"] == 0:
         warnings.append(f"no treatment is active at FDR {activity['fdr']} under {activity['correction']} correction")

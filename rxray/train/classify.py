@@ -81,6 +81,8 @@ _TENSOR_DTYPES = {"image": torch.uint8, "label": torch.int64, "conc": torch.floa
 _PREDICTION_COLUMNS = (*_METADATA_COLUMNS, "treatment_conc")
 # A plate's control logits closer together than this are a saturated classifier, not a scale to divide by.
 MIN_LOGIT_SPREAD = 0.1
+# control-z decision rule: positive at this many robust SDs above the plate's controls (a screen's usual hit call).
+CONTROL_Z = 3.0
 
 
 # --------------------------------------------------------------------------- the task: which rows, which classes
@@ -388,7 +390,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     weights = torch.tensor(loop_config["class_weights"], dtype=torch.float32, device=worker.device)
     criterion = nn.CrossEntropyLoss(weight=weights)
     generator = torch.Generator(device=worker.device)
-    log = EpochLog(cfg.out) if worker.is_chief else None
+    log = EpochLog(cfg.out, "finetune", cfg.epochs) if worker.is_chief else None
     context = _RunContext(cfg, plan, loop_config, starts)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -817,16 +819,34 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], timer: Time
     return metrics
 
 
-def _validation_threshold(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], cpus: float) -> float | None:
-    """Binary tasks: the F1-maximising decision threshold of the selected model on the validation split.
+def decision_rule(cfg: FinetuneConfig) -> str:
+    """The binary decision rule a config asks for: control-z, val-f1 or argmax (auto resolved)."""
+    if cfg.threshold != "auto":
+        return cfg.threshold
+    return "control-z" if cfg.plate_scores else "val-f1"
 
-    Class weights shift the probabilities away from calibration, so 0.5 is not the
-    natural cut; the test split never informs the choice. None (argmax) for other
-    tasks, with --threshold argmax, or without validation sites.
+
+def _validation_threshold(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], cpus: float) -> float | None:
+    """Binary tasks: the decision threshold on the positive-class probability; None (argmax) otherwise.
+
+    control-z: sigmoid(CONTROL_Z), i.e. a site is called positive when it scores
+    CONTROL_Z robust standard deviations above its own plate's control sites, the usual
+    hit call of a screen; it needs no validation plate, whose one or two plates would
+    make the cut as noisy as the sites near it. val-f1: the F1-maximising threshold of
+    the selected model on the validation split (class weights shift probabilities away
+    from calibration, so 0.5 is not the natural cut). The test split never informs it.
     """
     from rxray.evaluate.metrics import best_f1_threshold
 
-    if run.plan.task != "binary" or cfg.threshold != "val-f1" or not run.splits["counts"]["val"]["sites"]:
+    rule = decision_rule(cfg)
+    if run.plan.task != "binary" or rule == "argmax":
+        return None
+    if rule == "control-z":
+        threshold = 1.0 / (1.0 + math.exp(-CONTROL_Z))
+        print(f"finetune: decision threshold z >= {CONTROL_Z:g} against each plate's control sites "
+              f"(probability {threshold:.3f})", flush=True)
+        return threshold
+    if not run.splits["counts"]["val"]["sites"]:
         return None
     val = split_dataset(cfg, run.plan, run.splits, "val", keep=_PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
     predictions = predict(val, model["uri"], batch_size=cfg.batch_size, actors=cfg.workers, cpus_per_actor=cpus,

@@ -79,7 +79,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: s
     list from storage), and a worker that dies is restarted from the latest
     checkpoint up to `max_failures` times. Returns the ray.train.Result.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     filesystem, path = storage.pyarrow_filesystem(out)
@@ -90,6 +90,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: s
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         callbacks=tune_report_callbacks(),
+        logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),  # its log files keep all
     )
     datasets, streamed = fixed_worker_shares(datasets, workers)
     if not verbose():  # a per-epoch split-coordinator progress bar says nothing the epoch log does not
@@ -374,13 +375,16 @@ class EpochLog:
     metrics.jsonl is rewritten whole from the history kept in the checkpoint, so
     after a resume it never holds epochs the checkpoint does not know. Event files
     go to a local directory (the output itself when it is local) and are copied to
-    object storage after each epoch; a restarted run adds a new event file.
+    object storage after each epoch; a restarted run adds a new event file. Each epoch
+    also prints one line (``step: epoch k/n loss ...``), the run's progress on the console.
     """
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, step: str = "train", epochs: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out = out
+        self.step = step
+        self.epochs = epochs
         self._remote_events = storage.join(out, TENSORBOARD_DIR) if storage.is_remote(out) else None
         if self._remote_events:
             self._local_events = tempfile.mkdtemp(prefix="rxray-tb-")
@@ -392,6 +396,9 @@ class EpochLog:
     def write(self, history: list[dict[str, Any]]) -> None:
         """Record the newest epoch of `history` (all epochs so far, in order)."""
         latest = history[-1]
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in latest.items()
+                          if key not in ("epoch", "steps") and isinstance(value, (int, float)))
+        print(f"{self.step}: epoch {latest['epoch']}/{self.epochs or '?'}: {shown}", flush=True)
         for key, value in latest.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{key}", value, global_step=latest["epoch"])

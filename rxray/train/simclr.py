@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
     augment = build_augment(cfg, loop_config["image_size"], mean, std).to(worker.device)
     generator = torch.Generator(device=worker.device)
-    log = EpochLog(cfg.out) if worker.is_chief else None
+    log = EpochLog(cfg.out, "pretrain", cfg.epochs) if worker.is_chief else None
 
     for epoch in range(start_epoch, cfg.epochs):
         learning_rate = epoch_learning_rate(cfg, epoch)
