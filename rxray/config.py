@@ -537,7 +537,8 @@ class TuneConfig:
                                         "finetune: classifiers ranked by validation PR-AUC / macro F1",
                             choices=["pretrain", "finetune"])
     base: Optional[str] = option(None, "YAML file of the fixed step settings every trial shares (e.g. backbone, "
-                                       "workers, or positive for finetune); top level or under the step's section", uri=True)
+                                       "workers, or positive for finetune); top level or under the step's section",
+                                uri=True)
     space: Optional[str] = option(None, "YAML file of search-space entries, each replacing or adding one step "
                                         "field: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]}, "
                                         "{randint: [lo, hi]} or a constant", uri=True)

@@ -275,7 +275,8 @@ def test_multiclass_finetuning_with_concentration_trains_the_encoder(labelled_sh
     metrics = _check_outputs(cfg.out, classes)
     assert set(metrics["per_class"]) == set(classes) and summary["task"] == "multiclass"
     state = load_checkpoint(cfg.out)
-    assert state["with_conc"] and state["head"]["layers.0.weight"].shape[1] == 960 + 1  # resnet18 multi-scale features + conc
+    # resnet18's multi-scale features (960) + the concentration
+    assert state["with_conc"] and state["head"]["layers.0.weight"].shape[1] == 960 + 1
 
     torch.manual_seed(cfg.seed)  # the workers' initial weights
     initial = build_classifier(cfg, 3, backbone="resnet18", stem="adapt").encoder.state_dict()

@@ -165,7 +165,8 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
     if activity:
         active = ", ".join(activity["active"][:8]) + (" ..." if len(activity["active"]) > 8 else "")
         lines.append(f"active treatments: {activity['n_active']} of {activity['n_tested']} "
-                     f"(q <= {activity['fdr']}, {activity['correction']} correction)" + (f": {active}" if active else ""))
+                     f"(q <= {activity['fdr']}, {activity['correction']} correction)"
+                     + (f": {active}" if active else ""))
         stains = [f"{r['treatment']} -> {r['top_stain']}" for r in activity["ranked"] if r["active"] and r["top_stain"]]
         if stains:
             lines.append("driving stain (explain): " + ", ".join(stains[:6]))

@@ -747,8 +747,8 @@ def findings_html(findings: dict[str, Any]) -> str:
         parts.append(f"<p><b>{activity['n_active']} of {activity['n_tested']} treatments active</b> (mAP against "
                      f"same-plate controls, Benjamini-Hochberg q &le; {_esc(activity['fdr'])}, "
                      f"{_esc(activity['correction'])} correction).</p>")
-        ranked = pd.DataFrame(activity["ranked"]).fillna({"top_stain": "-"}).rename(columns={"map": "mAP", "q_value": "q",
-                                                                  "roc_auc": "RF ROC-AUC", "top_stain": "top stain"})
+        columns = {"map": "mAP", "q_value": "q", "roc_auc": "RF ROC-AUC", "top_stain": "top stain"}
+        ranked = pd.DataFrame(activity["ranked"]).fillna({"top_stain": "-"}).rename(columns=columns)
         parts.append(html_table(ranked))
     treatment_map = findings.get("treatment_map")
     if treatment_map:
