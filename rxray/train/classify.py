@@ -51,7 +51,7 @@ from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.ssl.augment import SimCLRAugment, normalize
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_epoch, latest_checkpoint, load_checkpoint
 from rxray.train.loop import (CONFIG_FILE, EpochLog, ThroughputMeter, TrainWorker, autocast_for, cache_datasets, fit,
-                              read_metrics, unwrap, worker_cpus)
+                              read_metrics, unwrap, worker_cpus, worker_print)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -368,7 +368,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stopping.patience = cfg.patience
     best: dict[str, Any] | None = state.get("best") if state else None
     if state and worker.is_chief:
-        print(f"finetune: workers restored the epoch {start_epoch} checkpoint", flush=True)
+        worker_print(f"finetune: workers restored the epoch {start_epoch} checkpoint")
 
     torch.manual_seed(cfg.seed)  # the same initial head on every worker and every fresh run
     encoder_state = None

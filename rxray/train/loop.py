@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ T = TypeVar("T")
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# Per-epoch fields left out of the console line (they stay in metrics.jsonl and TensorBoard).
+CONSOLE_SKIP = frozenset({"epoch", "steps", "seconds", "data_wait_s", "val_f1_macro", "val_accuracy"})
 CONFIG_FILE = "config.yaml"
 # Checkpoints kept per run: the latest for resuming, a couple more in case the newest is damaged.
 CHECKPOINTS_KEPT = 3
@@ -69,6 +72,12 @@ def worker_cpus(workers: int, gpu: bool, requested: float | None) -> float:
     if gpu or total >= workers + 1:
         return 1.0
     return max(0.25, (total - 1.0) / workers)
+
+
+def worker_print(line: str) -> None:
+    """Print one line from a training worker, once: Ray Train also routes print() to its logger."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict[str, Any], *, out: str, name: str,
@@ -301,8 +310,8 @@ class TrainWorker:
         if chosen is None:
             return state
         if self.is_chief:
-            print(f"restored the epoch {newer['epoch']} checkpoint from storage ({chosen}); Ray Train had "
-                  f"{state['epoch'] if state else 'none'}", flush=True)
+            worker_print(f"restored the epoch {newer['epoch']} checkpoint from storage ({chosen}); Ray Train had "
+                         f"{state['epoch'] if state else 'none'}")
         return newer if self.is_chief else load_checkpoint(chosen)
 
     def report(self, metrics: dict[str, Any], epoch: int, state: Callable[[], dict[str, Any]]) -> None:
@@ -402,8 +411,8 @@ class EpochLog:
         """Record the newest epoch of `history` (all epochs so far, in order)."""
         latest = history[-1]
         shown = ", ".join(f"{key} {value:.4g}" for key, value in latest.items()
-                          if key not in ("epoch", "steps") and isinstance(value, (int, float)))
-        print(f"{self.step}: epoch {latest['epoch']}/{self.epochs or '?'}: {shown}", flush=True)
+                          if key not in CONSOLE_SKIP and isinstance(value, (int, float)))
+        worker_print(f"{self.step}: epoch {latest['epoch']}/{self.epochs or '?'}: {shown}")
         for key, value in latest.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{key}", value, global_step=latest["epoch"])

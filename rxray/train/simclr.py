@@ -26,7 +26,7 @@ from rxray.config import (ConfigError, PretrainConfig, changed_settings, config_
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint
 from rxray.train.loop import (CONFIG_FILE, CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
-                              cache_datasets, fit, read_metrics, unwrap, worker_cpus)
+                              cache_datasets, fit, read_metrics, unwrap, worker_cpus, worker_print)
 
 RUN_NAME = "simclr"
 IN_CHANNELS = 6
@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = list(state["metrics"]) if state else []
     starts: list[int] = list(state.get("starts", [])) + [start_epoch] if state else [0]
     if state and worker.is_chief:
-        print(f"pretrain: workers restored the epoch {start_epoch} checkpoint", flush=True)
+        worker_print(f"pretrain: workers restored the epoch {start_epoch} checkpoint")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every fresh run
     model = build_model(cfg, weights=None if state else cfg.weights)
