@@ -291,7 +291,7 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
 
     from rxray.config import ConfigError, config_to_dict
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
-    from rxray.runtime import Timer, ensure_ray, write_manifest
+    from rxray.runtime import Timer, ensure_ray, verbose, write_manifest
     from rxray.train.checkpoints import require_checkpoint
 
     ensure_ray()
@@ -309,6 +309,8 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
           f"{len(set(plate_groups(sample['experiment'], sample['plate'])))} plates; encoders: {', '.join(names)}",
           flush=True)
     with timer.time("embed"):
+        if not verbose():  # read inside one task: its bar would print as text lines, not as a live bar
+            sites.context.enable_progress_bars = False
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.gpu else 0)(_embed_probe_sites)
         features, columns = ray.get(task.remote(checkpoint["uri"], sites, cfg.baseline_seeds, cfg.batch_size,
                                                 cfg.gpu))
