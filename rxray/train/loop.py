@@ -125,9 +125,8 @@ def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[st
     which worker trains on which images changes from run to run. A cached (materialised,
     in file order) dataset is split here instead, deterministically and into equal shares
     (``Dataset.split``): each worker sees the same images in the same order every run. A
-    dataset too large to cache streams as before. One worker then trains the same weights
-    from the same seed (tests/test_pretrain.py); two workers still do not, for a reason
-    not found yet (docs/science-checks.md, "What varies").
+    dataset too large to cache streams as before. This is necessary for the same seed to give
+    the same weights, not yet sufficient (docs/science-checks.md, "What varies").
     """
     from ray.data.dataset import MaterializedDataset
 
