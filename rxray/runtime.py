@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -11,6 +12,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import ray
 
 
@@ -44,6 +46,21 @@ def ensure_ray() -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",
              log_to_driver=True, ignore_reinit_error=True,
              logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING") if quiet else None)
+
+
+def json_safe(value: Any, digits: int | None = None) -> Any:
+    """``value`` as strict JSON: NaN and infinities as null, numpy scalars as Python, floats rounded if asked."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, digits) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return value if digits is None else round(value, digits)
+    return value
 
 
 def package_versions() -> dict[str, str]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 import time
 import zlib
@@ -62,14 +61,13 @@ from rxray.evaluate.profiles import (
     unit_rows,
     well_profiles,
 )
-from rxray.evaluate.treatment_map import CLUSTER_DISTANCE, TOP_FRACTION, similarity_long, treatment_map
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.evaluate.treatment_map import (CLUSTER_DISTANCE, MAP_FILES, TOP_FRACTION, similarity_long,
+                                         treatment_map)
+from rxray.runtime import Timer, ensure_ray, json_safe, write_manifest
 
 CONTROL, TREATED = 0, 1
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
 SCORE_TABLE = "scores"
-MAP_FILES = {"similarity": "treatment_similarity.parquet", "clusters": "treatment_clusters.csv",
-             "neighbors": "treatment_neighbors.csv", "doses": "treatment_doses.csv", "summary": "treatment_map.json"}
 # The benchmark numbers of each correction that go into the manifest summary (the JSON file has them all).
 MAP_SUMMARY_KEYS = ["n_treatments", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top", "recall_bottom",
                     "null_mean", "null_sd", "p_value", "mean_moa_map", "n_moas_consistent"]
@@ -249,19 +247,6 @@ def _load_moa(cfg: ScoreConfig) -> pd.DataFrame | None:
     return frame
 
 
-def _finite(value: Any) -> Any:
-    """JSON-safe: NaN/inf floats become None, numpy scalars plain Python, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
-    return value
-
-
 def _write_map(maps: dict[str, dict[str, Any]], cfg: ScoreConfig) -> tuple[list[str], dict[str, Any]]:
     """Write the similarity map files of every correction; return their URIs and the manifest summary."""
     def stacked(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -275,10 +260,10 @@ def _write_map(maps: dict[str, dict[str, Any]], cfg: ScoreConfig) -> tuple[list[
     for part in ("clusters", "neighbors", "doses"):
         storage.write_text(uris[part], stacked({c: m[part] for c, m in maps.items()}).to_csv(index=False))
     detail = {c: {**m["benchmark"], "moa_map": m["moa"].to_dict("records")} for c, m in maps.items()}
-    storage.write_text(uris["summary"], json.dumps(_finite(
+    storage.write_text(uris["summary"], json.dumps(json_safe(
         {"moa": cfg.moa, "top_fraction": TOP_FRACTION, "cluster_distance": CLUSTER_DISTANCE,
-         "permutations": cfg.map_permutations, "corrections": detail}), indent=1))
-    summary = {c: _finite({k: m["benchmark"][k] for k in MAP_SUMMARY_KEYS if k in m["benchmark"]})
+         "permutations": cfg.map_permutations, "corrections": detail}, digits=6), indent=1))
+    summary = {c: json_safe({k: m["benchmark"][k] for k in MAP_SUMMARY_KEYS if k in m["benchmark"]}, digits=6)
                for c, m in maps.items()}
     return list(uris.values()), summary
 

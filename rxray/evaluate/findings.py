@@ -17,12 +17,15 @@ the page and the pipeline prints it as a few lines at the end of a run:
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 from typing import TYPE_CHECKING, Any, Iterable
 
 import pandas as pd
 
 from rxray import storage
+from rxray.evaluate.treatment_map import MAP_FILES
 
 if TYPE_CHECKING:
     from rxray.evaluate.report import StepOutput
@@ -31,36 +34,42 @@ HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run h
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
 CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no better than chance
 SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
-MAP_FILE = "treatment_map.json"
-CLUSTERS_FILE = "treatment_clusters.csv"
 
 
 def _first(outputs: Iterable["StepOutput"], step: str) -> "StepOutput | None":
     return next((o for o in outputs if o.step == step), None)
 
 
-def _read_table(uri: str) -> pd.DataFrame:
+def read_table(uri: str) -> pd.DataFrame:
+    """A small Parquet or CSV table at a URI."""
     if uri.endswith(".parquet"):
-        with storage.open_file(uri, "rb") as handle:
-            return pd.read_parquet(handle)
-    with storage.open_file(uri, "rb") as handle:
-        return pd.read_csv(handle)
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+    return pd.read_csv(io.StringIO(storage.read_text(uri)))
 
 
-def _score_table(output: "StepOutput") -> pd.DataFrame | None:
-    for name in SCORE_TABLE_FILES:
+def score_table_uri(output: "StepOutput") -> str | None:
+    """The score table of a score output (Parquet preferred), found by name in its folder."""
+    names = [posixpath.basename(str(p)) for p in output.manifest.get("outputs") or []]
+    names += list(SCORE_TABLE_FILES)
+    for name in sorted(dict.fromkeys(names), key=lambda n: not n.endswith(".parquet")):
         if name in output.files:
-            return _read_table(storage.join(output.uri, name))
+            return storage.join(output.uri, name)
     return None
+
+
+def headline_correction(corrections: Iterable[str]) -> str | None:
+    """The correction that heads the findings and the treatment map: the first of HEADLINE_CORRECTIONS run."""
+    present = set(corrections)
+    return next((c for c in HEADLINE_CORRECTIONS if c in present), None)
 
 
 def activity_findings(score: "StepOutput", top_stain: dict[str, str]) -> dict[str, Any] | None:
     """Active treatments under the headline correction, ranked by q then mAP, with the stain explain found."""
-    frame = _score_table(score)
+    uri = score_table_uri(score)
+    frame = read_table(uri) if uri else None
     if frame is None or frame.empty:
         return None
-    run = [c for c in HEADLINE_CORRECTIONS if c in set(frame["correction"])]
-    correction = run[0] if run else str(frame["correction"].iloc[0])
+    correction = headline_correction(frame["correction"]) or str(frame["correction"].iloc[0])
     table = frame[frame["correction"] == correction].copy()
     table = table.sort_values(["q_value", "map"], ascending=[True, False], na_position="last")
     table["top_stain"] = table["treatment"].map(top_stain)
@@ -77,20 +86,19 @@ def activity_findings(score: "StepOutput", top_stain: dict[str, str]) -> dict[st
 
 def map_findings(score: "StepOutput", correction: str) -> dict[str, Any] | None:
     """The treatment map's benchmark and clusters for one correction, if the score step built a map."""
-    if MAP_FILE not in score.files:
+    if MAP_FILES["summary"] not in score.files:
         return None
-    document = json.loads(storage.read_text(storage.join(score.uri, MAP_FILE)))
-    per_correction = document.get(correction) or document.get("corrections", {}).get(correction)
-    if per_correction is None:
+    document = json.loads(storage.read_text(storage.join(score.uri, MAP_FILES["summary"])))
+    benchmark = document["corrections"].get(correction)
+    if benchmark is None:
         return None
     clusters = None
-    if CLUSTERS_FILE in score.files:
-        table = _read_table(storage.join(score.uri, CLUSTERS_FILE))
+    if MAP_FILES["clusters"] in score.files:
+        table = read_table(storage.join(score.uri, MAP_FILES["clusters"]))
         table = table[table["correction"] == correction]
         groups = table.groupby("cluster")["treatment"].apply(list)
         clusters = [members for members in groups.tolist() if len(members) > 1]
-    return {"correction": correction, "benchmark": per_correction.get("benchmark", per_correction),
-            "clusters": clusters}
+    return {"correction": correction, "benchmark": benchmark, "clusters": clusters}
 
 
 def probe_findings(probe: "StepOutput") -> dict[str, Any] | None:

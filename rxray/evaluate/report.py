@@ -21,7 +21,6 @@ and only the columns it draws.
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import posixpath
@@ -38,9 +37,10 @@ from matplotlib.ticker import MaxNLocator
 from rxray import storage
 from rxray.config import ConfigError, ReportConfig, config_to_dict
 from rxray.data.layout import CHANNEL_NAMES, CONTROL
-from rxray.evaluate.findings import collect_findings
+from rxray.evaluate.findings import collect_findings, headline_correction, read_table, score_table_uri
 from rxray.evaluate.plots import figure_png, new_figure, similarity_heatmap
 from rxray.evaluate.probe import PROBE_TABLE
+from rxray.evaluate.treatment_map import MAP_FILES
 from rxray.runtime import Timer, write_manifest
 
 MANIFEST = "_manifest.json"
@@ -266,13 +266,6 @@ def provenance_html(output: StepOutput) -> str:
 
 
 # --------------------------------------------------------------------------- shared readers and figures
-
-
-def read_table(uri: str) -> pd.DataFrame:
-    """A small Parquet or CSV table at a URI."""
-    if uri.endswith(".parquet"):
-        return pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
-    return pd.read_csv(io.StringIO(storage.read_text(uri)))
 
 
 def step_timings(manifest: dict[str, Any]) -> dict[str, float]:
@@ -539,16 +532,6 @@ def embed_html(output: StepOutput, ctx: Context) -> str:
     return "".join(parts)
 
 
-def _score_table_uri(output: StepOutput) -> str | None:
-    """The score table of a score output (Parquet preferred), found by name in its folder."""
-    names = [posixpath.basename(str(p)) for p in output.manifest.get("outputs") or []]
-    names += ["scores.parquet", "scores.csv"]
-    for name in sorted(dict.fromkeys(names), key=lambda n: not n.endswith(".parquet")):
-        if name in output.files:
-            return storage.join(output.uri, name)
-    return None
-
-
 def plot_scores(frame: pd.DataFrame, metrics: list[tuple[str, str]]):
     """Per-treatment bars of each metric, one bar per correction; ranked values when treatments are many."""
     corrections = list(dict.fromkeys(frame["correction"]))
@@ -581,7 +564,7 @@ def plot_scores(frame: pd.DataFrame, metrics: list[tuple[str, str]]):
 
 def score_html(output: StepOutput, ctx: Context) -> str:
     """Per-correction summary, per-treatment RF F1 / ROC-AUC and mAP bars, and the score table."""
-    uri = _score_table_uri(output)
+    uri = score_table_uri(output)
     if uri is None:
         return '<p class="not-run">no score table</p>'
     frame = read_table(uri)
@@ -617,15 +600,14 @@ def score_html(output: StepOutput, ctx: Context) -> str:
 
 def treatment_map_html(output: StepOutput, ctx: Context) -> str:
     """The clustered treatment similarity heatmap of the headline correction, and each treatment's neighbours."""
-    if "treatment_similarity.parquet" not in output.files or "treatment_clusters.csv" not in output.files:
+    if MAP_FILES["similarity"] not in output.files or MAP_FILES["clusters"] not in output.files:
         return ""
-    clusters = read_table(storage.join(output.uri, "treatment_clusters.csv"))
-    corrections = [c for c in ("center", "tvn", "none") if c in set(clusters["correction"])]
-    if not corrections:
+    clusters = read_table(storage.join(output.uri, MAP_FILES["clusters"]))
+    correction = headline_correction(clusters["correction"])
+    if correction is None:
         return ""
-    correction = corrections[0]
     order = clusters[clusters["correction"] == correction].sort_values("leaf_order")["treatment"].tolist()
-    pairs = read_table(storage.join(output.uri, "treatment_similarity.parquet"))
+    pairs = read_table(storage.join(output.uri, MAP_FILES["similarity"]))
     pairs = pairs[pairs["correction"] == correction]
     matrix = pairs.pivot(index="treatment_a", columns="treatment_b", values="cosine").reindex(index=order,
                                                                                                columns=order)
@@ -634,8 +616,8 @@ def treatment_map_html(output: StepOutput, ctx: Context) -> str:
              figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-treatment-map"),
                          "Cosine similarity of the treatments' consensus profiles, in hierarchical-clustering order "
                          "(average linkage)")]
-    if "treatment_neighbors.csv" in output.files:
-        neighbors = read_table(storage.join(output.uri, "treatment_neighbors.csv"))
+    if MAP_FILES["neighbors"] in output.files:
+        neighbors = read_table(storage.join(output.uri, MAP_FILES["neighbors"]))
         neighbors = neighbors[(neighbors["correction"] == correction) & (neighbors["rank"] <= 3)]
         table = neighbors.assign(neighbor=neighbors["neighbor"] + " (" + neighbors["cosine"].round(2).astype(str)
                                  + ")").pivot(index="treatment", columns="rank", values="neighbor")
@@ -789,7 +771,7 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
     for output in outputs:
         by_step.setdefault(output.step, []).append(output)
     others = [o for o in outputs if o.step not in SECTION_RENDERERS]
-    nav = [("findings", "Findings")] + [(step, title) for step, title in SECTIONS] + ([("other", "Other step outputs")] if others else []) + \
+    nav = [("findings", "Findings"), *SECTIONS] + ([("other", "Other step outputs")] if others else []) + \
         [("timings", "Step timings")]
     body = [f"<h1>rxray report</h1><p>Run: <code>{_esc(run)}</code> &middot; written "
             f"{_esc(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))} &middot; {len(outputs)} step outputs</p>",

@@ -40,6 +40,9 @@ CONTROL_MOA = "control"  # the MoA class of controls in moa.csv: never part of t
 TOP_FRACTION = 0.05  # EFAAR's top and bottom 5% of pairs
 # Average linkage cut: a cluster's members have mean cosine similarity of at least 1 - this.
 CLUSTER_DISTANCE = 0.5
+# What `rxray score` writes beside its score table (the report and the findings read them by these names).
+MAP_FILES = {"similarity": "treatment_similarity.parquet", "clusters": "treatment_clusters.csv",
+             "neighbors": "treatment_neighbors.csv", "doses": "treatment_doses.csv", "summary": "treatment_map.json"}
 
 
 # --------------------------------------------------------------------------- the map

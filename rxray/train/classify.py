@@ -47,7 +47,7 @@ from rxray import storage
 from rxray.config import (ConfigError, FinetuneConfig, changed_settings, config_to_dict, config_to_yaml,
                           read_yaml)
 from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.runtime import Timer, ensure_ray, json_safe, write_manifest
 from rxray.ssl.augment import SimCLRAugment, normalize
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_epoch, latest_checkpoint, load_checkpoint
 from rxray.train.loop import (CONFIG_FILE, EpochLog, ThroughputMeter, TrainWorker, autocast_for, cache_datasets, fit,
@@ -736,7 +736,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                          "classes": {s: counts[s]["classes"] for s in counts}},
               "test": _headline(test_metrics), "figures": list(FIGURES) if test_metrics else [],
               "seconds": timer.seconds}
-    write_manifest(cfg.out, "finetune", config_to_dict(cfg), **_json_safe(fields))
+    write_manifest(cfg.out, "finetune", config_to_dict(cfg), **json_safe(fields))
     return _summary(cfg, status="trained")
 
 
@@ -815,7 +815,7 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, model: dict[str, Any], timer: Time
         metrics.update(task=run.plan.task, label_col=run.plan.label_col, classes=run.plan.classes,
                        positive=run.plan.positive, negative_classes=run.plan.negative_classes, split="test",
                        best_epoch=model["epoch"], selection_metric=model.get("selection_metric"))
-        storage.write_text(storage.join(cfg.out, METRICS_JSON), json.dumps(_json_safe(metrics), indent=2))
+        storage.write_text(storage.join(cfg.out, METRICS_JSON), json.dumps(json_safe(metrics), indent=2))
     return metrics
 
 
@@ -1039,19 +1039,6 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n")
     return {k: metrics[k] for k in keys if k in metrics}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities as null, so the JSON files are strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def _summary(cfg: FinetuneConfig, status: str) -> dict[str, Any]:
