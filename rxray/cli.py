@@ -16,11 +16,8 @@ import sys
 import typing
 from typing import Any, Callable
 
-from rxray.config import ConfigError, _unwrap_optional, load_config
-
-
-class StepFailed(RuntimeError):
-    """A step ran but its outcome is not acceptable (e.g. too many rejected sites); exit 1."""
+from rxray.config import _unwrap_optional, load_config
+from rxray.errors import ConfigError, StepFailed
 
 
 # command -> (config class, step function, one-line help); "a.b:c" strings keep startup fast.

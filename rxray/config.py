@@ -18,16 +18,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from rxray.data.layout import TREATMENT_GROUPS
+from rxray.errors import ConfigError
 
 REQUIRED = object()
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; ``str()`` is the one-line message."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field_name = field_name
 
 
 def option(

@@ -48,6 +48,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import (ConfigError, FinetuneConfig, PretrainConfig, TuneConfig, config_to_dict, config_to_yaml,
                           load_config, read_yaml)
 from rxray.runtime import Timer, ensure_ray, write_manifest
@@ -469,8 +470,6 @@ def _best_trial(table: "pd.DataFrame", metric: str) -> dict[str, Any]:
     """The trial with the highest final objective among those that did not fail; StepFailed if there is none."""
     scored = table[(table["status"] != "error") & table[metric].notna()]
     if scored.empty:
-        from rxray.cli import StepFailed
-
         errors = [e for e in table["error"] if e]
         raise StepFailed(f"no trial reported {metric}" + (f"; first error: {errors[0]}" if errors else ""))
     row = scored.loc[scored[metric].idxmax()]

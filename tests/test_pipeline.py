@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from rxray import storage
-from rxray.cli import StepFailed, main
+from rxray.cli import main
+from rxray.errors import StepFailed
 from rxray.config import ConfigError, config_to_dict
 from rxray.pipeline import STEP_ORDER, execute, load_pipeline, plan_pipeline, step_available
 from rxray.runtime import read_manifest, write_manifest

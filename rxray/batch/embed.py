@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import ConfigError, EmbedConfig, config_to_dict
 from rxray.data.layout import N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
@@ -263,8 +264,6 @@ def _write_table(table: "pa.Table", uri: str) -> None:
 
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Embed every shard row with an actor pool; write sites/, optional wells/ and the manifest."""
-    from rxray.cli import StepFailed
-
     ensure_ray()
     timer = Timer()
     start = time.perf_counter()

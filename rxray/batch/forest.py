@@ -49,6 +49,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedGroupKFold
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import ConfigError, ScoreConfig, config_to_dict
 from rxray.evaluate.correction import correct, split_controls
 from rxray.evaluate.metrics import classification_metrics
@@ -310,8 +311,6 @@ def summarize(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 def score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every treatment under every correction; write the table, its manifest, return a summary."""
-    from rxray.cli import StepFailed
-
     timer = Timer()
     with timer.time("load"):
         meta, X = _load(cfg)

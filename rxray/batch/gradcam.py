@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.data.layout import CHANNEL_NAMES, CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
@@ -532,7 +533,6 @@ def _write_table(frame: "pd.DataFrame", out: str, name: str) -> dict[str, str]:
 
 def explain(cfg: ExplainConfig) -> dict[str, Any]:
     """Grad-CAM, stain attributions and panels for ``n`` images per target; importance tables and manifest."""
-    from rxray.cli import StepFailed
     from rxray.evaluate.plots import plot_channel_importance
 
     ensure_ray()

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import ConfigError, IngestConfig, config_to_dict
 from rxray.data import layout, select, shards
 from rxray.runtime import Timer, ensure_ray, read_manifest, write_manifest
@@ -251,8 +252,6 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
 
 def ingest(cfg: IngestConfig) -> dict[str, Any]:
     """Run `rxray ingest`: stream the selected sites into shards; returns the summary counts."""
-    from rxray.cli import StepFailed
-
     timer = Timer()
     started = time.perf_counter()
     with timer.time("plan"):

@@ -31,7 +31,7 @@ import numpy as np
 import ray
 
 from rxray import storage
-from rxray.cli import StepFailed
+from rxray.errors import StepFailed
 from rxray.config import SynthConfig, config_to_dict
 from rxray.data import cells, layout
 from rxray.data.layout import MOA_FILE

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import (ConfigError, FinetuneConfig, changed_settings, config_to_dict, config_to_yaml,
                           read_yaml)
 from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
@@ -791,8 +792,6 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
             fit(train_loop_per_worker, loop_config, out=cfg.out, name=RUN_NAME, workers=cfg.workers, gpu=cfg.gpu,
                 cpus_per_worker=cpus, max_failures=cfg.max_failures, datasets=datasets)
         except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
-            from rxray.cli import StepFailed
-
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StepFailed(f"fine-tuning failed after up to {cfg.max_failures} restarts: {first}") from exc
 

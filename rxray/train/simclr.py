@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rxray import storage
+from rxray.errors import StepFailed
 from rxray.config import (ConfigError, PretrainConfig, changed_settings, config_to_dict, config_to_yaml,
                           read_yaml)
 from rxray.runtime import Timer, ensure_ray, write_manifest
@@ -270,8 +271,6 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
             fit(train_loop_per_worker, loop_config, out=cfg.out, name=RUN_NAME, workers=cfg.workers, gpu=cfg.gpu,
                 cpus_per_worker=cpus, max_failures=cfg.max_failures, datasets=datasets)
         except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
-            from rxray.cli import StepFailed
-
             raise StepFailed(f"pretraining failed after up to {cfg.max_failures} restarts: "
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
                 from exc
