@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 
 from rxray import storage
-from rxray.models.backbones import BACKBONES, build_encoder
+from rxray.models.backbones import build_encoder
+from rxray.models.registry import BACKBONES
 from rxray.models.heads import ClassifierHead, ProjectionHead
 from rxray.models.weights import WeightsError, load_backbone_weights, load_state_dict_uri
 

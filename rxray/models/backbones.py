@@ -9,7 +9,8 @@ Two ways to feed six stain channels to an RGB architecture:
   in front of the unmodified RGB backbone (the approach of the RxRx2 study).
 
 Models are built with ``weights=None``: nothing downloads, pretrained weights come
-from a file (:mod:`rxray.models.weights`).
+from a file (:mod:`rxray.models.weights`). Where each architecture keeps its first
+convolution, classifier and stages is its row in :mod:`rxray.models.registry`.
 
 The features an encoder returns are multi-scale: the global average of every stage's
 output (for a ResNet, layer1..layer4), concatenated. A phenotype in a stain's
@@ -22,41 +23,14 @@ CellProfiler-style features read several scales); it costs no extra convolution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torchvision
 from torch import nn
 
-from rxray.config import BACKBONES
+from rxray.models.registry import architecture
 from rxray.models.weights import load_backbone_weights, load_state_dict_uri
 
 STEMS = ("adapt", "project")
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where the parts of one torchvision family live (dotted module paths)."""
-
-    first_conv: str
-    head: str  # the classifier, replaced by Identity so the model returns pooled features
-    target: str  # the last conv block, as pytorch-grad-cam recommends for the family
-    stages: tuple[str, ...]  # earlier stage outputs pooled beside the last one (one per resolution)
-
-
-_LAYOUTS = {
-    "densenet": _Layout(first_conv="features.conv0", head="classifier", target="features.norm5",
-                        stages=("features.denseblock1", "features.denseblock2", "features.denseblock3")),
-    "resnet": _Layout(first_conv="conv1", head="fc", target="layer4", stages=("layer1", "layer2", "layer3")),
-    "mobilenet_v2": _Layout(first_conv="features.0.0", head="classifier", target="features.18",
-                            stages=("features.3", "features.6", "features.13")),
-    "efficientnet": _Layout(first_conv="features.0.0", head="classifier", target="features.8",
-                            stages=("features.2", "features.3", "features.5")),
-}
-
-
-def _layout(name: str) -> _Layout:
-    return next(layout for family, layout in _LAYOUTS.items() if name.startswith(family))
 
 
 class Encoder(nn.Module):
@@ -71,7 +45,7 @@ class Encoder(nn.Module):
         self.stem_projection = stem_projection
         self.backbone = backbone
         self._stage_outputs: list[torch.Tensor] = []
-        for path in _layout(name).stages:
+        for path in architecture(name).stages:
             backbone.get_submodule(path).register_forward_hook(self._keep_stage_output)
         self.feature_dim = self._count_features()
 
@@ -98,23 +72,21 @@ class Encoder(nn.Module):
 
     def target_layer(self) -> nn.Module:
         """The last convolutional block, whose activations Grad-CAM weighs."""
-        return self.backbone.get_submodule(_layout(self.name).target)
+        return self.backbone.get_submodule(architecture(self.name).cam_layer)
 
 
 def build_encoder(name: str, stem: str = "adapt", weights: str | None = None, in_channels: int = 6) -> Encoder:
     """A torchvision ``name`` encoder for ``in_channels`` inputs, random init or RGB weights from a URI."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    parts = architecture(name)  # ValueError naming the known backbones for any other name
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
 
-    layout = _layout(name)
     backbone = torchvision.models.get_model(name, weights=None)
     if weights:
         load_backbone_weights(backbone, load_state_dict_uri(weights), name, source=weights)
-    setattr(backbone, layout.head, nn.Identity())
+    _replace_module(backbone, parts.classifier, nn.Identity())
 
     stem_projection = None
     if stem == "project":
@@ -122,8 +94,8 @@ def build_encoder(name: str, stem: str = "adapt", weights: str | None = None, in
         # an ImageNet-trained backbone expects.
         stem_projection = nn.Sequential(nn.Conv2d(in_channels, 3, kernel_size=1, bias=False), nn.BatchNorm2d(3))
     elif in_channels != 3:
-        _replace_module(backbone, layout.first_conv,
-                        _adapted_conv(backbone.get_submodule(layout.first_conv), in_channels, pretrained=bool(weights)))
+        _replace_module(backbone, parts.first_conv,
+                        _adapted_conv(backbone.get_submodule(parts.first_conv), in_channels, pretrained=bool(weights)))
     return Encoder(name, stem, in_channels, backbone, stem_projection)
 
 

@@ -17,13 +17,10 @@ import torch
 from torch import nn
 
 from rxray import storage
+from rxray.models.registry import architecture
 
 # Only this many key names are spelled out per category, so the error stays one readable line.
 _KEYS_SHOWN = 3
-
-# The classifier of each torchvision family: the encoder drops it, so its keys are neither
-# required nor checked (a file fine-tuned to another class count still fits).
-_HEAD_PREFIXES = {"densenet": "classifier.", "resnet": "fc.", "mobilenet": "classifier.", "efficientnet": "classifier."}
 
 # download.pytorch.org's DenseNet files predate torchvision's module names ("norm.1" for "norm1");
 # torchvision renames them on download, so a copied file needs the same renaming.
@@ -58,13 +55,14 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], name
                           source: str = "state dict") -> None:
     """Copy an RGB torchvision state dict into ``model`` (backbone ``name``); WeightsError if it does not fit.
 
-    Classifier keys are ignored on both sides. Call this before the stem is adapted to 6
+    Classifier keys are ignored on both sides: the encoder drops the classifier, so a file
+    fine-tuned to another class count still fits. Call this before the stem is adapted to 6
     channels, while the model still has torchvision's RGB layout.
     """
-    head = _head_prefix(name)
-    state = {_modern_key(key, name): value for key, value in state.items()
-             if not (head and key.startswith(head))}
-    expected = {key: value for key, value in model.state_dict().items() if not (head and key.startswith(head))}
+    parts = architecture(name)
+    head = parts.classifier_prefix
+    state = {_modern_key(key, parts.family): value for key, value in state.items() if not key.startswith(head)}
+    expected = {key: value for key, value in model.state_dict().items() if not key.startswith(head)}
 
     # Batch-norm counters are bookkeeping, absent from older files; BatchNorm fills them in on load.
     missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
@@ -95,12 +93,8 @@ def _as_state_dict(loaded: object, uri: str) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def _head_prefix(name: str) -> str | None:
-    return next((prefix for family, prefix in _HEAD_PREFIXES.items() if name.startswith(family)), None)
-
-
-def _modern_key(key: str, name: str) -> str:
-    if not name.startswith("densenet"):
+def _modern_key(key: str, family: str) -> str:
+    if family != "densenet":
         return key
     match = _OLD_DENSENET_KEY.match(key)
     return match.group(1) + match.group(2) if match else key
