@@ -25,9 +25,10 @@ from rxray import storage
 from rxray.cli import main
 from rxray.config import ConfigError, ReportConfig, load_config
 from rxray.data import layout
-from rxray.evaluate import report as report_module
+from rxray.evaluate import step_outputs
 from rxray.evaluate.metrics import classification_metrics
-from rxray.evaluate.report import find_step_outputs, report
+from rxray.evaluate.report import report
+from rxray.evaluate.step_outputs import find_step_outputs
 from rxray.runtime import write_manifest
 
 TREATMENTS = ["EMPTY", "IFN-beta", "IFN-gamma", "TNF-alpha"]
@@ -89,7 +90,7 @@ def write_synth(uri: str) -> None:
 def write_pretrain(uri: str) -> None:
     from rxray.train.loop import METRICS_FILE
 
-    assert METRICS_FILE == report_module.TRAINING_METRICS_FILE
+    assert METRICS_FILE == step_outputs.TRAINING_METRICS_FILE
     history = [{"epoch": e, "loss": 4.0 - 0.5 * e, "top1": 0.2 * e, "images_per_s": 90.0 + e, "steps": 3,
                 "seconds": 1.5, "data_wait_s": 0.1} for e in range(1, 4)]
     storage.write_text(storage.join(uri, METRICS_FILE), "".join(json.dumps(h) + "\n" for h in history))
@@ -360,8 +361,8 @@ def test_search_skips_bulk_folders_and_report_outputs(full_run, tmp_path, monkey
     full_run = shutil.copytree(full_run, tmp_path / "run")  # adds outputs: leave the shared run as it is
     full_run = str(full_run)
     listed: list[str] = []
-    real_list = report_module.list_entries
-    monkeypatch.setattr(report_module, "list_entries", lambda uri: listed.append(uri) or real_list(uri))
+    real_list = step_outputs.list_entries
+    monkeypatch.setattr(step_outputs, "list_entries", lambda uri: listed.append(uri) or real_list(uri))
     earlier_report = os.path.join(full_run, "reports", "first")
     write_manifest(earlier_report, "report", {})
     excluded = os.path.join(full_run, "reports", "second")

@@ -4,7 +4,8 @@ Every figure is a :class:`matplotlib.figure.Figure` on an Agg canvas, built with
 ``pyplot``: no global backend switch or figure registry, so the helpers are safe in
 Ray actors and threads. ``save_figure`` renders to PNG bytes and writes them through
 :mod:`rxray.storage`, so a path may be local or ``s3://``. Each ``plot_*`` function
-writes one PNG and returns its URI.
+writes one PNG and returns its URI. The figures only the report draws, from numbers the
+steps recorded, are in :mod:`rxray.evaluate.report_plots`.
 """
 
 from __future__ import annotations
@@ -252,30 +253,3 @@ def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, path: str, labels: S
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     return save_figure(figure, path)
-
-
-# --------------------------------------------------------------------------- treatment map
-
-# Above this many treatments a heatmap's rows cannot carry names; the clustered colour blocks still read.
-MAX_HEATMAP_LABELS = 60
-
-
-def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
-    """Cosine similarity of treatments (already in cluster leaf order) as a square heatmap; names when few."""
-    n = len(labels)
-    side = float(np.clip(3.0 + 0.16 * min(n, MAX_HEATMAP_LABELS), 4.0, 10.0))
-    figure = new_figure(side + 1.2, side)
-    ax = figure.subplots()
-    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="cosine similarity")
-    if n <= MAX_HEATMAP_LABELS:
-        ax.set_xticks(np.arange(n))
-        ax.set_yticks(np.arange(n))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"{n} treatments in cluster order")
-    ax.set_title(title, fontsize=10)
-    return figure

@@ -1,0 +1,152 @@
+"""Step outputs under a run, found by their ``_manifest.json``, and what each one holds.
+
+Outputs are found whatever their folders are called, in a shallow walk of the run URI
+that never lists bulk folders (images, shards' bookkeeping, heatmaps, site tables), so
+it costs a few listings even on object storage. The readers below get from a found
+output what the report and the findings show: its PNG figures, its per-epoch training
+metrics and its timings (``timings`` or ``seconds``, whichever the step wrote).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from rxray import storage
+
+MANIFEST = "_manifest.json"
+# The report's own folders (rxray.evaluate.report_folder): copies of step outputs, never one.
+FIGURES_DIR = "figures"
+TABLES_DIR = "tables"
+# Folder levels below the run searched for manifests: run/<step>/<variant>/<sub> covers every layout
+# the steps write, and bounds the listings on object storage.
+SEARCH_DEPTH = 4
+# Folders that hold bulk data or step bookkeeping, never a step output: listing them on S3 would
+# page through up to ~800k objects.
+BULK_DIRS = frozenset({"images", "heatmaps", "panels", "sites", "wells", "tensorboard", FIGURES_DIR,
+                       TABLES_DIR})
+# Folders inside a step output that may hold its PNG figures (besides its top level).
+FIGURE_SUBDIRS = ("plots", "figures")
+# Per-epoch metrics of training runs: rxray.train.loop.METRICS_FILE, named here because importing
+# that module loads torch, seconds of start-up for a report that never trains anything.
+TRAINING_METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class StepOutput:
+    """One completed step output: its folder URI, path under the run, manifest and top-level listing."""
+
+    uri: str
+    relative: str
+    manifest: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> str:
+        """The step that wrote it (the manifest's ``step``)."""
+        return str(self.manifest.get("step") or "unknown")
+
+    @property
+    def label(self) -> str:
+        """A short name for headings: the folder under the run ('.' for the run itself)."""
+        return self.relative or "."
+
+
+# --------------------------------------------------------------------------- finding step outputs
+
+
+def list_entries(uri: str) -> tuple[list[str], list[str]]:
+    """(file names, folder names) directly under a folder URI, sorted; empty if it does not exist."""
+    fs, path = storage.filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    files, dirs = [], []
+    for entry in entries:
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        if not name or entry["name"].rstrip("/") == path.rstrip("/"):
+            continue  # some object stores list the prefix itself
+        (dirs if entry.get("type") == "directory" else files).append(name)
+    return sorted(files), sorted(dirs)
+
+
+def _skipped(name: str) -> bool:
+    """Folders never searched: bulk data, Ray Train checkpoints, hidden and bookkeeping folders."""
+    return name in BULK_DIRS or name.startswith((".", "_", "checkpoint_"))
+
+
+def find_step_outputs(run: str, depth: int = SEARCH_DEPTH, exclude: str | None = None) -> list[StepOutput]:
+    """Every folder under ``run`` (itself included, ``depth`` levels down) that holds a step manifest.
+
+    ``exclude`` is a folder URI not to search (the report's own output when it lies inside the run).
+    Report manifests are left out. Sorted by path.
+    """
+    excluded = storage.strip_scheme(exclude).rstrip("/") if exclude else None
+    found: list[StepOutput] = []
+    pending = [(run, "", 0)]
+    while pending:
+        uri, relative, level = pending.pop()
+        if excluded and storage.strip_scheme(uri).rstrip("/") == excluded:
+            continue
+        files, dirs = list_entries(uri)
+        if MANIFEST in files:
+            manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+            if manifest.get("step") != "report":
+                found.append(StepOutput(uri, relative, manifest, files, dirs))
+        if level < depth:
+            pending += [(storage.join(uri, name), posixpath.join(relative, name) if relative else name, level + 1)
+                        for name in dirs if not _skipped(name)]
+    return sorted(found, key=lambda output: (output.relative, output.step))
+
+
+# --------------------------------------------------------------------------- what an output holds
+
+
+def _manifest_figure_paths(value: Any) -> list[str]:
+    """Relative PNG paths named anywhere in a manifest's ``figures`` field (str, list or dict)."""
+    if isinstance(value, str):
+        return [value] if value.lower().endswith(".png") else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [p for item in value for p in _manifest_figure_paths(item)]
+    return []
+
+
+def step_figures(output: StepOutput) -> list[str]:
+    """Relative paths of a step's PNG figures: those its manifest names, at its top level and in plots/."""
+    paths = _manifest_figure_paths(output.manifest.get("figures"))
+    paths += [name for name in output.files if name.lower().endswith(".png")]
+    for folder in FIGURE_SUBDIRS:
+        if folder in output.dirs:
+            files, _ = list_entries(storage.join(output.uri, folder))
+            paths += [f"{folder}/{name}" for name in files if name.lower().endswith(".png")]
+    return list(dict.fromkeys(p.strip("/") for p in paths))
+
+
+def training_history(output: StepOutput) -> list[dict[str, Any]]:
+    """The per-epoch metrics a training run wrote (metrics.jsonl), or [] if it wrote none."""
+    if TRAINING_METRICS_FILE not in output.files:
+        return []
+    text = storage.read_text(storage.join(output.uri, TRAINING_METRICS_FILE))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def step_timings(manifest: dict[str, Any]) -> dict[str, float]:
+    """Named seconds of a manifest (``timings`` or ``seconds``: a dict of phases or one number)."""
+    value = manifest.get("timings", manifest.get("seconds"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"total": float(value)}
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {}
+
+
+def total_seconds(timings: dict[str, float]) -> float:
+    """The step's wall time: its ``total`` if recorded, else the sum of its phases."""
+    return timings["total"] if "total" in timings else float(sum(timings.values()))
