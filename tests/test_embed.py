@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from rxray import storage
-from rxray.batch.embed import EMBEDDING_COLUMN, embedding_matrix, input_channels
+from rxray.batch.embed import EMBEDDING_COLUMN, embedding_matrix
 from rxray.cli import main
 from rxray.data import layout
 from rxray.data.shards import image_column
 from rxray.models.backbones import build_encoder
+from rxray.models.inputs import input_channels
 from rxray.ssl.augment import normalize
 from rxray.train.checkpoints import checkpoint_dir_name, save_checkpoint_file
 

@@ -1,9 +1,11 @@
 """`rxray embed`: one embedding per site, computed by a Ray Data actor pool, plus per-well profiles.
 
-The trained encoder loads once per actor (:class:`EmbedBatch`); Ray Data streams
-shard batches through the pool and writes the results straight to Parquet, so
-neither images nor embeddings ever pass through the driver. Output layout under
-``out``:
+The trained encoder loads once per actor (:class:`EmbedBatch` on the shared pool,
+:mod:`rxray.batch.pool`); Ray Data streams shard batches through the pool and writes
+the results straight to Parquet, so neither images nor embeddings ever pass through
+the driver. The encoder gets the inputs it was trained on (:mod:`rxray.models.inputs`:
+no plate gains for a pretrain checkpoint, its gains for a classifier trained with
+them). Output layout under ``out``:
 
 - ``sites/*.parquet``: one row per input site; every shard column but ``image``
   (the 9 RxRx2 metadata columns and any label columns) plus ``embedding``, a
@@ -17,7 +19,6 @@ neither images nor embeddings ever pass through the driver. Output layout under
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rxray import storage
-from rxray.errors import StepFailed
+from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
 from rxray.config import ConfigError, EmbedConfig, config_to_dict
-from rxray.data.layout import N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
+from rxray.errors import StepFailed
+from rxray.models.inputs import InputRecipe
 from rxray.runtime import Timer, ensure_ray, write_manifest
 from rxray.train.checkpoints import require_checkpoint
 
@@ -48,30 +50,11 @@ _PROFILE_READ_ROWS = 8192
 # --------------------------------------------------------------------------- the actor
 
 
-def input_channels(checkpoint: dict[str, Any]) -> tuple[list[int] | None, list[float], list[float]]:
-    """0-based input channels a checkpoint was trained on (None: all six) and their mean/std.
-
-    Fine-tuned checkpoints may record ``channels`` (1-based, w1..w6); their
-    ``channel_mean``/``channel_std`` may cover all six channels or just those.
-    """
-    mean, std = list(checkpoint["channel_mean"]), list(checkpoint["channel_std"])
-    channels = checkpoint.get("channels")
-    if not channels:
-        return None, mean, std
-    index = [int(c) - 1 for c in channels]
-    if any(not 0 <= i < N_CHANNELS for i in index):
-        raise ValueError(f"checkpoint channels {channels} are outside w1..w{N_CHANNELS}")
-    if len(mean) == N_CHANNELS and len(index) != N_CHANNELS:
-        mean, std = [mean[i] for i in index], [std[i] for i in index]
-    return index, mean, std
-
-
-class EmbedBatch:
+class EmbedBatch(InferenceActor):
     """Ray Data callable class: shard batch in, the same rows with ``embedding`` (float32 (B, D)) out.
 
-    The encoder loads once in ``__init__``; on a GPU it runs channels-last under
-    bf16 autocast. ``threads`` is this actor's share of the node's cores, so a pool
-    of actors does not oversubscribe the CPUs.
+    The encoder loads once in ``__init__`` and gets its inputs by the checkpoint's input
+    recipe (:mod:`rxray.models.inputs`); on a GPU it runs channels-last under bf16 autocast.
     """
 
     def __init__(self, checkpoint_uri: str, gpu: bool = False, threads: int | None = None):
@@ -79,95 +62,38 @@ class EmbedBatch:
 
         from rxray.train.checkpoints import load_encoder
 
-        if threads:
-            torch.set_num_threads(threads)
-        if gpu and not torch.cuda.is_available():
-            raise RuntimeError("--gpu was given but this actor sees no CUDA device")
-        self.device = torch.device("cuda" if gpu else "cpu")
+        super().__init__(gpu, threads)
         encoder, checkpoint = load_encoder(checkpoint_uri)
-        self.channels, mean, std = input_channels(checkpoint)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.recipe = InputRecipe.from_checkpoint(checkpoint)
         self.encoder = encoder.eval().to(self.device, memory_format=torch.channels_last)
         self.feature_dim = encoder.feature_dim
 
-    def _precision(self) -> contextlib.AbstractContextManager:
+    def embed_images(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Embeddings (B, D) float32 of a shard batch's images (``image`` uint8 (B, 6, S, S), plate columns)."""
         import torch
 
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()  # float32 on CPU: bf16 there is slower on most CPUs and less exact
-
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
-        """Embeddings (B, D) float32 of uint8 images (B, 6, S, S)."""
-        import torch
-
-        from rxray.ssl.augment import normalize
-
-        if self.channels is not None:
-            images = images[:, self.channels]
-        if not images.flags.writeable:  # Ray hands zero-copy read-only views; torch wants writable memory
-            images = images.copy()
-        with torch.inference_mode(), self._precision():
-            batch = torch.from_numpy(images).to(self.device, non_blocking=True)
-            batch = normalize(batch, self.mean, self.std).contiguous(memory_format=torch.channels_last)
-            features = self.encoder(batch)
+        with torch.inference_mode(), self.precision():
+            inputs = self.recipe.encoder_inputs(batch, self.device).contiguous(memory_format=torch.channels_last)
+            features = self.encoder(inputs)
         return features.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's columns without ``image``, plus ``embedding``."""
         out = {name: values for name, values in batch.items() if name != IMAGE_COLUMN}
-        out[EMBEDDING_COLUMN] = self.embed_images(batch[IMAGE_COLUMN])
+        out[EMBEDDING_COLUMN] = self.embed_images(batch)
         return out
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 
-def actor_plan(actors: int | None, gpu: bool) -> tuple[int, int]:
-    """(pool size, torch threads per actor) for the running Ray cluster.
-
-    Threads are each actor's share of all the cluster's cores, so the pool uses every
-    core without oversubscribing them; shard decoding and Parquet writing are light
-    next to the network and share the same cores.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus = max(1, int(resources.get("CPU", 1)))
-    if gpu:
-        gpus = int(resources.get("GPU", 0))
-        if actors is None and gpus == 0:
-            raise ConfigError("embed.actors", "no GPUs in the Ray cluster yet; give --actors to let the "
-                                              "autoscaler add GPU workers")
-        actors = actors or gpus
-    else:
-        # Half as many actors as CPUs: each takes one CPU slot (see embed_dataset), which leaves
-        # slots free for the read and write tasks.
-        actors = actors or max(1, cpus // 2)
-    return actors, max(1, cpus // actors)
-
-
-def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int, actors: int,
-                  threads: int, gpu: bool = False, embedder: type[EmbedBatch] = EmbedBatch) -> "ray.data.Dataset":
+def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int, plan: PoolPlan,
+                  embedder: type[EmbedBatch] = EmbedBatch) -> "ray.data.Dataset":
     """The lazy Ray Dataset of shard rows with ``embedding`` in place of ``image``.
 
     ``embedder`` swaps in a subclass of :class:`EmbedBatch` (the benchmark's timed one).
     """
-    import ray.data
-
-    # One CPU slot per actor although it runs `threads` torch threads: reserving them all would
-    # leave no slot for the read and write tasks, and the streaming pipeline would stall.
-    return shards.map_batches(
-        embedder,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "gpu": gpu, "threads": threads},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-        num_gpus=1 if gpu else 0,
-        udf_modifying_row_count=False,
-    )
+    return map_batches(shards, embedder, plan, batch_size=batch_size, checkpoint_uri=checkpoint_uri)
 
 
 def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
@@ -270,7 +196,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     checkpoint = require_checkpoint(cfg.model, "embed.model")
     checkpoint_uri = checkpoint["uri"]
     shards, rows_in = _open_shards(cfg.data)
-    actors, threads = actor_plan(cfg.actors, cfg.gpu)
+    plan = plan_pool(cfg.actors, cfg.gpu, field="embed.actors")
 
     sites_uri, wells_uri = storage.join(cfg.out, SITES_DIR), storage.join(cfg.out, WELLS_DIR)
     # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
@@ -278,8 +204,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         storage.remove(stale, recursive=True)
     storage.makedirs(cfg.out)
 
-    embedded = embed_dataset(shards, checkpoint_uri, batch_size=cfg.batch_size, actors=actors,
-                             threads=threads, gpu=cfg.gpu)
+    embedded = embed_dataset(shards, checkpoint_uri, batch_size=cfg.batch_size, plan=plan)
     fs, path = storage.pyarrow_filesystem(sites_uri)
     with timer.time("embed"):
         embedded.write_parquet(path, filesystem=fs, compression="zstd")
@@ -301,13 +226,13 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
              "stem": checkpoint["stem"], "channels": checkpoint.get("channels")}
     counts = {"rows_in": rows_in, "rows_out": rows_out, "wells": n_wells}
     images_per_s = round(rows_out / timer.seconds["embed"], 2) if timer.seconds["embed"] else None
-    pool = {"actors": actors, "threads_per_actor": threads, "gpu": cfg.gpu, "batch_size": cfg.batch_size}
-    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model, counts=counts, dim=dim, pool=pool,
+    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model, counts=counts, dim=dim,
+                   pool=plan.describe(cfg.batch_size),
                    layout={"sites": SITES_DIR, "wells": WELLS_DIR if cfg.per_well else None,
                            "embedding_column": EMBEDDING_COLUMN},
                    timings=timer.seconds, images_per_s=images_per_s)
     return {"out": cfg.out, "sites": sites_uri, "wells": wells_uri if cfg.per_well else None,
             "checkpoint": checkpoint_uri, "backbone": checkpoint["backbone"], "epoch": checkpoint.get("epoch"),
-            "rows": rows_out, "wells_rows": n_wells, "dim": dim, "actors": actors, "images_per_s": images_per_s,
+            "rows": rows_out, "wells_rows": n_wells, "dim": dim, "actors": plan.actors, "images_per_s": images_per_s,
             "seconds": timer.seconds}
 

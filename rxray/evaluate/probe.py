@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from rxray.config import ProbeConfig
+    from rxray.models.inputs import InputRecipe
 
 PROBE_TASKS = ("treatment", "control")
 PROBE_METHODS = ("logistic", "knn")
@@ -199,26 +200,31 @@ def _with_plate_controls(frame: "pd.DataFrame", chosen: list[int], per_plate: in
 def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.ndarray]], *,
                   mean: Sequence[float], std: Sequence[float],
                   device: "torch.device") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Features (n, d) float32 of every image in numpy ``batches`` (``image`` (B, C, H, W) uint8 + metadata),
+    """Features (n, d) float32 of every image in numpy ``batches`` (``image`` (B, 6, H, W) uint8 + metadata),
     and the batches' other columns concatenated in the same row order.
 
     The encoder runs in eval mode without gradients (batch norm uses its running
-    statistics), on inputs normalised like training inputs; the caller restores
-    train mode.
+    statistics), on inputs normalised like training inputs (six stains, no plate
+    gains, as pretraining sees them); the caller restores train mode.
     """
-    features, columns = embed_with_encoders({"encoder": encoder}, batches, mean=mean, std=std, device=device)
+    from rxray.models.inputs import InputRecipe
+
+    recipe = InputRecipe(tuple(mean), tuple(std))
+    features, columns = embed_with_encoders({"encoder": encoder}, batches, recipe=recipe, device=device)
     return features["encoder"], columns
 
 
 def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterable[dict[str, np.ndarray]], *,
-                        mean: Sequence[float], std: Sequence[float], device: "torch.device",
-                        channels: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                        recipe: "InputRecipe",
+                        device: "torch.device") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`embed_batches` for several encoders in one pass over ``batches``: features per encoder name.
-    ``channels`` (0-based) selects the input channels of encoders trained on a subset."""
+
+    Inputs follow ``recipe`` (:mod:`rxray.models.inputs`): the stains the encoders read, and
+    plate gains when the recipe has them (then batches carry ``experiment`` and ``plate``).
+    """
     import torch
 
-    from rxray.ssl.augment import normalize
-    from rxray.train.loop import autocast_for
+    from rxray.models.device import autocast_for
 
     for encoder in encoders.values():
         encoder.eval()
@@ -226,8 +232,7 @@ def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterabl
     columns: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for batch in batches:
-            images = batch["image"] if channels is None else batch["image"][:, list(channels)]
-            images = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), mean, std)
+            images = recipe.encoder_inputs(batch, device)
             for name, encoder in encoders.items():
                 with autocast_for(device):
                     features[name].append(encoder(images).float().cpu().numpy())
@@ -340,24 +345,31 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
 
 def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_seeds: int, batch_size: int,
                        gpu: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Features of the probe sites from the checkpoint's encoder and ``baseline_seeds`` random-init ones."""
+    """The Ray task of `rxray probe`: :func:`embed_probe_batches` of the probe sites, read inside the task."""
+    from rxray.models.device import torch_device
+    from rxray.train.checkpoints import load_checkpoint
+
+    device = torch_device(gpu, where="the probe task")
+    return embed_probe_batches(load_checkpoint(checkpoint_uri),
+                               sites.iter_batches(batch_size=batch_size, batch_format="numpy"), baseline_seeds, device)
+
+
+def embed_probe_batches(checkpoint: dict[str, Any], batches: Iterable[dict[str, np.ndarray]], baseline_seeds: int,
+                        device: "torch.device") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Features of the batches' images from the checkpoint's encoder and ``baseline_seeds`` random-init ones,
+    all given the inputs the checkpoint was trained on (:class:`~rxray.models.inputs.InputRecipe`)."""
     import torch
 
-    from rxray.batch.embed import input_channels
-    from rxray.train.checkpoints import checkpoint_encoder, load_checkpoint
+    from rxray.models.inputs import InputRecipe
+    from rxray.train.checkpoints import checkpoint_encoder
 
-    if gpu and not torch.cuda.is_available():
-        raise RuntimeError("--gpu was given but the probe task sees no CUDA device")
-    device = torch.device("cuda" if gpu else "cpu")
-    checkpoint = load_checkpoint(checkpoint_uri)
-    channels, mean, std = input_channels(checkpoint)
+    recipe = InputRecipe.from_checkpoint(checkpoint)
     encoders = {TRAINED: checkpoint_encoder(checkpoint)}
     for seed in range(baseline_seeds):
         torch.manual_seed(seed)
         encoders[f"{RANDOM_INIT}_seed{seed}"] = checkpoint_encoder(checkpoint, trained=False)
     encoders = {name: encoder.to(device) for name, encoder in encoders.items()}
-    return embed_with_encoders(encoders, sites.iter_batches(batch_size=batch_size, batch_format="numpy"),
-                               mean=mean, std=std, device=device, channels=channels)
+    return embed_with_encoders(encoders, batches, recipe=recipe, device=device)
 
 
 def compare_to_baselines(table: "pd.DataFrame") -> list[dict[str, Any]]:
