@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from rxray.batch.embed import embedding_matrix
-from rxray.batch.gradcam import (channel_importance, channel_shares, choose_sites, classifier_channel_stats,
-                                 gradcam_batch, occlusion_batch, target_classes)
+from rxray.batch.attribution import channel_importance, channel_shares, gradcam_batch, occlusion_batch
+from rxray.batch.explain import choose_sites, target_classes
 from rxray.cli import main
 from rxray.config import ConfigError
 from rxray.data import layout
@@ -24,6 +24,7 @@ from rxray.evaluate import plots
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import Classifier
 from rxray.models.heads import ClassifierHead
+from rxray.models.inputs import classifier_channel_stats
 from rxray.ssl.augment import normalize
 from rxray.train.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
@@ -217,7 +218,7 @@ def test_attribution_goes_to_the_only_stain_the_logit_depends_on(channel):
 
 
 def test_explained_images_carry_the_plate_gains_the_classifier_trained_with(tmp_path):
-    from rxray.batch.gradcam import ExplainBatch
+    from rxray.batch.explain import ExplainBatch
 
     images = np.full((2, 6, 4, 4), 100, dtype=np.uint8)
     batch = {"image": images, "experiment": np.array(["HUVEC-1", "HUVEC-2"]), "plate": np.array([1, 1])}

@@ -20,7 +20,7 @@ profiles (the real ``rxray embed`` step). The goal is a steady-state ratio of 0.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import dataclasses
 import tempfile
 import time
 import uuid
@@ -190,47 +190,46 @@ def plain_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, gp
     """The reference: load the encoder, stream the shards with pyarrow, embed batch by batch in this process."""
     import torch
 
-    from rxray.batch.embed import input_channels
-    from rxray.ssl.augment import normalize
+    from rxray.data.shards import IMAGE_COLUMN
+    from rxray.models.device import autocast_for, torch_device
+    from rxray.models.inputs import InputRecipe
     from rxray.train.checkpoints import load_encoder
 
     with _torch_threads(threads):
         meter = _Throughput()
-        device = torch.device("cuda" if gpu else "cpu")
+        device = torch_device(gpu)
         encoder, checkpoint = load_encoder(checkpoint_uri)
         encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-        channels, mean, std = input_channels(checkpoint)
-        precision = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-        with torch.inference_mode(), precision:
+        # This loop reads the images alone, not the plate columns, so it leaves plate gains out:
+        # one multiply per pixel, nothing next to the encoder.
+        recipe = dataclasses.replace(InputRecipe.from_checkpoint(checkpoint), plate_gains={})
+        with torch.inference_mode(), autocast_for(device):
             for images in _image_batches(data, batch_size):
-                batch = torch.from_numpy(images[:, channels] if channels else images).to(device)
-                features = encoder(normalize(batch, mean, std).contiguous(memory_format=torch.channels_last))
+                inputs = recipe.encoder_inputs({IMAGE_COLUMN: images}, device)
+                features = encoder(inputs.contiguous(memory_format=torch.channels_last))
                 features.float().cpu()  # the result lands in host memory, as the actors' does
                 meter.add(len(images))
         return meter.result()
 
 
-def gradcam_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int,
-                 gpu: bool) -> dict[str, Any] | None:
-    """Grad-CAM + stain attribution (`rxray explain`'s per-batch work) in this process; None until it exists.
+def gradcam_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, gpu: bool) -> dict[str, Any]:
+    """Grad-CAM + stain attribution (`rxray explain`'s per-batch work) in this process.
 
     The classifier is the checkpoint's encoder under a random 2-class head: the cost of
     a forward and backward pass does not depend on the head's weights.
     """
-    if importlib.util.find_spec("rxray.batch.gradcam") is None:
-        return None
-    import torch
-
-    from rxray.batch.gradcam import classifier_channel_stats, gradcam_batch
+    from rxray.batch.attribution import gradcam_batch
     from rxray.models.classifier import Classifier
+    from rxray.models.device import torch_device
     from rxray.models.heads import ClassifierHead
+    from rxray.models.inputs import classifier_channel_stats
     from rxray.train.checkpoints import load_encoder
 
     with _torch_threads(threads):
         meter = _Throughput()
         encoder, checkpoint = load_encoder(checkpoint_uri)
         model = Classifier(encoder, ClassifierHead(encoder.feature_dim, 2), channels=checkpoint.get("channels"))
-        model = model.to(torch.device("cuda" if gpu else "cpu")).eval()
+        model = model.to(torch_device(gpu)).eval()
         mean, std = classifier_channel_stats(checkpoint)
         for images in _image_batches(data, batch_size):
             gradcam_batch(model, images, mean, std, target_index=0)
@@ -259,11 +258,12 @@ def actor_pool(data: str, checkpoint_uri: str, batch_size: int, actors: int, thr
     batch finished in its actor, stamped on its rows.
     """
     from rxray.batch.embed import embed_dataset
+    from rxray.batch.pool import PoolPlan
     from rxray.data.shards import read_shards
 
     start = time.perf_counter()
-    embedded = embed_dataset(read_shards(data), checkpoint_uri, batch_size=batch_size, actors=actors,
-                             threads=threads, gpu=gpu, embedder=_timed_embedder())
+    embedded = embed_dataset(read_shards(data), checkpoint_uri, batch_size=batch_size,
+                             plan=PoolPlan(actors=actors, threads=threads, gpu=gpu), embedder=_timed_embedder())
     done = np.concatenate([block[DONE_COLUMN] for block in
                            embedded.iter_batches(batch_size=None, batch_format="numpy")])
     seconds = time.perf_counter() - start
@@ -332,7 +332,8 @@ def bench_embed(cfg: BenchEmbedConfig) -> dict[str, Any]:
     """Run the plain loop, the actor pool and the full `rxray embed` step; record and return images/s."""
     import ray
 
-    from rxray.batch.embed import actor_plan, embed
+    from rxray.batch.embed import embed
+    from rxray.batch.pool import plan_pool
     from rxray.data.shards import read_shards
     from rxray.runtime import ensure_ray
 
@@ -344,7 +345,8 @@ def bench_embed(cfg: BenchEmbedConfig) -> dict[str, Any]:
         if cfg.data is None:
             write_random_shards(data, cfg.images, cfg.size, cfg.seed)
         checkpoint = cfg.model or write_random_checkpoint(storage.join(scratch, "model"), cfg.backbone, cfg.seed)
-        actors, threads = actor_plan(cfg.actors, cfg.gpu)
+        plan = plan_pool(cfg.actors, cfg.gpu, field="bench.actors")
+        actors, threads = plan.actors, plan.threads
         shards = read_shards(data)
         n_images, image_side = shards.count(), _image_side(shards)
 
