@@ -7,7 +7,7 @@ after the other in one run:
   ``for`` loop with all the cores as torch threads (the ceiling);
 - actor pool: :func:`rxray.batch.embed.embed_dataset`, the exact pipeline of
   ``rxray embed``, consumed without writing;
-- Grad-CAM: ``rxray explain``'s per-batch work (:func:`rxray.batch.gradcam.gradcam_batch`:
+- Grad-CAM: ``rxray explain``'s per-batch work (:func:`rxray.batch.attribution.gradcam_batch`:
   one forward and backward pass for the heatmap and the stain attribution, no occlusion)
   in a plain loop, with the same encoder under a random 2-class head.
 
