@@ -9,55 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import sys
 import typing
-from typing import Any, Callable
+from typing import Any
 
 from rxray.config import _unwrap_optional, load_config
 from rxray.errors import ConfigError, StepFailed
-
-
-# command -> (config class, step function, one-line help); "a.b:c" strings keep startup fast.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("rxray.config:SynthConfig", "rxray.data.synth:synthesize",
-              "write an RxRx2-format synthetic dataset"),
-    "ingest": ("rxray.config:IngestConfig", "rxray.data.ingest:ingest",
-               "stream images from storage into Parquet shards"),
-    "pretrain": ("rxray.config:PretrainConfig", "rxray.train.simclr:pretrain",
-                 "SimCLR pretraining with Ray Train"),
-    "finetune": ("rxray.config:FinetuneConfig", "rxray.train.classify:finetune",
-                 "transfer-learning classifiers (linear probe or fine-tuning) with Ray Train"),
-    "embed": ("rxray.config:EmbedConfig", "rxray.batch.embed:embed",
-              "embeddings for every site with a Ray Data actor pool"),
-    "explain": ("rxray.config:ExplainConfig", "rxray.batch.gradcam:explain",
-                "Grad-CAM maps and per-stain attributions of a classifier"),
-    "report": ("rxray.config:ReportConfig", "rxray.evaluate.report:report",
-               "one HTML page with the figures of every step under a run"),
-    "probe": ("rxray.config:ProbeConfig", "rxray.evaluate.probe:probe",
-              "plate-grouped probes on a trained encoder beside random-init encoders"),
-    "score": ("rxray.config:ScoreConfig", "rxray.batch.forest:score",
-              "Random-Forest scores, batch correction and mAP per treatment"),
-    "tune": ("rxray.config:TuneConfig", "rxray.tune:tune",
-             "hyperparameter search over pretraining or fine-tuning with Ray Tune (ASHA, resumable)"),
-    "pipeline": ("rxray.pipeline:PipelineConfig", "rxray.pipeline:run_pipeline",
-                 "every step from one YAML file under one run URI; complete steps are skipped"),
-}
-BENCHMARKS: dict[str, tuple[str, str, str]] = {
-    "ingest": ("rxray.bench.ingest:BenchIngestConfig", "rxray.bench.ingest:bench_ingest",
-               "ingest throughput against a decode-only ceiling and the seeds' loop"),
-    "train": ("rxray.bench.train:BenchTrainConfig", "rxray.bench.train:bench_train",
-              "Ray Train images/s against a plain PyTorch loop"),
-    "embed": ("rxray.bench.embed:BenchEmbedConfig", "rxray.bench.embed:bench_embed",
-              "actor-pool embedding images/s against a plain PyTorch loop, and Grad-CAM images/s"),
-}
-
-
-def _resolve(ref: str) -> Any:
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
+from rxray.steps import BENCHMARKS, STEPS, Step
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -100,20 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own logs and progress bars (the same as RXRAY_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (config_ref, fn_ref, help_text) in COMMANDS.items():
-        step = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_arguments(step, _resolve(config_ref))
-        step.set_defaults(_config_ref=config_ref, _fn_ref=fn_ref)
+    for step in STEPS:
+        _add_step(sub, step)
     bench = sub.add_parser("bench", help="benchmarks that write a table")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (config_ref, fn_ref, help_text) in BENCHMARKS.items():
-        step = bench_sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            add_config_arguments(step, _resolve(config_ref))
-        except (ImportError, AttributeError):  # a benchmark whose module is not built yet
-            continue
-        step.set_defaults(_config_ref=config_ref, _fn_ref=fn_ref)
+    for step in BENCHMARKS:
+        _add_step(bench_sub, step)
     return parser
+
+
+def _add_step(subparsers: Any, step: Step) -> None:
+    parser = subparsers.add_parser(step.name, help=step.help, description=step.help)
+    add_config_arguments(parser, step.config_class())
+    parser.set_defaults(_step=step)
 
 
 def run(argv: list[str] | None = None) -> Any:
@@ -123,11 +82,8 @@ def run(argv: list[str] | None = None) -> Any:
         from rxray.runtime import VERBOSE_ENV  # imports Ray: only when asked for
 
         os.environ[VERBOSE_ENV] = "1"
-    if not hasattr(args, "_fn_ref"):
-        raise ConfigError(args.command, "this command is not available in this build")
-    cfg = config_from_args(_resolve(args._config_ref), args)
-    fn: Callable[[Any], Any] = _resolve(args._fn_ref)
-    return fn(cfg)
+    step: Step = args._step
+    return step.run(config_from_args(step.config_class(), args))
 
 
 def main(argv: list[str] | None = None) -> int:

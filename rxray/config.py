@@ -9,7 +9,6 @@ The resolved config is saved with every output (:func:`config_to_dict`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,14 +32,18 @@ def option(
     flag: str | None = None,
     negative_flag: str | None = None,
     uri: bool = False,
+    role: str = "result",
 ) -> Any:
     """A config field with its CLI help, bounds and allowed values (and flag names for booleans).
 
     ``uri`` marks a storage location: a relative local path is made absolute when the
-    config is loaded, because Ray's workers run in other working directories.
+    config is loaded, because Ray's workers run in other working directories. ``role`` says what a
+    change of the field does to an existing output (see :mod:`rxray.outputs`): ``result`` (it is
+    stale), ``resource`` (nothing: where and how it runs), ``extent`` (more continues it) or
+    ``identity`` (no run may change it).
     """
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "flag": flag,
-                "negative_flag": negative_flag, "uri": uri}
+                "negative_flag": negative_flag, "uri": uri, "role": role}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     if default is REQUIRED:
@@ -206,17 +209,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Any]]:
-    """Field -> (recorded, current) for the fields of ``cfg`` whose value differs from a saved config dict.
-
-    Values are compared as JSON, the form configs are saved in, so a YAML or JSON
-    round trip (tuples as lists, ...) compares equal; fields the record lacks are skipped.
-    """
-    current = json.loads(json.dumps(config_to_dict(cfg), default=str))
-    return {name: (recorded[name], value) for name, value in current.items()
-            if name in recorded and recorded[name] != value}
-
-
 def config_to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, under its section key, loadable by :func:`load_config`."""
     return yaml.safe_dump({getattr(cfg, "section", type(cfg).__name__): config_to_dict(cfg)}, sort_keys=False)
@@ -231,7 +223,7 @@ class SynthConfig:
 
     section = "synth"
 
-    out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True)
+    out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True, role="resource")
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
     plates: int = option(2, "plates per experiment", minimum=1)
     wells: int = option(40, "wells per plate, controls included", minimum=2, maximum=1536)
@@ -273,7 +265,7 @@ class IngestConfig:
     section = "ingest"
 
     source: str = option(help="dataset root URI holding metadata.csv and images/", uri=True)
-    out: str = option(help="output URI for the Parquet shards", uri=True)
+    out: str = option(help="output URI for the Parquet shards", uri=True, role="resource")
     size: int = option(256, "output image side in pixels (area interpolation)", minimum=8, maximum=4096)
     treatments: Optional[list[str]] = option(None, "comma-separated treatment names to keep (default: all)")
     group: Optional[str] = option(None, "named treatment group to keep", choices=sorted(TREATMENT_GROUPS))
@@ -284,7 +276,8 @@ class IngestConfig:
     shard_rows: int = option(256, "rows per Parquet shard (bounds memory and file size)", minimum=1)
     max_reject_frac: float = option(0.01, "fail if more than this fraction of sites is rejected",
                                     minimum=0.0, maximum=1.0)
-    fetch_threads: int = option(6, "sites fetched and decoded concurrently by each shard-writing actor", minimum=1)
+    fetch_threads: int = option(6, "sites fetched and decoded concurrently by each shard-writing actor", minimum=1,
+                                role="resource")
     seed: int = option(0, "seed for balanced downsampling")
 
     def validate(self) -> None:
@@ -307,11 +300,12 @@ class PretrainConfig:
     section = "pretrain"
 
     data: str = option(help="URI of the ingest shards", uri=True)
-    out: str = option(help="output URI for checkpoints, metrics and config", uri=True)
-    backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONES)
+    out: str = option(help="output URI for checkpoints, metrics and config", uri=True, role="resource")
+    backbone: str = option("densenet121", "torchvision backbone", choices=BACKBONES, role="identity")
     weights: Optional[str] = option(None, "torchvision state-dict file (path or URI); default random init", uri=True)
-    stem: str = option("adapt", "6-channel input: adapt the first conv, or project 6->3", choices=["adapt", "project"])
-    epochs: int = option(20, "training epochs", minimum=1)
+    stem: str = option("adapt", "6-channel input: adapt the first conv, or project 6->3", choices=["adapt", "project"],
+                       role="identity")
+    epochs: int = option(20, "training epochs", minimum=1, role="extent")
     batch_size: int = option(64, "batch size per worker", minimum=2)
     # 1e-3 and 0.2 (the study used 4e-4 and 0.5): at those the positive-pair top-1 of a 64 px ResNet-18 was 0.05 after
     # 8 epochs, at these 0.20, and its embeddings beat random init in 6 epochs instead of ~40 (docs/science-checks.md).
@@ -320,7 +314,7 @@ class PretrainConfig:
     temperature: float = option(0.2, "NT-Xent temperature", minimum=1e-4)
     lr_schedule: str = option("cosine", "learning rate per epoch: cosine decay from --lr towards 0 over --epochs, "
                                         "or constant", choices=["cosine", "constant"])
-    proj_dim: int = option(128, "projection head output size", minimum=2)
+    proj_dim: int = option(128, "projection head output size", minimum=2, role="identity")
     dropout: float = option(0.1, "projection head dropout", minimum=0.0, maximum=0.95)
     crop_size: Optional[int] = option(None, "augmented view side in pixels (default: the shard image size)",
                                       minimum=8)
@@ -328,23 +322,25 @@ class PretrainConfig:
     # that most phenotypes are made of, and its embeddings lose to a random-init encoder's (docs/science-checks.md).
     aug_strength: float = option(0.3, "scale of the colour/noise augmentations (1.0: +-40% per-stain brightness "
                                       "and contrast, noise up to 0.1 std)", minimum=0.0)
-    workers: int = option(1, "Ray Train workers", minimum=1)
-    gpu: bool = option(False, "train on GPUs (one per worker)")
-    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
+    workers: int = option(1, "Ray Train workers", minimum=1, role="resource")
+    gpu: bool = option(False, "train on GPUs (one per worker)", role="resource")
+    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0, role="resource")
     worker_cpus: Optional[float] = option(None, "CPUs reserved per worker (default: 1, or less on a small "
-                                                "machine so Ray Data keeps a CPU to feed them)", minimum=0.1)
-    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
-    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
+                                                "machine so Ray Data keeps a CPU to feed them)", minimum=0.1,
+                                          role="resource")
+    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1,
+                                    role="resource")
+    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"], role="resource")
     seed: int = option(0, "random seed")
     probe: bool = option(False, "after each epoch, score a plate-grouped linear probe on frozen embeddings of a site "
-                                "sample (probe_score: the objective of `rxray tune`)")
+                                "sample (probe_score: the objective of `rxray tune`)", role="resource")
     probe_task: str = option("treatment", "probe target: treatment identity, or control (treated vs control)",
-                             choices=["treatment", "control"])
+                             choices=["treatment", "control"], role="resource")
     probe_treatments: Optional[list[str]] = option(None, "treatments the probe uses; controls are always kept "
-                                                         "(default: all)")
+                                                         "(default: all)", role="resource")
     probe_sites: int = option(1024, "most sites the probe embeds each epoch (a seeded, class-stratified sample)",
-                              minimum=4)
-    probe_correct: str = option("center", PROBE_CORRECT_HELP, choices=PROBE_CORRECTIONS)
+                              minimum=4, role="resource")
+    probe_correct: str = option("center", PROBE_CORRECT_HELP, choices=PROBE_CORRECTIONS, role="resource")
 
 
 @dataclass
@@ -355,7 +351,7 @@ class ProbeConfig:
 
     data: str = option(help="URI of the ingest shards", uri=True)
     model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it", uri=True)
-    out: str = option(help="output URI for probe.csv and the manifest with the comparison", uri=True)
+    out: str = option(help="output URI for probe.csv and the manifest with the comparison", uri=True, role="resource")
     treatments: Optional[list[str]] = option(None, "treatments to probe; controls are always kept (default: all)")
     tasks: list[str] = option(["control", "treatment"], "probe targets: control (treated vs control) and/or "
                                                         "treatment (identity)", choices=["control", "treatment"])
@@ -364,7 +360,7 @@ class ProbeConfig:
     correct: str = option("center", PROBE_CORRECT_HELP, choices=PROBE_CORRECTIONS)
     max_sites: int = option(4096, "most sites to embed (a seeded sample, half controls)", minimum=4)
     batch_size: int = option(64, "images per inference batch", minimum=1)
-    gpu: bool = option(False, "embed on a GPU (the probe's one Ray task asks for one)")
+    gpu: bool = option(False, "embed on a GPU (the probe's one Ray task asks for one)", role="resource")
     seed: int = option(0, "random seed of the site sample")
 
     def validate(self) -> None:
@@ -381,7 +377,7 @@ class ScoreConfig:
     section = "score"
 
     embeddings: str = option(help="URI of `rxray embed` output, or an RxRx2 embeddings.csv", uri=True)
-    out: str = option(help="output URI for the score tables", uri=True)
+    out: str = option(help="output URI for the score tables", uri=True, role="resource")
     metadata: Optional[str] = option(None, "metadata.csv to join when --embeddings is an embeddings.csv "
                                            "(default: the metadata.csv beside it)", uri=True)
     treatments: Optional[list[str]] = option(None, "treatments to score (default: every non-control treatment)")
@@ -408,11 +404,11 @@ class EmbedConfig:
 
     data: str = option(help="URI of the ingest shards", uri=True)
     model: str = option(help="output URI of `rxray pretrain`/`rxray finetune`, or one checkpoint in it", uri=True)
-    out: str = option(help="output URI for the embedding Parquet", uri=True)
-    batch_size: int = option(64, "images per inference batch", minimum=1)
+    out: str = option(help="output URI for the embedding Parquet", uri=True, role="resource")
+    batch_size: int = option(64, "images per inference batch", minimum=1, role="resource")
     actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else CPUs // 2)",
-                                   minimum=1)
-    gpu: bool = option(False, "run the actors on GPUs")
+                                   minimum=1, role="resource")
+    gpu: bool = option(False, "run the actors on GPUs", role="resource")
     per_well: bool = option(True, "also write per-well mean profiles")
 
 
@@ -424,13 +420,14 @@ class ExplainConfig:
 
     data: str = option(help="URI of the ingest shards", uri=True)
     model: str = option(help="output URI of `rxray finetune`, or one checkpoint in it", uri=True)
-    out: str = option(help="output URI for heatmaps, panels and channel-importance tables", uri=True)
+    out: str = option(help="output URI for heatmaps, panels and channel-importance tables", uri=True, role="resource")
     n: int = option(64, "images explained per target treatment", minimum=1)
     targets: Optional[list[str]] = option(None, "treatments whose images to explain (default: every "
                                                 "non-control class of the model)")
-    batch_size: int = option(16, "images per Grad-CAM batch", minimum=1)
-    actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else 1)", minimum=1)
-    gpu: bool = option(False, "run the actors on GPUs")
+    batch_size: int = option(16, "images per Grad-CAM batch", minimum=1, role="resource")
+    actors: Optional[int] = option(None, "actor-pool size (default: one per GPU with --gpu, else 1)", minimum=1,
+                                   role="resource")
+    gpu: bool = option(False, "run the actors on GPUs", role="resource")
     panels: int = option(4, "PNG panels (six stains, composite, heatmap) per target treatment", minimum=0)
     occlusion: bool = option(True, "also measure the target-logit drop when each used stain is blanked "
                                    "(one extra forward pass per stain)")
@@ -445,43 +442,53 @@ class FinetuneConfig:
 
     section = "finetune"
 
-    data: str = option(help="URI of the ingest shards", uri=True)
-    out: str = option(help="output URI for checkpoints, splits, metrics and plots", uri=True)
-    task: str = option("binary", "binary (positive vs negative) or multiclass", choices=["binary", "multiclass"])
-    label_col: str = option("treatment", "label column: treatment, or one joined at ingest (e.g. moa)")
-    positive: Optional[str] = option(None, "binary: the positive class (e.g. IFN-beta, or GPCR with --label-col moa)")
+    data: str = option(help="URI of the ingest shards", uri=True, role="identity")
+    out: str = option(help="output URI for checkpoints, splits, metrics and plots", uri=True, role="resource")
+    task: str = option("binary", "binary (positive vs negative) or multiclass", choices=["binary", "multiclass"],
+                       role="identity")
+    label_col: str = option("treatment", "label column: treatment, or one joined at ingest (e.g. moa)", role="identity")
+    positive: Optional[str] = option(None, "binary: the positive class (e.g. IFN-beta, or GPCR with --label-col moa)",
+                                     role="identity")
     negative: Optional[list[str]] = option(None, "binary: negative classes, or 'rest' for every other class "
-                                                 "(default: EMPTY for treatment labels, rest otherwise)")
-    classes: Optional[list[str]] = option(None, "multiclass: classes to keep (default: all in the data)")
-    encoder: Optional[str] = option(None, "start from a SimCLR run or checkpoint (`rxray pretrain` output)", uri=True)
-    weights: Optional[str] = option(None, "start from a torchvision state-dict file (path or URI)", uri=True)
-    backbone: str = option("mobilenet_v2", "torchvision backbone (ignored with --encoder)", choices=BACKBONES)
-    stem: str = option("adapt", "6-channel input (ignored with --encoder)", choices=["adapt", "project"])
+                                                 "(default: EMPTY for treatment labels, rest otherwise)",
+                                           role="identity")
+    classes: Optional[list[str]] = option(None, "multiclass: classes to keep (default: all in the data)",
+                                          role="identity")
+    encoder: Optional[str] = option(None, "start from a SimCLR run or checkpoint (`rxray pretrain` output)", uri=True,
+                                    role="identity")
+    weights: Optional[str] = option(None, "start from a torchvision state-dict file (path or URI)", uri=True,
+                                    role="identity")
+    backbone: str = option("mobilenet_v2", "torchvision backbone (ignored with --encoder)", choices=BACKBONES,
+                           role="identity")
+    stem: str = option("adapt", "6-channel input (ignored with --encoder)", choices=["adapt", "project"],
+                       role="identity")
     freeze: bool = option(True, "train only the head on a frozen encoder (--finetune trains everything)",
-                          negative_flag="--finetune")
-    with_conc: bool = option(False, "feed treatment_conc to the head as an extra input")
+                          negative_flag="--finetune", role="identity")
+    with_conc: bool = option(False, "feed treatment_conc to the head as an extra input", role="identity")
     plate_norm: bool = option(True, "scale each stain by its plate's control (EMPTY) mean intensity, so plate "
-                                    "gain effects do not pass for phenotypes (--no-plate-norm: off)")
+                                    "gain effects do not pass for phenotypes (--no-plate-norm: off)", role="identity")
     channels: list[int] = option([1, 2, 3, 4, 5, 6], "1-based stains to train on, e.g. 1,3,5",
-                                 minimum=1, maximum=6)
+                                 minimum=1, maximum=6, role="identity")
     class_weights: str = option("auto", "auto: loss weights inverse to class frequency; none", choices=["auto", "none"])
-    split_by: str = option("plate", "group for train/val/test splits (never by image)", choices=["plate", "experiment"])
-    val_frac: float = option(0.2, "fraction of groups for validation", minimum=0.0, maximum=0.5)
-    test_frac: float = option(0.2, "fraction of groups for test", minimum=0.0, maximum=0.5)
-    epochs: int = option(10, "training epochs", minimum=1)
+    split_by: str = option("plate", "group for train/val/test splits (never by image)", choices=["plate", "experiment"],
+                           role="identity")
+    val_frac: float = option(0.2, "fraction of groups for validation", minimum=0.0, maximum=0.5, role="identity")
+    test_frac: float = option(0.2, "fraction of groups for test", minimum=0.0, maximum=0.5, role="identity")
+    epochs: int = option(10, "training epochs", minimum=1, role="extent")
     batch_size: int = option(32, "batch size per worker", minimum=2)
     lr: float = option(1e-3, "learning rate of the head", minimum=0.0)
     encoder_lr_scale: float = option(0.1, "encoder learning rate as a fraction of --lr when fine-tuning",
                                      minimum=0.0)
     weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0.0)
     dropout: float = option(0.3, "head dropout", minimum=0.0, maximum=0.95)
-    head_hidden: int = option(256, "head hidden units", minimum=1)
+    head_hidden: int = option(256, "head hidden units", minimum=1, role="identity")
     aug_strength: float = option(0.5, "training augmentation strength (0 = none)", minimum=0.0)
     patience: int = option(3, "early stopping: epochs without validation improvement", minimum=1)
-    workers: int = option(1, "Ray Train workers", minimum=1)
-    gpu: bool = option(False, "train on GPUs (one per worker)")
-    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0)
-    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1)
+    workers: int = option(1, "Ray Train workers", minimum=1, role="resource")
+    gpu: bool = option(False, "train on GPUs (one per worker)", role="resource")
+    max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0, role="resource")
+    threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1,
+                                    role="resource")
     plate_scores: bool = option(True, "binary tasks: score each site as a z-score against its plate's own control "
                                       "sites before the decision threshold, as screens normalise to plate controls "
                                       "(--no-plate-scores: off)")
@@ -489,8 +496,8 @@ class FinetuneConfig:
                                     "at 3 robust SDs above its plate's controls; needs plate scores), val-f1 (the "
                                     "best F1 on the validation split), argmax (0.5); auto: control-z with plate "
                                     "scores, else val-f1", choices=["auto", "control-z", "val-f1", "argmax"])
-    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"])
-    seed: int = option(0, "random seed (splits, init, sampling)")
+    cache: str = option("auto", CACHE_HELP, choices=["auto", "on", "off"], role="resource")
+    seed: int = option(0, "random seed (splits, init, sampling)", role="identity")
 
     def validate(self) -> None:
         if self.task == "binary" and not self.positive:
@@ -512,7 +519,7 @@ class ReportConfig:
     section = "report"
 
     run: str = option(help="run URI; every step output under it is found by its _manifest.json", uri=True)
-    out: str = option(help="output folder or URI for report.html and its figures", uri=True)
+    out: str = option(help="output folder or URI for report.html and its figures", uri=True, role="resource")
     max_points: int = option(5000, "most sites drawn in the embedding scatter plots (seeded sample)", minimum=100)
     max_panels: int = option(12, "most Grad-CAM panels shown", minimum=0)
 
@@ -523,25 +530,25 @@ class TuneConfig:
 
     section = "tune"
 
-    data: str = option(help="URI of the ingest shards", uri=True)
+    data: str = option(help="URI of the ingest shards", uri=True, role="identity")
     out: str = option(help="output URI for the search (trials, results table, plot, best_config.yaml); rerunning "
-                           "the same command resumes it", uri=True)
+                           "the same command resumes it", uri=True, role="resource")
     objective: str = option("pretrain", "pretrain: SimCLR ranked by a plate-grouped probe score after each epoch; "
                                         "finetune: classifiers ranked by validation PR-AUC / macro F1",
-                            choices=["pretrain", "finetune"])
+                            choices=["pretrain", "finetune"], role="identity")
     base: Optional[str] = option(None, "YAML file of the fixed step settings every trial shares (e.g. backbone, "
                                        "workers, or positive for finetune); top level or under the step's section",
-                                uri=True)
+                                uri=True, role="identity")
     space: Optional[str] = option(None, "YAML file of search-space entries, each replacing or adding one step "
                                         "field: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]}, "
-                                        "{randint: [lo, hi]} or a constant", uri=True)
-    samples: int = option(8, "trials to run", minimum=1)
+                                        "{randint: [lo, hi]} or a constant", uri=True, role="identity")
+    samples: int = option(8, "trials to run", minimum=1, role="identity")
     max_concurrent: int = option(2, "most trials running at once (fewer when the cluster cannot hold them)",
-                                 minimum=1)
+                                 minimum=1, role="identity")
     scheduler: str = option("asha", "asha: stop weak trials early at each epoch; none: run every trial to --epochs",
-                            choices=["asha", "none"])
-    epochs: int = option(5, "epochs per trial (ASHA's longest run)", minimum=1)
+                            choices=["asha", "none"], role="identity")
+    epochs: int = option(5, "epochs per trial (ASHA's longest run)", minimum=1, role="identity")
     cpus_per_trial: Optional[float] = option(None, "CPUs reserved by each pretraining trial's workers together "
                                                    "(default: the cluster's CPUs, less one for data loading, shared "
-                                                   "by the concurrent trials)", minimum=0.1)
-    seed: int = option(0, "seed of the random search (which values the trials get)", minimum=0)
+                                                   "by the concurrent trials)", minimum=0.1, role="identity")
+    seed: int = option(0, "seed of the random search (which values the trials get)", minimum=0, role="identity")

@@ -40,29 +40,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from rxray import storage
-from rxray.config import ConfigError, changed_settings, config_to_dict, load_config, option, read_yaml
+from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
 from rxray.data.layout import MOA_FILE
-from rxray.runtime import Timer, package_versions, read_manifest
+from rxray.outputs import COMPLETE, CONFLICT, STALE, read_manifest, rerun_decision
+from rxray.runtime import Timer, package_versions
+from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
 
-STEP_ORDER = ("synth", "ingest", "pretrain", "probe", "finetune", "embed", "score", "explain", "report")
+STEP_ORDER = PIPELINE_STEPS
 RUN_RECORD = "_pipeline.json"
-# Steps that continue from checkpoints in their output, and the fields whose change continues that run.
-RESUMABLE_STEPS = frozenset({"pretrain", "finetune"})
-CONTINUING_FIELDS = frozenset({"epochs"})
 DEFAULT_CLASSIFIER = "classifier"
-
-# Each step's input fields -> the step whose output feeds them (used unless the section gives the field).
-_INPUTS: dict[str, dict[str, str]] = {
-    "synth": {},
-    "ingest": {},
-    "pretrain": {"data": "ingest"},
-    "probe": {"data": "ingest", "model": "pretrain"},
-    "finetune": {"data": "ingest", "encoder": "pretrain"},
-    "embed": {"data": "ingest", "model": "pretrain"},
-    "score": {"embeddings": "embed"},
-    "explain": {"data": "ingest", "model": "finetune"},
-    "report": {},
-}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -91,13 +77,10 @@ class RunLayout:
 
     def out(self, step: str, name: str | None = None) -> str:
         """The output URI of a step (of one named classifier run for finetune)."""
-        if step == "synth":
+        folder = get_step(step).output
+        if folder == SOURCE:
             return self.source
-        if step == "report":
-            return storage.join(self.run, "report")
-        if step == "finetune":
-            return storage.join(self.run, "finetune", name or DEFAULT_CLASSIFIER)
-        return storage.join(self.run, "shards" if step == "ingest" else step)
+        return storage.join(self.run, *folder.format(name=name or DEFAULT_CLASSIFIER).split("/"))
 
     @property
     def record(self) -> str:
@@ -131,36 +114,6 @@ class Plan:
         return [s for s in self.steps if s.step in self.selected]
 
 
-# --------------------------------------------------------------------------- the step registry
-
-
-def step_refs(step: str) -> tuple[str, str]:
-    """The step's ("module:ConfigClass", "module:function") from the CLI registry; resolved only when used."""
-    from rxray.cli import COMMANDS
-
-    config_ref, function_ref, _ = COMMANDS[step]
-    return config_ref, function_ref
-
-
-def _resolve(ref: str) -> Any:
-    from rxray.cli import _resolve as resolve
-
-    return resolve(ref)
-
-
-def _resolvable(ref: str) -> bool:
-    try:
-        _resolve(ref)
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
-def step_available(step: str) -> bool:
-    """True if this build has both the step's config class and its function."""
-    return all(_resolvable(ref) for ref in step_refs(step))
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -189,19 +142,14 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
     for step in STEP_ORDER:
         if step not in sections and step not in selected:
             continue
-        config_ref, function_ref = step_refs(step)
-        if not _resolvable(config_ref):
-            if step in selected:
-                raise ConfigError(step, f"this step is not available in this build ({config_ref})")
-            continue  # a section for a step this build lacks and this run skips: nothing to check it with
-        config_class = _resolve(config_ref)
+        config_class = get_step(step).config_class()
         runs = classifiers if step == "finetune" else [(None, _mapping(step, sections.get(step)))]
         for name, values in runs:
             label = f"finetune[{name}]" if step == "finetune" and isinstance(sections.get(step), list) else step
             wired, needs = _wiring(step, name, values, layout, set(sections) | set(selected), classifiers, planned)
             config = _validated(config_class, step, label, values, wired)
             key = f"finetune/{name}" if step == "finetune" else step
-            planned.append(PlannedStep(key, step, config, layout.out(step, name), needs, function_ref))
+            planned.append(PlannedStep(key, step, config, layout.out(step, name), needs, get_step(step).function))
     return Plan(cfg, layout, planned, selected)
 
 
@@ -250,7 +198,7 @@ def _wiring(step: str, name: str | None, values: dict[str, Any], layout: RunLayo
         moa = storage.join(layout.source, MOA_FILE)
         if "synth" in configured or storage.exists(moa):
             wired["moa"] = moa
-    for field, producer in _INPUTS[step].items():
+    for field, producer in get_step(step).inputs.items():
         if field in values or producer not in configured:
             continue  # the section names its own input, or no step of this pipeline produces it
         if step == "finetune" and field == "encoder" and "weights" in values:
@@ -271,7 +219,7 @@ def _validated(config_class: type, step: str, label: str, values: dict[str, Any]
         return load_config(config_class, values={**values, **wired})
     except ConfigError as exc:
         field, message = exc.field_name.split(".", 1)[-1], str(exc).split(": ", 1)[1]
-        producer = _INPUTS[step].get(field)
+        producer = get_step(step).inputs.get(field)
         if producer and message == "is required":
             message += f" (give it, or add a{'n' if producer[0] in 'aeiou' else ''} {producer} section that writes it)"
         raise ConfigError(f"{label}.{field}", message) from None
@@ -284,33 +232,21 @@ def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _changed_fields(manifest: dict[str, Any], config: Any) -> dict[str, tuple[Any, Any]]:
-    """Field -> (recorded, current) for values that differ from the config in a step's manifest."""
-    recorded = manifest.get("config")
-    return changed_settings(recorded, config) if isinstance(recorded, dict) else {}
-
-
-def _config_changes(manifest: dict[str, Any], config: Any) -> list[str]:
-    """Fields whose value differs from the config recorded in a step's manifest ([] if none or unknown)."""
-    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in _changed_fields(manifest, config).items()]
-
-
 def _start_over_reason(step: PlannedStep, rerun_for: list[str]) -> str | None:
-    """Why a training step must discard its finished run before running again, or None to let it resume.
+    """Why a training step must discard its run before running again, or None to let it continue.
 
-    Training steps resume from the checkpoints in their output, so a finished run
-    would count as complete and keep a model trained on old inputs or settings; only
-    more epochs of the same run may continue it.
+    Training steps continue from the checkpoints in their output, so a finished run
+    would count as complete and keep a model trained on old inputs or settings; the
+    rerun policy (:func:`rxray.outputs.rerun_decision`) says which changes a run may take.
     """
-    if step.step not in RESUMABLE_STEPS:
+    if not get_step(step.step).trains:
         return None
-    manifest = read_manifest(step.out)
-    if manifest is None:  # never finished: a cut-off run resumes through the step's own logic
-        return None
-    if rerun_for:
+    rerun = rerun_decision(step.out, step.config)
+    if rerun.action == CONFLICT or (rerun.manifest is not None and rerun.action == STALE):
+        return f"{rerun.changes()} changed"
+    if rerun.manifest is not None and rerun_for:
         return f"{', '.join(rerun_for)} ran again"
-    changed = [k for k in _changed_fields(manifest, step.config) if k not in CONTINUING_FIELDS]
-    return f"{', '.join(changed)} changed" if changed else None
+    return None  # never finished: a cut-off run resumes through the step's own logic
 
 
 def _is_complete(step: PlannedStep) -> tuple[bool, str]:
@@ -318,13 +254,12 @@ def _is_complete(step: PlannedStep) -> tuple[bool, str]:
     if step.step == "synth":
         found = storage.exists(storage.join(step.out, "metadata.csv"))
         return found, f"a dataset is already at {step.out}" if found else ""
-    manifest = read_manifest(step.out)
-    if manifest is None:
+    rerun = rerun_decision(step.out, step.config)
+    if rerun.action == COMPLETE:
+        return True, rerun.reason
+    if rerun.manifest is None:
         return False, ""
-    changes = _config_changes(manifest, step.config)
-    if changes:
-        return False, f"its config changed since the run at {step.out} ({'; '.join(changes[:3])})"
-    return True, f"complete at {step.out}"
+    return False, f"its config changed since the run at {step.out} ({rerun.changes() or rerun.reason})"
 
 
 def _say(line: str) -> None:
@@ -388,17 +323,20 @@ def find_report(report_out: str) -> str | None:
 
 
 def _check_functions(plan: Plan) -> None:
-    """Fail before anything runs if a selected step's function is missing from this build."""
+    """Fail before anything runs if a selected step's function cannot be loaded (e.g. a missing dependency)."""
     for step in plan.to_run():
-        if not _resolvable(step.function_ref):
-            raise ConfigError(step.step, f"this step is not available in this build ({step.function_ref})")
+        try:
+            resolve(step.function_ref)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(step.step, f"this step is not available in this build ({step.function_ref}: "
+                                         f"{exc})") from None
 
 
 def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) -> dict[str, Any]:
     """Run (or skip when complete) every selected step in order; returns the summary."""
     if run_step is None:
         _check_functions(plan)
-        run_step = lambda s: _resolve(s.function_ref)(s.config)  # noqa: E731
+        run_step = lambda s: resolve(s.function_ref)(s.config)  # noqa: E731
     storage.ensure_bucket(plan.layout.run)
     storage.makedirs(plan.layout.run)
     record = RunRecord(plan)
@@ -464,4 +402,4 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 __all__ = ["PipelineConfig", "Plan", "PlannedStep", "RunLayout", "STEP_ORDER", "execute", "find_report",
-           "load_pipeline", "plan_pipeline", "run_pipeline", "step_available", "step_refs"]
+           "load_pipeline", "plan_pipeline", "run_pipeline"]

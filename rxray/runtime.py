@@ -1,8 +1,7 @@
-"""Connecting to Ray, and the provenance every output carries (versions, timings)."""
+"""Connecting to Ray, quiet by default, and the provenance every output carries (versions, timings)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -14,6 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray
+
+from rxray.outputs import read_manifest, write_manifest  # noqa: F401 - moved to rxray.outputs; callers move next
 
 
 VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own logs and every Ray Data progress bar
@@ -98,23 +99,3 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-
-def write_manifest(uri: str, step: str, config: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """Write `_manifest.json` under an output URI: step name, config, versions and any counts/timings."""
-    from rxray import storage
-
-    manifest = {"step": step, "config": config, "versions": package_versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
-    storage.write_text(storage.join(uri, "_manifest.json"), json.dumps(manifest, indent=2, default=str))
-    return manifest
-
-
-def read_manifest(uri: str) -> dict[str, Any] | None:
-    """The `_manifest.json` under an output URI, or None if the step has not completed there."""
-    from rxray import storage
-
-    path = storage.join(uri, "_manifest.json")
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_text(path))

@@ -48,10 +48,11 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from rxray import storage
-from rxray.errors import StepFailed
 from rxray.config import (ConfigError, FinetuneConfig, PretrainConfig, TuneConfig, config_to_dict, config_to_yaml,
                           load_config, read_yaml)
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.errors import StepFailed
+from rxray.outputs import CONFIG_FILE, CONFLICT, NEW, rerun_decision, write_manifest
+from rxray.runtime import Timer, ensure_ray
 from rxray.train.loop import PLACEMENT_GROUP_KEY
 
 if TYPE_CHECKING:
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 EXPERIMENT = "tune"  # Tune's own state and per-trial logs: <out>/tune/
 TRIALS_DIR = "trials"  # each trial's step output: <out>/trials/<trial_id>/
 TRIAL_RECORD = "_trial.json"  # per trial: its values and how many times Tune started it
-CONFIG_FILE = "config.yaml"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 PLOT_FILE = "objective.png"
@@ -337,7 +337,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
               "concurrency": plan.concurrency, "space": plan.space, "trials": len(table), "status_counts": counts,
               "best": {k: best[k] for k in ("trial_id", "score", "epochs", "values", "out")},
               "best_config": storage.join(cfg.out, BEST_CONFIG), "results": [RESULTS_PARQUET, RESULTS_CSV],
-              "figures": [PLOT_FILE], "seconds": timer.seconds}
+              "figures": [PLOT_FILE], "timings": timer.seconds}
     write_manifest(cfg.out, "tune", config_to_dict(cfg), **fields)
     return {"out": cfg.out, "status": "complete", **{k: fields[k] for k in ("objective", "metric", "trials",
                                                                                "status_counts", "restored", "best",
@@ -356,16 +356,12 @@ def _absolute(cfg: TuneConfig) -> TuneConfig:
 
 def _check_rerun(cfg: TuneConfig) -> bool:
     """True if ``cfg.out`` holds a search to resume; a rerun must keep every setting but --out."""
-    saved = storage.join(cfg.out, CONFIG_FILE)
-    if not storage.exists(saved):
-        return False
-    before = read_yaml(saved).get(TuneConfig.section, {})
-    current = config_to_dict(cfg)
-    for name, value in current.items():
-        if name != "out" and name in before and before[name] != value:
-            raise ConfigError(f"tune.{name}", f"{cfg.out} holds a search with {name}={before[name]!r}, not {value!r}; "
-                                              f"use a new --out to start over")
-    return True
+    rerun = rerun_decision(cfg.out, cfg)
+    if rerun.action == CONFLICT:
+        name, (old, new) = next(iter(rerun.changed.items()))
+        raise ConfigError(f"tune.{name}", f"{cfg.out} holds a search with {name}={old!r}, not {new!r}; "
+                                          f"use a new --out to start over")
+    return rerun.action != NEW
 
 
 def _new_tuner(cfg: TuneConfig, plan: SearchPlan, trainable: Any, path: str, filesystem: Any) -> "ray.tune.Tuner":

@@ -79,7 +79,7 @@ def _check_outputs(out: str, classes: list[str]) -> dict:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     manifest = read_manifest(out)
     assert manifest["step"] == "finetune" and manifest["figures"] == list(FIGURES)
-    assert manifest["seconds"]["fit"] > 0 and manifest["seconds"]["evaluate"] > 0
+    assert manifest["timings"]["fit"] > 0 and manifest["timings"]["evaluate"] > 0
     assert storage.exists(storage.join(out, "config.yaml")) and storage.exists(storage.join(out, "splits.csv"))
     history = read_metrics(out)
     assert history and {"train_loss", "val_loss", "val_pr_auc", "val_f1_macro", "best_epoch"} <= set(history[0])

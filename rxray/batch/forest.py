@@ -64,7 +64,8 @@ from rxray.evaluate.profiles import (
 )
 from rxray.evaluate.treatment_map import (CLUSTER_DISTANCE, MAP_FILES, TOP_FRACTION, similarity_long,
                                          treatment_map)
-from rxray.runtime import Timer, ensure_ray, json_safe, write_manifest
+from rxray.outputs import write_manifest
+from rxray.runtime import Timer, ensure_ray, json_safe
 
 CONTROL, TREATED = 0, 1
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
@@ -373,5 +374,5 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
               "rejected": {"non-finite embedding": int((~finite).sum())},
               "other_treatment_sites_ignored": int((finite & ~keep).sum())}
     write_manifest(cfg.out, "score", config_to_dict(cfg), counts=counts, outputs=outputs,
-                   summary=summary, seconds=timer.seconds)
+                   summary=summary, timings=timer.seconds)
     return {**summary, "seconds": timer.seconds}

@@ -32,7 +32,8 @@ import pandas as pd
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
 from rxray.data import layout
-from rxray.runtime import ensure_ray, package_versions, read_manifest
+from rxray.outputs import read_manifest
+from rxray.runtime import ensure_ray, package_versions
 
 PIPELINE_TARGET = {"local": 0.8, "s3": 0.7}  # pipeline / decode ceiling, from the issue
 MEMORY_TARGET = 1.5                           # peak memory at scale x sites / at 1x

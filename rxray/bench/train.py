@@ -171,7 +171,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict[str, Any]:
 
     from rxray.bench.embed import write_random_shards
     from rxray.data.shards import channel_stats
-    from rxray.runtime import write_manifest
+    from rxray.outputs import write_manifest
 
     ensure_ray()
     gpu = torch.cuda.is_available() if cfg.gpu is None else cfg.gpu

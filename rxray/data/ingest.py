@@ -33,7 +33,8 @@ from rxray import storage
 from rxray.errors import StepFailed
 from rxray.config import ConfigError, IngestConfig, config_to_dict
 from rxray.data import layout, select, shards
-from rxray.runtime import Timer, ensure_ray, read_manifest, write_manifest
+from rxray.outputs import read_manifest, write_manifest
+from rxray.runtime import Timer, ensure_ray
 
 # Small row groups let readers stream a shard without holding all of it (64 rows of
 # 6 x 256 x 256 is 25 MB).

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from rxray import storage
+from rxray.outputs import read_manifest
 
 if TYPE_CHECKING:
     import ray.data
@@ -99,8 +100,6 @@ def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset
 
 def shard_manifest(uri: str) -> dict[str, Any]:
     """The ingest manifest of a shard URI; FileNotFoundError if ingest has not completed there."""
-    from rxray.runtime import read_manifest
-
     manifest = read_manifest(uri)
     if manifest is None:
         raise FileNotFoundError(f"no ingest manifest at {uri} (run `rxray ingest` first)")

@@ -35,7 +35,8 @@ from rxray.errors import StepFailed
 from rxray.config import SynthConfig, config_to_dict
 from rxray.data import cells, layout
 from rxray.data.layout import MOA_FILE
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.outputs import write_manifest
+from rxray.runtime import Timer, ensure_ray
 
 TRUTH_FILE = "truth.json"
 CONTROL_MOA = "control"

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from rxray import storage
 from rxray.data.layout import EMBEDDINGS_FILE, METADATA_COLUMNS, METADATA_FILE
-from rxray.runtime import read_manifest
+from rxray.outputs import read_manifest
 
 EMBEDDING_COLUMN = "embedding"
 EMBED_SITES_DIR = "sites"  # where `rxray embed` writes site embeddings (its manifest's layout.sites)

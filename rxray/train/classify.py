@@ -44,14 +44,14 @@ import torch
 from torch import nn
 
 from rxray import storage
-from rxray.errors import StepFailed
-from rxray.config import (ConfigError, FinetuneConfig, changed_settings, config_to_dict, config_to_yaml,
-                          read_yaml)
+from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_yaml
 from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
-from rxray.runtime import Timer, ensure_ray, json_safe, write_manifest
+from rxray.errors import StepFailed
+from rxray.outputs import CONFIG_FILE, CONFLICT, MANIFEST_FILE, STALE, read_manifest, rerun_decision, write_manifest
+from rxray.runtime import Timer, ensure_ray, json_safe
 from rxray.ssl.augment import SimCLRAugment, normalize
 from rxray.train.checkpoints import CHECKPOINT_FILE, checkpoint_epoch, latest_checkpoint, load_checkpoint
-from rxray.train.loop import (CONFIG_FILE, EpochLog, ThroughputMeter, TrainWorker, autocast_for, cache_datasets, fit,
+from rxray.train.loop import (EpochLog, ThroughputMeter, TrainWorker, autocast_for, cache_datasets, fit,
                               read_metrics, unwrap, worker_cpus, worker_print)
 
 if TYPE_CHECKING:
@@ -72,10 +72,6 @@ REST = "rest"  # --negative rest: every label value but the positive one
 OTHER_CLASS = "other"  # name of a negative class made of several label values
 # Mild crops only: zooming changes apparent cell and nucleus size, itself a phenotype (e.g. nuclear_size).
 CROP_SCALE = (0.8, 1.0)
-# Settings that decide the model's shapes, its classes or its splits: a rerun into the same output must keep them.
-_RUN_FIELDS = ("data", "task", "label_col", "positive", "negative", "classes", "encoder", "weights", "backbone", "stem",
-               "freeze", "with_conc", "plate_norm", "channels", "head_hidden", "split_by", "val_frac", "test_frac",
-               "seed")
 _METADATA_COLUMNS = ("site_id", "experiment", "plate", "treatment")
 _TENSOR_DTYPES = {"image": torch.uint8, "label": torch.int64, "conc": torch.float32, GAIN_COLUMN: torch.float32}
 # Columns of the test predictions besides the class: metadata and the dose as recorded (NaN for controls).
@@ -720,7 +716,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if run.done >= cfg.epochs or run.stopped:
         how = f"stopped early after {run.done} epochs" if run.done < cfg.epochs else f"{run.done} of {cfg.epochs} epochs"
         print(f"finetune: {cfg.out} is already complete ({how}); nothing to train", flush=True)
-        if storage.exists(storage.join(cfg.out, "_manifest.json")):
+        if storage.exists(storage.join(cfg.out, MANIFEST_FILE)):
             return _summary(cfg, status="complete")
     else:
         _train(cfg, run, timer)
@@ -736,7 +732,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
               "counts": {"sites": {s: counts[s]["sites"] for s in counts},
                          "classes": {s: counts[s]["classes"] for s in counts}},
               "test": _headline(test_metrics), "figures": list(FIGURES) if test_metrics else [],
-              "seconds": timer.seconds}
+              "timings": timer.seconds}
     write_manifest(cfg.out, "finetune", config_to_dict(cfg), **json_safe(fields))
     return _summary(cfg, status="trained")
 
@@ -951,15 +947,15 @@ def _check_rerun(cfg: FinetuneConfig, splits: dict[str, Any]) -> None:
     """A rerun into an existing output must keep the settings that shaped it, and get the same splits."""
     from rxray.data.splits import read_splits
 
-    saved_config = storage.join(cfg.out, CONFIG_FILE)
-    if not storage.exists(saved_config):
-        return
-    changed = changed_settings(read_yaml(saved_config).get(FinetuneConfig.section, {}), cfg)
-    for name in _RUN_FIELDS:
-        if name in changed:
-            old, new = changed[name]
-            raise ConfigError(f"finetune.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
-                                                  f"use a new --out to start over")
+    rerun = rerun_decision(cfg.out, cfg)
+    if rerun.action == CONFLICT:
+        name, (old, new) = next(iter(rerun.changed.items()))
+        raise ConfigError(f"finetune.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
+                                              f"use a new --out to start over")
+    if rerun.action == STALE:
+        raise ConfigError(f"finetune.{next(iter(rerun.changed))}",
+                          f"{cfg.out} holds a finished classifier trained with other settings ({rerun.changes()}); "
+                          f"use a new --out to train with them, or more --epochs to continue the run with them")
     written = read_splits(cfg.out)
     if written is not None and written["groups"] != splits["assignment"]:
         raise ConfigError("finetune.data", f"the groups in {cfg.data} no longer give the splits {cfg.out} was "
@@ -1042,8 +1038,6 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _summary(cfg: FinetuneConfig, status: str) -> dict[str, Any]:
     """The summary the CLI prints: the manifest's status, counts, test metrics, and the per-epoch history."""
-    from rxray.runtime import read_manifest
-
     manifest = read_manifest(cfg.out) or {}
     keep = ("task", "classes", "checkpoint", "best_epoch", "epochs_completed", "resumed_from", "stopped_early",
             "counts", "test", "figures", "seconds")

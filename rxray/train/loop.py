@@ -36,7 +36,6 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Per-epoch fields left out of the console line (they stay in metrics.jsonl and TensorBoard).
 CONSOLE_SKIP = frozenset({"epoch", "steps", "seconds", "data_wait_s", "val_f1_macro", "val_accuracy"})
-CONFIG_FILE = "config.yaml"
 # Checkpoints kept per run: the latest for resuming, a couple more in case the newest is damaged.
 CHECKPOINTS_KEPT = 3
 # Rows buffered per worker for shuffling within its stream: mixes shard order at little memory cost.

@@ -22,20 +22,15 @@ from torch import nn
 
 from rxray import storage
 from rxray.errors import StepFailed
-from rxray.config import (ConfigError, PretrainConfig, changed_settings, config_to_dict, config_to_yaml,
-                          read_yaml)
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml
+from rxray.outputs import CONFIG_FILE, CONFLICT, MANIFEST_FILE, STALE, rerun_decision, write_manifest
+from rxray.runtime import Timer, ensure_ray
 from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint
-from rxray.train.loop import (CONFIG_FILE, CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
+from rxray.train.loop import (CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
                               cache_datasets, fit, read_metrics, unwrap, worker_cpus, worker_print)
 
 RUN_NAME = "simclr"
 IN_CHANNELS = 6
-# Settings that decide the shapes in a checkpoint: a rerun into the same output must keep them.
-_ARCHITECTURE_FIELDS = ("backbone", "stem", "proj_dim")
-# Settings that say where and how long to run, not what is trained: a rerun may change them freely.
-_RUN_RESOURCE_FIELDS = ("out", "epochs", "workers", "gpu", "max_failures", "worker_cpus", "threads", "cache",
-                        "probe", "probe_task", "probe_treatments", "probe_sites", "probe_correct")
 
 
 class SimCLRModel(nn.Module):
@@ -309,32 +304,27 @@ def _check_weights(cfg: PretrainConfig) -> None:
 def _completed_epochs(cfg: PretrainConfig) -> tuple[int, str | None]:
     """Epochs already trained into ``cfg.out`` and the latest checkpoint's URI ((0, None) for a new run).
 
-    A rerun into an existing run must keep its architecture; other training settings
-    may change for the epochs still to train, but a finished run cannot take them.
+    The rerun policy (:func:`rxray.outputs.rerun_decision`) decides: a run keeps its
+    architecture; other settings may change for the epochs still to train, but a
+    finished run cannot take them.
     """
     try:
         latest = latest_checkpoint(cfg.out)
     except FileNotFoundError:
         return 0, None
     done = checkpoint_epoch(latest) or 0
-    saved_config = storage.join(cfg.out, CONFIG_FILE)
-    if not storage.exists(saved_config):
-        return done, latest
-    changed = {name: values for name, values in
-               changed_settings(read_yaml(saved_config).get(PretrainConfig.section, {}), cfg).items()
-               if name not in _RUN_RESOURCE_FIELDS}
-    for name in _ARCHITECTURE_FIELDS:
-        if name in changed:
-            old, new = changed[name]
-            raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
-                                                  f"use a new --out to start over")
-    if changed:
-        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
-        if done >= cfg.epochs:
-            raise ConfigError(f"pretrain.{next(iter(changed))}",
-                              f"{cfg.out} holds a finished {done}-epoch run trained with other settings ({listed}); "
-                              f"use a new --out to train with them, or more --epochs to continue the run with them")
-        print(f"pretrain: epochs {done + 1}-{cfg.epochs} train with changed settings ({listed})", flush=True)
+    rerun = rerun_decision(cfg.out, cfg)
+    if rerun.action == CONFLICT:
+        name, (old, new) = next(iter(rerun.changed.items()))
+        raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
+                                              f"use a new --out to start over")
+    if rerun.action == STALE:
+        raise ConfigError(f"pretrain.{next(iter(rerun.changed))}",
+                          f"{cfg.out} holds a finished {done}-epoch run trained with other settings "
+                          f"({rerun.changes()}); use a new --out to train with them, or more --epochs to continue "
+                          f"the run with them")
+    if rerun.changed and done < cfg.epochs:
+        print(f"pretrain: epochs {done + 1}-{cfg.epochs} train with changed settings ({rerun.changes()})", flush=True)
     return done, latest
 
 
@@ -357,7 +347,7 @@ def _finish(cfg: PretrainConfig, *, status: str, resumed_from: int, timer: Timer
     checkpoint = latest_checkpoint(cfg.out)
     fields = {"status": status, "epochs_completed": checkpoint_epoch(checkpoint), "resumed_from": resumed_from,
               "checkpoint": checkpoint, "final_metrics": history[-1] if history else None,
-              "seconds": timer.seconds, **counts}
-    if status == "trained" or not storage.exists(storage.join(cfg.out, "_manifest.json")):
+              "timings": timer.seconds, **counts}
+    if status == "trained" or not storage.exists(storage.join(cfg.out, MANIFEST_FILE)):
         write_manifest(cfg.out, "pretrain", config_to_dict(cfg), **fields)
     return {"out": cfg.out, **fields, "history": history}

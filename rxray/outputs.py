@@ -1,0 +1,146 @@
+"""What a step leaves behind, and the one rule for running it again.
+
+Every step ends by writing ``_manifest.json`` under its output (:func:`write_manifest`),
+always with the same keys: ``step``, ``config`` (the resolved config), ``versions``,
+``created``, ``counts``, ``timings`` and ``outputs``, plus any step-specific details.
+A manifest is written last, so its presence means the output is complete.
+
+Running a step again into the same output is decided once, here
+(:func:`rerun_decision`), from the role each config field declares (``option(role=...)``):
+
+- ``resource`` fields say where and how a step runs (workers, gpu, threads, cache, ...):
+  changing them never makes an output stale.
+- ``extent`` fields say how long (``epochs``): more of it continues a run.
+- ``identity`` fields fix what a run is (architecture, data, classes, splits): no run,
+  finished or not, can change them.
+- every other field shapes the result: a finished output made with other values is stale.
+
+The CLI and the pipeline read the same decision. They differ in one place, by
+design: a *stale trained model* is refused by ``rxray pretrain``/``rxray finetune``
+(the user gave a new setting to an old run; keep it unless they say so), while the
+pipeline, whose file declares what the run must hold, removes it and trains again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rxray import storage
+
+MANIFEST_FILE = "_manifest.json"
+CONFIG_FILE = "config.yaml"  # the resolved config a training run saves before its first epoch
+
+RESULT, RESOURCE, EXTENT, IDENTITY = "result", "resource", "extent", "identity"
+ROLES = (RESULT, RESOURCE, EXTENT, IDENTITY)
+
+# What to do with an output: nothing there; complete for this config; continue it (more epochs, or a run cut
+# off part-way); made with other result settings; or holding another run altogether.
+NEW, COMPLETE, CONTINUE, STALE, CONFLICT = "new", "complete", "continue", "stale", "conflict"
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def write_manifest(uri: str, step: str, config: dict[str, Any], *, counts: dict[str, Any] | None = None,
+                   timings: dict[str, float] | None = None, outputs: Any = None, **details: Any) -> dict[str, Any]:
+    """Write ``_manifest.json`` under ``uri`` with the keys every step shares, plus the step's details."""
+    from rxray.runtime import package_versions
+
+    manifest = {"step": step, "config": config, "versions": package_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "counts": counts or {}, "timings": timings or {}, "outputs": outputs or [], **details}
+    storage.write_text(storage.join(uri, MANIFEST_FILE), json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The manifest under an output URI, or None if no step has completed there."""
+    path = storage.join(uri, MANIFEST_FILE)
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_text(path))
+
+
+def manifest_seconds(manifest: dict[str, Any]) -> float | None:
+    """A manifest's total wall time: its ``total`` timing, else the sum of its phases (None if untimed)."""
+    timings = manifest.get("timings") or {}
+    if not timings:
+        return None
+    return float(timings["total"]) if "total" in timings else float(sum(timings.values()))
+
+
+# --------------------------------------------------------------------------- the rerun policy
+
+
+def field_role(cfg: Any, name: str) -> str:
+    """The rerun role a config field declares (``result`` unless it says otherwise)."""
+    for f in dataclasses.fields(cfg):
+        if f.name == name:
+            return f.metadata.get("role", RESULT)
+    return RESULT
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """What to do with a step's output for a config: :data:`NEW`, :data:`COMPLETE`, :data:`CONTINUE`, ..."""
+
+    action: str
+    reason: str
+    manifest: dict[str, Any] | None = None
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (recorded, current)
+
+    def changes(self) -> str:
+        """The changed fields as ``name: old -> new; ...`` (for messages)."""
+        return "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in self.changed.items())
+
+
+def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Field -> (recorded, current) for the fields of ``cfg`` whose value differs from a saved config dict.
+
+    Values are compared as JSON, the form configs are saved in, so a YAML or JSON
+    round trip (tuples as lists, ...) compares equal; fields the record lacks are skipped.
+    """
+    current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return {name: (recorded[name], value) for name, value in current.items()
+            if name in recorded and recorded[name] != value}
+
+
+def recorded_config(out: str, section: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(manifest, recorded config) of an output: the manifest's config, else a run's saved config.yaml."""
+    manifest = read_manifest(out)
+    if manifest is not None and isinstance(manifest.get("config"), dict):
+        return manifest, manifest["config"]
+    saved = storage.join(out, CONFIG_FILE)
+    if storage.exists(saved):
+        from rxray.config import read_yaml
+
+        return None, read_yaml(saved).get(section, {})
+    return manifest, None
+
+
+def rerun_decision(out: str, cfg: Any) -> Rerun:
+    """The one rule for running a step with ``cfg`` into ``out`` again (see the module docstring)."""
+    manifest, recorded = recorded_config(out, getattr(cfg, "section", ""))
+    if recorded is None:
+        return Rerun(NEW, "not run yet", manifest)
+    by_role: dict[str, dict[str, tuple[Any, Any]]] = {role: {} for role in ROLES}
+    for name, values in changed_settings(recorded, cfg).items():
+        by_role[field_role(cfg, name)][name] = values
+    if by_role[IDENTITY]:
+        return Rerun(CONFLICT, f"{out} holds another run", manifest, by_role[IDENTITY])
+    if manifest is None:  # a run cut off part-way: it continues, with any new settings for what is left
+        return Rerun(CONTINUE, "a run cut off part-way", None, by_role[RESULT])
+    longer = {name: (old, new) for name, (old, new) in by_role[EXTENT].items() if new > old}
+    if longer:
+        return Rerun(CONTINUE, "more " + ", ".join(longer), manifest, {**by_role[RESULT], **longer})
+    if by_role[RESULT]:
+        return Rerun(STALE, "made with other settings", manifest, by_role[RESULT])
+    return Rerun(COMPLETE, f"complete at {out}", manifest)
+
+
+__all__ = ["CONFIG_FILE", "MANIFEST_FILE", "Rerun", "changed_settings", "field_role", "manifest_seconds",
+           "read_manifest", "recorded_config", "rerun_decision", "write_manifest"]

@@ -1,0 +1,72 @@
+"""The manifest every step writes and the one rerun policy (rxray.outputs), without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from rxray.config import FinetuneConfig, PretrainConfig, config_to_dict, config_to_yaml, load_config
+from rxray.outputs import (COMPLETE, CONFIG_FILE, CONFLICT, CONTINUE, NEW, STALE, read_manifest, rerun_decision,
+                           write_manifest)
+from rxray.steps import PIPELINE_STEPS, STEPS
+
+
+def _pretrain(tmp_path, **values) -> PretrainConfig:
+    return load_config(PretrainConfig, values={"data": str(tmp_path / "shards"), "out": str(tmp_path / "run"),
+                                               "epochs": 2, **values})
+
+
+def test_every_manifest_has_the_shared_keys(tmp_path):
+    write_manifest(str(tmp_path), "score", {"trees": 5}, counts={"sites": 3}, timings={"fit": 1.5}, extra=1)
+    manifest = read_manifest(str(tmp_path))
+    assert {"step", "config", "versions", "created", "counts", "timings", "outputs"} <= set(manifest)
+    assert manifest["counts"] == {"sites": 3} and manifest["timings"] == {"fit": 1.5} and manifest["extra"] == 1
+    write_manifest(str(tmp_path), "report", {})
+    assert read_manifest(str(tmp_path))["counts"] == {} and read_manifest(str(tmp_path))["outputs"] == []
+
+
+def test_rerun_decision_follows_each_fields_role(tmp_path):
+    cfg = _pretrain(tmp_path)
+    assert rerun_decision(cfg.out, cfg).action == NEW
+    # A run cut off part-way (config.yaml, no manifest): it continues, with new settings for what is left.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    partial = rerun_decision(cfg.out, _pretrain(tmp_path, lr=0.01))
+    assert partial.action == CONTINUE and set(partial.changed) == {"lr"}
+    assert rerun_decision(cfg.out, _pretrain(tmp_path, backbone="resnet18")).action == CONFLICT
+
+    write_manifest(cfg.out, "pretrain", config_to_dict(cfg))
+    assert rerun_decision(cfg.out, cfg).action == COMPLETE
+    resources = _pretrain(tmp_path, workers=3, threads=2, cache="off", probe=True)
+    assert rerun_decision(cfg.out, resources).action == COMPLETE  # where and how it runs is not what it made
+    assert rerun_decision(cfg.out, _pretrain(tmp_path, epochs=4)).action == CONTINUE
+    assert rerun_decision(cfg.out, _pretrain(tmp_path, epochs=1)).action == COMPLETE
+    stale = rerun_decision(cfg.out, _pretrain(tmp_path, lr=0.01, workers=2))
+    assert stale.action == STALE and stale.changes() == "lr: 0.001 -> 0.01"
+    conflict = rerun_decision(cfg.out, _pretrain(tmp_path, stem="project"))
+    assert conflict.action == CONFLICT and list(conflict.changed) == ["stem"]
+
+
+def test_classifier_identity_fields(tmp_path):
+    base = {"data": str(tmp_path / "d"), "out": str(tmp_path / "c"), "positive": "IFN-beta"}
+    cfg = load_config(FinetuneConfig, values=base)
+    write_manifest(cfg.out, "finetune", config_to_dict(cfg))
+    assert rerun_decision(cfg.out, load_config(FinetuneConfig, values={**base, "channels": [1, 2]})).action == CONFLICT
+    assert rerun_decision(cfg.out, load_config(FinetuneConfig, values={**base, "lr": 0.1})).action == STALE
+
+
+def test_the_registry_names_resolvable_configs_functions_and_inputs():
+    names = {step.name for step in STEPS}
+    for step in STEPS:
+        assert step.config_class().__name__.endswith("Config")
+        assert callable(step.run) and step.function.split(":")[1]
+        for field, producer in step.inputs.items():
+            assert producer in PIPELINE_STEPS and field in step.config_class().__dataclass_fields__
+    assert {"synth", "ingest", "pretrain", "finetune", "embed", "score", "explain", "report", "tune",
+            "pipeline"} <= names
+
+
+@pytest.mark.parametrize("step", [s for s in STEPS])
+def test_every_step_function_loads(step):
+    from rxray.steps import resolve
+
+    assert callable(resolve(step.function))
