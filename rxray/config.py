@@ -18,6 +18,7 @@ import yaml
 
 from rxray.data.layout import TREATMENT_GROUPS
 from rxray.errors import ConfigError
+from rxray.models.registry import BACKBONES
 
 REQUIRED = object()
 
@@ -290,7 +291,6 @@ CACHE_HELP = ("hold the training images in Ray's object store after the first ep
 PROBE_CORRECT_HELP = ("center: scale each plate's embeddings on its own control sites before probing (plates with "
                       "fewer than 2 controls sit out), or none")
 PROBE_CORRECTIONS = ["none", "center"]
-BACKBONES = ["densenet121", "densenet201", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 
 
 @dataclass

@@ -65,14 +65,6 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
     return json.loads(storage.read_text(path))
 
 
-def manifest_seconds(manifest: dict[str, Any]) -> float | None:
-    """A manifest's total wall time: its ``total`` timing, else the sum of its phases (None if untimed)."""
-    timings = manifest.get("timings") or {}
-    if not timings:
-        return None
-    return float(timings["total"]) if "total" in timings else float(sum(timings.values()))
-
-
 # --------------------------------------------------------------------------- the rerun policy
 
 
@@ -142,5 +134,5 @@ def rerun_decision(out: str, cfg: Any) -> Rerun:
     return Rerun(COMPLETE, f"complete at {out}", manifest)
 
 
-__all__ = ["CONFIG_FILE", "MANIFEST_FILE", "Rerun", "changed_settings", "field_role", "manifest_seconds",
+__all__ = ["CONFIG_FILE", "MANIFEST_FILE", "Rerun", "changed_settings", "field_role",
            "read_manifest", "recorded_config", "rerun_decision", "write_manifest"]

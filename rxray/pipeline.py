@@ -386,9 +386,9 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
 
 
 def run_findings(run: str) -> list[str]:
-    """The run's findings in a few lines (see rxray.evaluate.findings); a line saying why when they cannot be read."""
-    from rxray.evaluate.findings import collect_findings, findings_lines
-    from rxray.evaluate.report import find_step_outputs
+    """The run's findings in a few lines (see rxray.report.findings); a line saying why when they cannot be read."""
+    from rxray.report.findings import collect_findings, findings_lines
+    from rxray.report.step_outputs import find_step_outputs
 
     try:
         return findings_lines(collect_findings(find_step_outputs(run)))

@@ -28,7 +28,7 @@ import yaml
 from rxray import storage
 from rxray.config import SynthConfig, load_config
 from rxray.data.synth import synthesize
-from rxray.runtime import read_manifest
+from rxray.outputs import read_manifest
 from test_pipeline import TINY_SECTIONS, process_tree, runnable_sections
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from rxray.cli import main
 from rxray.errors import StepFailed
 from rxray.config import ConfigError, config_to_dict
 from rxray.pipeline import STEP_ORDER, execute, load_pipeline, plan_pipeline
-from rxray.runtime import read_manifest, write_manifest
+from rxray.outputs import read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIGS = sorted((ROOT / "rayjobs" / "configs").glob("*.yaml"))

@@ -25,11 +25,11 @@ from rxray import storage
 from rxray.cli import main
 from rxray.config import ConfigError, ReportConfig, load_config
 from rxray.data import layout
-from rxray.evaluate import step_outputs
+from rxray.report import step_outputs
 from rxray.evaluate.metrics import classification_metrics
-from rxray.evaluate.report import report
-from rxray.evaluate.step_outputs import find_step_outputs
-from rxray.runtime import write_manifest
+from rxray.report.page import report
+from rxray.report.step_outputs import find_step_outputs
+from rxray.outputs import write_manifest
 
 TREATMENTS = ["EMPTY", "IFN-beta", "IFN-gamma", "TNF-alpha"]
 N_SITES = 150
@@ -97,7 +97,7 @@ def write_pretrain(uri: str) -> None:
     storage.write_bytes(storage.join(uri, "simclr", "checkpoint_000003", "checkpoint.pt"), b"weights")
     write_manifest(uri, "pretrain", {"data": "shards", "epochs": 3}, status="trained", epochs_completed=3,
                    resumed_from=0, checkpoint=storage.join(uri, "simclr", "checkpoint_000003"),
-                   final_metrics=history[-1], seconds={"fit": 6.0, "total": 7.0})
+                   final_metrics=history[-1], timings={"fit": 6.0, "total": 7.0})
 
 
 def write_probe(uri: str) -> None:
@@ -130,7 +130,7 @@ def write_finetune(uri: str, with_plots: bool) -> None:
                                    for e in range(1, 4)))
     config = {"task": "binary" if with_plots else "multiclass", "label_col": "treatment",
               "positive": "IFN-beta" if with_plots else None}
-    write_manifest(uri, "finetune", config, seconds={"fit": 4.0, "evaluate": 1.0, "total": 5.5})
+    write_manifest(uri, "finetune", config, timings={"fit": 4.0, "evaluate": 1.0, "total": 5.5})
 
 
 def write_embed(uri: str) -> None:
@@ -170,12 +170,12 @@ def write_score(uri: str) -> list[str]:
     storage.write_bytes(outputs[0], sink.getvalue())
     storage.write_text(outputs[1], frame.to_csv(index=False))
     write_manifest(uri, "score", {"embeddings": "embed"}, counts={"input_sites": N_SITES}, outputs=outputs,
-                   summary={}, seconds={"load": 0.5, "score": 3.0, "write": 0.1})
+                   summary={}, timings={"load": 0.5, "score": 3.0, "write": 0.1})
     return outputs
 
 
 def write_explain(uri: str) -> None:
-    from rxray.batch.gradcam import channel_importance
+    from rxray.batch.attribution import channel_importance
 
     rng = np.random.default_rng(5)
     treatments = np.repeat(["IFN-beta", "IFN-gamma"], 4)
@@ -317,7 +317,7 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
 
 
 def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
-    from rxray.evaluate.findings import collect_findings, findings_lines
+    from rxray.report.findings import collect_findings, findings_lines
 
     out = str(tmp_path / "report")
     result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 100}))

@@ -31,7 +31,8 @@ from rxray.config import ConfigError, EmbedConfig, config_to_dict
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
 from rxray.models.inputs import InputRecipe
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.outputs import MANIFEST_FILE, write_manifest
+from rxray.runtime import Timer, ensure_ray
 from rxray.train.checkpoints import require_checkpoint
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 
     sites_uri, wells_uri = storage.join(cfg.out, SITES_DIR), storage.join(cfg.out, WELLS_DIR)
     # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
-    for stale in (storage.join(cfg.out, "_manifest.json"), sites_uri, wells_uri):
+    for stale in (storage.join(cfg.out, MANIFEST_FILE), sites_uri, wells_uri):
         storage.remove(stale, recursive=True)
     storage.makedirs(cfg.out)
 

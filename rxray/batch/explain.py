@@ -37,7 +37,8 @@ from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.data.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
-from rxray.runtime import Timer, ensure_ray, write_manifest
+from rxray.outputs import MANIFEST_FILE, read_manifest, write_manifest
+from rxray.runtime import Timer, ensure_ray
 from rxray.train.checkpoints import CLASSIFIER_KEYS, require_checkpoint
 
 if TYPE_CHECKING:
@@ -246,8 +247,6 @@ def _planted_channels(cfg: ExplainConfig) -> tuple[dict[str, int | None] | None,
     """Treatment -> planted 1-based channel from a synthetic dataset's truth.json, and its URI, if any."""
     import json
 
-    from rxray.runtime import read_manifest
-
     uri = cfg.truth
     if uri is None:
         manifest = read_manifest(cfg.data) or {}
@@ -314,7 +313,7 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
 
     heatmaps_uri = storage.join(cfg.out, HEATMAPS_DIR)
     # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
-    for stale in ("_manifest.json", HEATMAPS_DIR, PANELS_DIR, IMPORTANCE_FIGURE, f"{IMPORTANCE_TABLE}.csv",
+    for stale in (MANIFEST_FILE, HEATMAPS_DIR, PANELS_DIR, IMPORTANCE_FIGURE, f"{IMPORTANCE_TABLE}.csv",
                   f"{IMPORTANCE_TABLE}.parquet"):
         storage.remove(storage.join(cfg.out, stale), recursive=True)
     storage.makedirs(cfg.out)

@@ -32,7 +32,7 @@ import pandas as pd
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
 from rxray.data import layout
-from rxray.outputs import read_manifest
+from rxray.outputs import MANIFEST_FILE, read_manifest
 from rxray.runtime import ensure_ray, package_versions
 
 PIPELINE_TARGET = {"local": 0.8, "s3": 0.7}  # pipeline / decode ceiling, from the issue
@@ -214,7 +214,7 @@ def _generate(root: str, total: int, cfg: BenchIngestConfig) -> None:
     """A synthetic dataset with at least ``total`` sites at ``cfg.size`` (reused if already there)."""
     from rxray.data.synth import synthesize
 
-    if storage.exists(storage.join(root, "_manifest.json")):
+    if storage.exists(storage.join(root, MANIFEST_FILE)):
         return
     sites_per_well = 4
     wells = max(12, -(-total // sites_per_well))

@@ -5,7 +5,7 @@ Every figure is a :class:`matplotlib.figure.Figure` on an Agg canvas, built with
 Ray actors and threads. ``save_figure`` renders to PNG bytes and writes them through
 :mod:`rxray.storage`, so a path may be local or ``s3://``. Each ``plot_*`` function
 writes one PNG and returns its URI. The figures only the report draws, from numbers the
-steps recorded, are in :mod:`rxray.evaluate.report_plots`.
+steps recorded, are in :mod:`rxray.report.figures`.
 """
 
 from __future__ import annotations

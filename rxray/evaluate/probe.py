@@ -296,7 +296,8 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
 
     from rxray.config import ConfigError, config_to_dict
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
-    from rxray.runtime import Timer, ensure_ray, verbose, write_manifest
+    from rxray.outputs import write_manifest
+    from rxray.runtime import Timer, ensure_ray, verbose
     from rxray.train.checkpoints import require_checkpoint
 
     ensure_ray()

@@ -1,7 +1,7 @@
 """The report's section per step: what each step output shows, gathered from its manifest and small files.
 
 A section reads the output's manifest, its small tables and its per-epoch metrics,
-draws the figures of :mod:`rxray.evaluate.report_plots`, copies the PNGs and tables the
+draws the figures of :mod:`rxray.report.figures`, copies the PNGs and tables the
 step wrote into the report's folder and returns the HTML of its block. Big inputs are
 read in part: the embedding scatter reads ``max_points`` sampled rows and only the
 columns it draws. ``SECTIONS`` lists the steps in pipeline order with their headings,
@@ -21,14 +21,14 @@ import pandas as pd
 from rxray import storage
 from rxray.config import ReportConfig
 from rxray.data.layout import CHANNEL_NAMES, CONTROL
-from rxray.evaluate.findings import headline_correction, read_table, score_table_uri
+from rxray.report.findings import headline_correction, read_table, score_table_uri
 from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe import PROBE_TABLE
-from rxray.evaluate.report_folder import ReportFolder
-from rxray.evaluate.report_html import escape, figure_html, html_table, kv_table, link_html
-from rxray.evaluate.report_plots import (MAX_BAR_TREATMENTS, channel_intensity_bars, embedding_pca_scatter,
+from rxray.report.folder import ReportFolder
+from rxray.report.html import escape, figure_html, html_table, kv_table, link_html
+from rxray.report.figures import (MAX_BAR_TREATMENTS, channel_intensity_bars, embedding_pca_scatter,
                                          score_bars, similarity_heatmap, step_time_bars, training_curves)
-from rxray.evaluate.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
+from rxray.report.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
                                          training_history)
 from rxray.evaluate.treatment_map import MAP_FILES
 

@@ -1,15 +1,15 @@
 """`rxray report`: one HTML page with the figures and tables of every step output under a run.
 
-Step outputs are found by their ``_manifest.json`` (:mod:`rxray.evaluate.step_outputs`)
+Step outputs are found by their ``_manifest.json`` (:mod:`rxray.report.step_outputs`)
 and grouped by the manifest's ``step``; each step has a section
-(:mod:`rxray.evaluate.report_sections`), and a step with no output gets a "not run"
-section. The page opens with the run's findings (:mod:`rxray.evaluate.findings`) and
+(:mod:`rxray.report.sections`), and a step with no output gets a "not run"
+section. The page opens with the run's findings (:mod:`rxray.report.findings`) and
 ends with every step's wall time. Output layout under ``out``:
 
 - ``report.html``: the page, with relative links only, so the folder opens locally
   even when the run lives on s3://;
 - ``figures/*.png``: figures drawn here (embedding PCA, score bars, training curves,
-  timings; :mod:`rxray.evaluate.report_plots`) and copies of the figures the steps
+  timings; :mod:`rxray.report.figures`) and copies of the figures the steps
   wrote (confusion matrices, PR and ROC curves, Grad-CAM panels, channel importance);
 - ``tables/*.csv``: copies of the steps' small result tables, linked from the page;
 - ``_manifest.json``: step "report", config, what was found, timings.
@@ -25,14 +25,15 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import ConfigError, ReportConfig, config_to_dict
-from rxray.evaluate.findings import collect_findings
-from rxray.evaluate.report_folder import ReportFolder
-from rxray.evaluate.report_html import CSS, escape, format_value, html_table, link_html, provenance_html
-from rxray.evaluate.report_sections import (SECTION_RENDERERS, SECTIONS, Context, other_html, pipeline_position,
+from rxray.report.findings import collect_findings
+from rxray.report.folder import ReportFolder
+from rxray.report.html import CSS, escape, format_value, html_table, link_html, provenance_html
+from rxray.report.sections import (SECTION_RENDERERS, SECTIONS, Context, other_html, pipeline_position,
                                             timings_html)
-from rxray.evaluate.step_outputs import (FIGURES_DIR, MANIFEST, SEARCH_DEPTH, TABLES_DIR, StepOutput,
+from rxray.report.step_outputs import (FIGURES_DIR, SEARCH_DEPTH, TABLES_DIR, StepOutput,
                                          find_step_outputs)
-from rxray.runtime import Timer, write_manifest
+from rxray.outputs import MANIFEST_FILE, write_manifest
+from rxray.runtime import Timer
 
 REPORT_FILE = "report.html"
 
@@ -134,12 +135,12 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     with timer.time("find"):
         outputs = find_step_outputs(cfg.run, exclude=cfg.out)
     if not outputs:
-        raise ConfigError("report.run", f"no step output ({MANIFEST}) within {SEARCH_DEPTH} folder levels of "
+        raise ConfigError("report.run", f"no step output ({MANIFEST_FILE}) within {SEARCH_DEPTH} folder levels of "
                                         f"{cfg.run}")
     # Figures of an earlier report here are replaced, not mixed with this one's.
-    previous = storage.join(cfg.out, MANIFEST)
+    previous = storage.join(cfg.out, MANIFEST_FILE)
     if storage.exists(previous) and json.loads(storage.read_text(previous)).get("step") == "report":
-        for stale in (MANIFEST, FIGURES_DIR, TABLES_DIR):
+        for stale in (MANIFEST_FILE, FIGURES_DIR, TABLES_DIR):
             storage.remove(storage.join(cfg.out, stale), recursive=True)
     storage.makedirs(cfg.out)
     ctx = Context(cfg, ReportFolder(cfg.out))

@@ -28,7 +28,7 @@ from rxray import storage
 from rxray.evaluate.treatment_map import MAP_FILES
 
 if TYPE_CHECKING:
-    from rxray.evaluate.step_outputs import StepOutput
+    from rxray.report.step_outputs import StepOutput
 
 HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rxray import storage
+from rxray.outputs import MANIFEST_FILE
 
-MANIFEST = "_manifest.json"
-# The report's own folders (rxray.evaluate.report_folder): copies of step outputs, never one.
+# The report's own folders (rxray.report.folder): copies of step outputs, never one.
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
 # Folder levels below the run searched for manifests: run/<step>/<variant>/<sub> covers every layout
@@ -93,8 +93,8 @@ def find_step_outputs(run: str, depth: int = SEARCH_DEPTH, exclude: str | None =
         if excluded and storage.strip_scheme(uri).rstrip("/") == excluded:
             continue
         files, dirs = list_entries(uri)
-        if MANIFEST in files:
-            manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+        if MANIFEST_FILE in files:
+            manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST_FILE)))
             if manifest.get("step") != "report":
                 found.append(StepOutput(uri, relative, manifest, files, dirs))
         if level < depth:
@@ -137,14 +137,9 @@ def training_history(output: StepOutput) -> list[dict[str, Any]]:
 
 
 def step_timings(manifest: dict[str, Any]) -> dict[str, float]:
-    """Named seconds of a manifest (``timings`` or ``seconds``: a dict of phases or one number)."""
-    value = manifest.get("timings", manifest.get("seconds"))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {"total": float(value)}
-    if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {}
+    """Named seconds of a manifest's ``timings`` (every step records its phases there)."""
+    return {str(k): float(v) for k, v in (manifest.get("timings") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def total_seconds(timings: dict[str, float]) -> float:

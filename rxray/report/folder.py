@@ -15,7 +15,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.evaluate.plots import save_figure
-from rxray.evaluate.step_outputs import FIGURES_DIR, TABLES_DIR
+from rxray.report.step_outputs import FIGURES_DIR, TABLES_DIR
 
 
 def _slug(text: str) -> str:
