@@ -267,11 +267,8 @@ def _say(line: str) -> None:
 
 
 def _step_counts(out: str) -> Any:
-    """The counts a step recorded in its manifest (its integer fields when it has no `counts`)."""
-    manifest = read_manifest(out) or {}
-    if "counts" in manifest:
-        return manifest["counts"]
-    return {k: v for k, v in manifest.items() if isinstance(v, int) and not isinstance(v, bool)} or None
+    """The counts a step recorded in its manifest, or None."""
+    return (read_manifest(out) or {}).get("counts") or None
 
 
 class RunRecord:
@@ -376,6 +373,8 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
     report = find_report(plan.layout.out("report")) if "report" in plan.selected else None
     seconds = time.perf_counter() - started
     record.finish("complete", seconds, report=report)
+    from rxray.report.findings import run_findings  # pandas and the report: only once the steps are done
+
     findings = run_findings(plan.layout.run)
     for line in findings:
         _say(line)
@@ -383,17 +382,6 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
          f"record: {record.uri}" + (f"; report: {report}" if report else ""))
     return {"run": plan.layout.run, "status": "complete", "steps": statuses, "seconds": round(seconds, 3),
             "record": record.uri, "report": report, "findings": findings}
-
-
-def run_findings(run: str) -> list[str]:
-    """The run's findings in a few lines (see rxray.report.findings); a line saying why when they cannot be read."""
-    from rxray.report.findings import collect_findings, findings_lines
-    from rxray.report.step_outputs import find_step_outputs
-
-    try:
-        return findings_lines(collect_findings(find_step_outputs(run)))
-    except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished pipeline
-        return [f"findings could not be summarised: {type(exc).__name__}: {exc}"]
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

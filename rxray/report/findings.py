@@ -20,15 +20,13 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import pandas as pd
 
 from rxray import storage
 from rxray.evaluate.treatment_map import MAP_FILES
-
-if TYPE_CHECKING:
-    from rxray.report.step_outputs import StepOutput
+from rxray.report.step_outputs import StepOutput, find_step_outputs
 
 HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
@@ -36,7 +34,7 @@ CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no b
 SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
 
 
-def _first(outputs: Iterable["StepOutput"], step: str) -> "StepOutput | None":
+def _first(outputs: Iterable[StepOutput], step: str) -> StepOutput | None:
     return next((o for o in outputs if o.step == step), None)
 
 
@@ -47,7 +45,7 @@ def read_table(uri: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(storage.read_text(uri)))
 
 
-def score_table_uri(output: "StepOutput") -> str | None:
+def score_table_uri(output: StepOutput) -> str | None:
     """The score table of a score output (Parquet preferred), found by name in its folder."""
     names = [posixpath.basename(str(p)) for p in output.manifest.get("outputs") or []]
     names += list(SCORE_TABLE_FILES)
@@ -63,7 +61,7 @@ def headline_correction(corrections: Iterable[str]) -> str | None:
     return next((c for c in HEADLINE_CORRECTIONS if c in present), None)
 
 
-def activity_findings(score: "StepOutput", top_stain: dict[str, str]) -> dict[str, Any] | None:
+def activity_findings(score: StepOutput, top_stain: dict[str, str]) -> dict[str, Any] | None:
     """Active treatments under the headline correction, ranked by q then mAP, with the stain explain found."""
     uri = score_table_uri(score)
     frame = read_table(uri) if uri else None
@@ -84,7 +82,7 @@ def activity_findings(score: "StepOutput", top_stain: dict[str, str]) -> dict[st
             "ranked": rows, "n_treatments": int(len(table))}
 
 
-def map_findings(score: "StepOutput", correction: str) -> dict[str, Any] | None:
+def map_findings(score: StepOutput, correction: str) -> dict[str, Any] | None:
     """The treatment map's benchmark and clusters for one correction, if the score step built a map."""
     if MAP_FILES["summary"] not in score.files:
         return None
@@ -101,7 +99,7 @@ def map_findings(score: "StepOutput", correction: str) -> dict[str, Any] | None:
     return {"correction": correction, "benchmark": benchmark, "clusters": clusters}
 
 
-def probe_findings(probe: "StepOutput") -> dict[str, Any] | None:
+def probe_findings(probe: StepOutput) -> dict[str, Any] | None:
     """The probe's treated-vs-control comparison: does the trained encoder beat every random-init one?"""
     rows = [r for r in probe.manifest.get("comparison") or [] if r.get("task") == "control"]
     if not rows:
@@ -112,7 +110,7 @@ def probe_findings(probe: "StepOutput") -> dict[str, Any] | None:
                       "margin": r["margin"]} for r in rows]}
 
 
-def classifier_findings(outputs: Iterable["StepOutput"]) -> list[dict[str, Any]]:
+def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
     """Each finetune run's task and its test metrics on held-out plates."""
     found = []
     for output in outputs:
@@ -126,7 +124,7 @@ def classifier_findings(outputs: Iterable["StepOutput"]) -> list[dict[str, Any]]
     return found
 
 
-def collect_findings(outputs: list["StepOutput"]) -> dict[str, Any]:
+def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
     """Findings of a run from its step outputs (see the module docstring), with warnings for failed checks.
 
     An output that cannot be read leaves its part out with a warning (the step's own report
@@ -200,3 +198,11 @@ def _round(value: Any, digits: int = 3) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if value != value else round(value, digits)
+
+
+def run_findings(run: str) -> list[str]:
+    """The findings of the step outputs under a run, in a few lines; a line saying why when they cannot be read."""
+    try:
+        return findings_lines(collect_findings(find_step_outputs(run)))
+    except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished pipeline
+        return [f"findings could not be summarised: {type(exc).__name__}: {exc}"]
