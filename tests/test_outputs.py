@@ -70,3 +70,14 @@ def test_every_step_function_loads(step):
     from rxray.steps import resolve
 
     assert callable(resolve(step.function))
+
+
+def test_every_pipeline_step_has_its_ray_job_entry():
+    from pathlib import Path
+
+    rayjobs = Path(__file__).resolve().parents[1] / "rayjobs"
+    for name in (*PIPELINE_STEPS, "pipeline"):
+        source = (rayjobs / f"{name}.py").read_text()
+        assert "from rxray.cli import main" in source, name
+        if name != "pipeline":
+            assert f'"--steps", "{name}"' in source, name

@@ -4,7 +4,7 @@ A section reads the output's manifest, its small tables and its per-epoch metric
 draws the figures of :mod:`rxray.report.figures`, copies the PNGs and tables the
 step wrote into the report's folder and returns the HTML of its block. Big inputs are
 read in part: the embedding scatter reads ``max_points`` sampled rows and only the
-columns it draws. ``SECTIONS`` lists the steps in pipeline order with their headings,
+columns it draws. ``SECTIONS`` (the step registry's report titles) lists the steps in pipeline order,
 ``SECTION_RENDERERS`` the function of each.
 """
 
@@ -31,12 +31,10 @@ from rxray.report.figures import (MAX_BAR_TREATMENTS, channel_intensity_bars, em
 from rxray.report.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
                                          training_history)
 from rxray.evaluate.treatment_map import MAP_FILES
+from rxray.steps import PIPELINE_STEPS, REPORT_SECTIONS
 
 # Sections in pipeline order; steps not listed here go to "Other step outputs".
-SECTIONS = (("ingest", "Ingest"), ("pretrain", "SimCLR pretraining"),
-            ("probe", "Probes: trained vs random-init encoder"), ("finetune", "Classifiers (finetune)"),
-            ("embed", "Embeddings"), ("score", "Random-Forest scores and mAP"),
-            ("explain", "Grad-CAM and channel importance"))
+SECTIONS = REPORT_SECTIONS  # (step, heading) in pipeline order, from the step registry
 # Score rows shown in the page; the full table is linked as CSV.
 MAX_TABLE_ROWS = 200
 SAMPLE_SEED = 0
@@ -44,7 +42,7 @@ SAMPLE_SEED = 0
 
 def pipeline_position(step: str) -> tuple[int, str]:
     """Sort key putting steps in pipeline order (synth first, unknown steps last, by name)."""
-    order = ["synth", *(name for name, _ in SECTIONS)]
+    order = list(PIPELINE_STEPS)
     return (order.index(step) if step in order else len(order), step)
 
 
