@@ -15,8 +15,8 @@ import sys
 import typing
 from typing import Any
 
-from rxray.config import _unwrap_optional, load_config
 from rxray.errors import ConfigError, StepFailed
+from rxray.options import load_config, unwrap_optional
 from rxray.steps import BENCHMARKS, STEPS, Step
 
 
@@ -30,7 +30,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         default = "required" if meta.get("required") else f.default if f.default is not dataclasses.MISSING \
             else f.default_factory()  # type: ignore[misc]
         help_text = meta.get("help", "")
