@@ -1,0 +1,62 @@
+"""The layout docs/architecture.md promises: no import cycles between packages, a library that never
+imports its CLI, and modules small enough to read (no Ray, no torch: it parses the sources)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rxray"
+MAX_MODULE_LINES = 400
+
+
+def _package_of(module: str) -> str:
+    """`rxray.train.loop` -> `train`; top-level modules (`rxray.config`) are the foundation, one node each."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (PACKAGE / parts[1]).is_dir() else module
+
+
+def _imports() -> dict[str, set[str]]:
+    """Package -> the other rxray packages/modules it imports (at module level or inside functions)."""
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        source = _package_of(module.removesuffix(".__init__"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rxray."):
+                target = _package_of(node.module)
+                if target != source:
+                    edges.setdefault(source, set()).add(target)
+    return edges
+
+
+def test_no_import_cycles_between_packages():
+    edges = _imports()
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    cycles = sorted({tuple(sorted((a, b))) for a in packages for b in edges.get(a, ()) if b in packages
+                     and reaches(b, a)})
+    assert not cycles, f"packages that import each other: {cycles}"
+
+
+def test_the_library_never_imports_the_cli():
+    offenders = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+                 if p.name != "cli.py" and "rxray.cli" in p.read_text()]
+    assert not offenders
+
+
+def test_no_module_over_the_size_a_newcomer_reads():
+    big = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not big, f"split along a seam: {big}"
