@@ -55,7 +55,7 @@ STEPS: tuple[Step, ...] = (
     Step("embed", "rxray.config:EmbedConfig", "rxray.batch.embed:embed",
          "embeddings for every site with a Ray Data actor pool", {"data": "ingest", "model": "pretrain"}, "embed",
          report_title="Embeddings"),
-    Step("score", "rxray.config:ScoreConfig", "rxray.batch.forest:score",
+    Step("score", "rxray.config:ScoreConfig", "rxray.batch.score:score",
          "Random-Forest scores, batch correction and mAP per treatment", {"embeddings": "embed"}, "score",
          report_title="Random-Forest scores and mAP"),
     Step("explain", "rxray.config:ExplainConfig", "rxray.batch.explain:explain",

@@ -153,7 +153,7 @@ def write_embed(uri: str) -> None:
 
 
 def write_score(uri: str) -> list[str]:
-    from rxray.batch.forest import COLUMNS
+    from rxray.batch.score import COLUMNS
 
     rng = np.random.default_rng(4)
     rows = []
@@ -409,7 +409,7 @@ def test_run_on_s3_gives_a_local_folder_that_works(s3_bucket, tmp_path):
 
 @pytest.mark.slow  # starts the session's local Ray for a real `rxray score`
 def test_report_of_a_real_score_output(full_run, tmp_path, ray_local):
-    from rxray.batch.forest import score
+    from rxray.batch.score import score
     from rxray.config import ScoreConfig
 
     run = str(shutil.copytree(full_run, tmp_path / "run"))

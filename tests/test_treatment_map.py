@@ -215,7 +215,7 @@ def test_treatment_map_from_well_profiles():
 def test_score_writes_the_treatment_map(tmp_path, ray_local):
     from test_score import synthetic_embeddings, write_rxrx2_csv
 
-    from rxray.batch.forest import score
+    from rxray.batch.score import score
     from rxray.config import ScoreConfig, load_config
 
     meta, X = synthetic_embeddings(dim=8, n_plates=2, control_wells=8, wells_per_treatment=3, sites=2, seed=2)
