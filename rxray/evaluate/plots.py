@@ -1,4 +1,4 @@
-"""Figures as PNG files at URIs: Grad-CAM panels, channel importance, confusion matrix, PR and ROC curves.
+"""Figures as PNG files at URIs: Grad-CAM panels, channel importance, confusion matrix, PR and ROC curves, tune trials.
 
 Every figure is a :class:`matplotlib.figure.Figure` on an Agg canvas, built without
 ``pyplot``: no global backend switch or figure registry, so the helpers are safe in
@@ -252,4 +252,38 @@ def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, path: str, labels: S
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
+    return save_figure(figure, path)
+
+
+def plot_trial_objectives(histories: dict[str, "pd.DataFrame"], table: "pd.DataFrame", metric: str, path: str,
+                          best_trial: str) -> str:
+    """A search's objective per epoch of every trial (ASHA-stopped ones end early) and the final one per trial.
+
+    ``histories`` maps trial id to its reported epochs (``epoch`` and ``metric`` columns);
+    ``table`` has one row per trial with ``trial_id``, ``status`` (complete / stopped / error) and ``metric``.
+    """
+    figure = new_figure(11, 4.2)
+    curves, bars = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    for trial_id, history in histories.items():
+        if metric not in history:
+            continue
+        best = trial_id == best_trial
+        curves.plot(history["epoch"], history[metric], marker="o", linewidth=2.5 if best else 1.0,
+                    alpha=1.0 if best else 0.6, label=f"{trial_id} (best)" if best else None, zorder=3 if best else 2)
+    curves.xaxis.get_major_locator().set_params(integer=True)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel(metric)
+    curves.set_title(f"{metric} per epoch, every trial")
+    curves.grid(alpha=0.3)
+    if best_trial:
+        curves.legend(loc="best", fontsize=8)
+
+    ordered = table.sort_values(metric, ascending=True, na_position="first")
+    colours = {"complete": "tab:blue", "stopped": "tab:grey", "error": "tab:red"}
+    scores = ordered[metric].fillna(0.0)
+    bars.barh(ordered["trial_id"], scores, color=[colours[s] for s in ordered["status"]],
+              edgecolor=["black" if t == best_trial else "none" for t in ordered["trial_id"]])
+    bars.set_xlabel(f"final {metric}")
+    bars.set_title("trials (blue complete, grey stopped early, red error)", fontsize=9)
+    bars.tick_params(axis="y", labelsize=7)
     return save_figure(figure, path)
