@@ -15,16 +15,8 @@ import pytest
 from rxray import storage
 from rxray.config import ConfigError, SynthConfig, load_config
 from rxray.data import cells, layout
-from rxray.data.synth import (
-    INTERFERON_EFFECTS,
-    INTERFERON_STRENGTH,
-    MOA_EFFECTS,
-    MOA_FILE,
-    RARE_MOA,
-    TRUTH_FILE,
-    build_treatments,
-    synthesize,
-)
+from rxray.data.synth import MOA_FILE, TRUTH_FILE, synthesize
+from rxray.data.synth_design import INTERFERON_EFFECTS, INTERFERON_STRENGTH, MOA_EFFECTS, RARE_MOA, build_treatments
 
 SITE_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}_\d+$")
 WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")

@@ -1,10 +1,11 @@
 """`rxray synth`: a synthetic RxRx2 dataset in exactly the real layout, generated on Ray.
 
 The driver builds the plan (treatments with hidden phenotypes, plate layouts, batch
-effects) and the site list; Ray tasks render chunks of sites, write their PNGs
-straight to storage and return only CSV text for ``embeddings.csv``. Every random
-draw comes from a generator keyed by (seed, name), e.g. (seed, "site", site_id),
-so the dataset is identical for a seed however it is chunked or scheduled.
+effects: :mod:`rxray.data.synth_design`) and the site list; Ray tasks render chunks
+of sites, write their PNGs straight to storage and return only CSV text for
+``embeddings.csv``. Every random draw comes from a generator keyed by (seed, name),
+e.g. (seed, "site", site_id), so the dataset is identical for a seed however it is
+chunked or scheduled.
 
 Outputs under ``out``: ``images/...`` (w1..w6 PNGs), ``metadata.csv`` (the 9 real
 columns), ``embeddings.csv`` (site_id + 128 features), ``moa.csv`` (treatment ->
@@ -15,279 +16,32 @@ metadata) and ``_manifest.json`` (written last: the dataset is complete).
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
 import io
 import json
 import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
-import numpy as np
 import ray
 
 from rxray import storage
-from rxray.errors import StepFailed
 from rxray.config import SynthConfig, config_to_dict
 from rxray.data import cells, layout
 from rxray.data.layout import MOA_FILE
+from rxray.data.synth_design import (RARE_MOA, Plan, Site, Treatment, batch_effects, build_sites, build_treatments,
+                                    site_conditions, stable_rng)
+from rxray.errors import StepFailed
 from rxray.outputs import write_manifest
 from rxray.runtime import Timer, ensure_ray
 
 TRUTH_FILE = "truth.json"
 CONTROL_MOA = "control"
-RARE_MOA = "GPCR"
-RARE_EVERY = 30  # one compound in 30 is a GPCR ligand: a few percent of sites, as in the MoA study
 # Shot noise defeats LZ matching: Huffman-only level 1 is the fastest and smallest option measured.
 PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 WRITE_THREADS = 6  # one site's six PNGs in flight at once: object-store PUTs are latency-bound
-
-# Each interferon on a different stain, strongly, so channel attribution (Grad-CAM) can find it.
-INTERFERON_EFFECTS = dict(zip(layout.TREATMENT_GROUPS["interferons"],
-                              ["nuclear_size", "actin_fibres", "mito_clumping", "golgi"]))
-INTERFERON_STRENGTH = 1.25
-INTERFERON_TOP_CONC = 10.0
-GPCR_LIGANDS = ["isoproterenol", "histamine", "carbachol", "clozapine", "haloperidol", "propranolol",
-                "loratadine", "salbutamol", "sumatriptan", "losartan", "metoprolol", "risperidone",
-                "olanzapine", "quetiapine", "ranitidine"]
-GPCR_EFFECT = "actin_fibres"  # GPCR -> Rho signalling -> stress fibres
-# Each mechanism's shared phenotype: every compound of a MoA carries this component (at
-# SynthConfig.moa_share of its own strength) on top of its individual `kind`, as drugs with one
-# mechanism share a morphological signature, so a treatment map has true relationships to find.
-# Nine mechanisms share eight kinds: cytoskeleton and GPCR meet on actin, and proteasome inhibitors
-# meet ER stressors on the ER, as they do in real screens. Interferons carry no shared component.
-MOA_EFFECTS = {
-    "DNA damage": "nuclear_size",  # arrest in G2 after DNA damage: enlarged nuclei
-    "HDAC inhibitor": "nuclear_intensity",  # chromatin decondensation changes the Hoechst signal
-    "kinase inhibitor": "cell_count",  # broad kinase inhibition stops proliferation
-    "ER stress": "er_texture",  # unfolded-protein response: swollen, coarse ER
-    "proteasome inhibitor": "er_texture",  # misfolded proteins back up in the ER (UPR)
-    "transcription inhibitor": "nucleoli",  # RNA polymerase I/II block: nucleolar segregation
-    "mitochondrial": "mito_clumping",  # depolarised mitochondria fragment and cluster by the nucleus
-    "protein trafficking": "golgi",  # ER-Golgi transport block: Golgi disperses and swells
-    "cytoskeleton": "actin_fibres",  # actin/tubulin drugs remodel stress fibres
-    RARE_MOA: GPCR_EFFECT,
-}
-# (name, mechanism, individual phenotype kind) for the other compounds; past the list, names are
-# cmpd-NNNN and mechanisms cycle. The first seven (the default dataset's compounds after one GPCR
-# ligand) form mechanism groups on stains the interferons leave free: 3 ER stress, 2 HDAC, 2
-# transcription; with seed 0 the two HDAC inhibitors are the planted nulls, an annotated pair with no
-# phenotype to recover. Further on, some compounds' own kind differs from their mechanism's.
-COMPOUNDS = [
-    ("tunicamycin", "ER stress", "er_texture"), ("thapsigargin", "ER stress", "er_texture"),
-    ("dithiothreitol", "ER stress", "er_texture"), ("vorinostat", "HDAC inhibitor", "nuclear_intensity"),
-    ("trichostatin-A", "HDAC inhibitor", "nuclear_intensity"), ("actinomycin-D", "transcription inhibitor", "nucleoli"),
-    ("CX-5461", "transcription inhibitor", "nucleoli"), ("dasatinib", "kinase inhibitor", "actin_fibres"),
-    ("staurosporine", "kinase inhibitor", "cell_count"), ("etoposide", "DNA damage", "nuclear_size"),
-    ("doxorubicin", "DNA damage", "nuclear_size"), ("camptothecin", "DNA damage", "nuclear_intensity"),
-    ("rotenone", "mitochondrial", "mito_clumping"), ("FCCP", "mitochondrial", "mito_clumping"),
-    ("oligomycin", "mitochondrial", "mito_clumping"), ("bortezomib", "proteasome inhibitor", "cell_count"),
-    ("MG-132", "proteasome inhibitor", "cell_count"), ("brefeldin-A", "protein trafficking", "golgi"),
-    ("monensin", "protein trafficking", "golgi"), ("panobinostat", "HDAC inhibitor", "nuclear_intensity"),
-    ("BMH-21", "transcription inhibitor", "nucleoli"), ("cytochalasin-D", "cytoskeleton", "actin_fibres"),
-    ("latrunculin-B", "cytoskeleton", "actin_fibres"), ("nocodazole", "cytoskeleton", "nuclear_size"),
-    ("antimycin-A", "mitochondrial", "mito_clumping"), ("imatinib", "kinase inhibitor", "cell_count"),
-    ("golgicide-A", "protein trafficking", "golgi"), ("jasplakinolide", "cytoskeleton", "actin_fibres"),
-    ("exo1", "protein trafficking", "golgi"),
-]
-
-# Batch effects at batch_effects=1 (log-normal sd of gains, sd of offsets in grey levels): visible
-# and plate-structured, yet below the interferons' planted effects (exp(0.35..0.6) at the top dose).
-EXPERIMENT_GAIN_SD, PLATE_GAIN_SD, WELL_GAIN_SD = 0.12, 0.08, 0.04
-EXPERIMENT_OFFSET_SD, PLATE_OFFSET_SD, BASE_OFFSET = 1.0, 0.7, 6.0
-EXPERIMENT_DENSITY_SD, WELL_DENSITY_SD = 0.08, 0.08
-EDGE_GAIN, EDGE_DENSITY = 1.25, 0.88  # evaporation at the plate rim: brighter stain, fewer cells
-
-
-def stable_rng(seed: int, *keys: Any) -> np.random.Generator:
-    """A generator determined by the seed and the keys alone (no Python hash randomisation)."""
-    words = [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") for k in keys]
-    return np.random.default_rng([seed, *words])
-
-
-@dataclass(frozen=True)
-class Treatment:
-    """One non-control treatment and its hidden phenotype."""
-
-    name: str
-    moa: str
-    kind: str  # a cells.EFFECTS kind: the treatment's individual phenotype
-    top_strength: float  # signed strength at the top concentration; 0 for a planted null
-    concentrations: tuple[float, ...]  # ascending
-    moa_kind: str = "none"  # the mechanism's shared phenotype (MOA_EFFECTS); "none" for interferons, nulls
-    moa_top_strength: float = 0.0  # its strength at the top concentration (always >= 0)
-
-    @property
-    def null(self) -> bool:
-        """True if planted with no effect at all."""
-        return self.top_strength == 0.0
-
-    @property
-    def strength_per_conc(self) -> float:
-        """Effect strength per unit of treatment_conc (the effect grows linearly with dose)."""
-        return self.top_strength / self.concentrations[-1]
-
-    @property
-    def moa_strength_per_conc(self) -> float:
-        """Strength of the shared mechanism component per unit of treatment_conc."""
-        return self.moa_top_strength / self.concentrations[-1]
-
-    def effects(self, conc: float) -> list[tuple[str, float]]:
-        """The (kind, strength) phenotype components at a concentration; none for a planted null."""
-        if self.null:
-            return []
-        shared = [] if self.moa_kind == "none" else [(self.moa_kind, self.moa_strength_per_conc * conc)]
-        return shared + [(self.kind, self.strength_per_conc * conc)]
-
-
-def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
-    """Concentrations halving down from the top dose, ascending."""
-    return tuple(float(f"{top / 2 ** (doses - 1 - d):.6g}") for d in range(doses))
-
-
-def build_treatments(cfg: SynthConfig) -> list[Treatment]:
-    """The interferons first, then named compounds (one in RARE_EVERY a GPCR ligand); some planted null.
-
-    A compound's phenotype is its mechanism's shared component (MOA_EFFECTS, strength
-    cfg.moa_share x its own, always in the mechanism's direction) plus its individual
-    kind, whose sign may be negative unless it is the mechanism's own kind.
-    """
-    rng = stable_rng(cfg.seed, "treatments")
-    treatments = [Treatment(name, "interferon", INTERFERON_EFFECTS[name], INTERFERON_STRENGTH,
-                            _dose_ladder(INTERFERON_TOP_CONC, cfg.doses))
-                  for name in layout.TREATMENT_GROUPS["interferons"][:cfg.treatments]]
-    others = []
-    for i in range(cfg.treatments - len(treatments)):
-        rare = i % RARE_EVERY == 0
-        pool = [(n, RARE_MOA, GPCR_EFFECT) for n in GPCR_LIGANDS] if rare else COMPOUNDS
-        j = i // RARE_EVERY if rare else i - i // RARE_EVERY - 1
-        name = pool[j][0] if j < len(pool) else f"cmpd-{i + 1:04d}"
-        _, moa, kind = pool[j % len(pool)]
-        sign = 1.0 if rare or rng.random() < 0.7 else -1.0
-        if kind == MOA_EFFECTS[moa]:
-            sign = 1.0  # a phenotype on the mechanism's own kind goes the mechanism's way
-        top = float(rng.choice([1.0, 3.0, 10.0]))
-        strength = float(rng.uniform(0.3, 0.8))
-        others.append(Treatment(name, moa, kind, sign * strength, _dose_ladder(top, cfg.doses),
-                                MOA_EFFECTS[moa], cfg.moa_share * strength))
-    # Nulls among the non-rare compounds only, so the rare class always has a phenotype to learn.
-    candidates = [i for i, t in enumerate(others) if t.moa != RARE_MOA]
-    n_null = min(len(candidates), math.ceil(cfg.null_fraction * len(others)))
-    for i in rng.permutation(candidates)[:n_null]:
-        others[i] = dataclasses.replace(others[i], top_strength=0.0, moa_kind="none", moa_top_strength=0.0)
-    return treatments + others
-
-
-@dataclass(frozen=True)
-class Site:
-    """One row of metadata.csv."""
-
-    cell_type: str
-    experiment: str
-    plate: int
-    well: str
-    site: int
-    treatment: str
-    conc: float | None  # None for controls
-
-    @property
-    def well_id(self) -> str:
-        """RxRx2 well id."""
-        return layout.make_well_id(self.experiment, self.plate, self.well)
-
-    @property
-    def site_id(self) -> str:
-        """RxRx2 site id."""
-        return layout.make_site_id(self.experiment, self.plate, self.well, self.site)
-
-
-def experiment_names(cfg: SynthConfig) -> list[str]:
-    """HUVEC-1, HUVEC-2, ... as in RxRx2."""
-    return [f"{cfg.cell_type}-{e + 1}" for e in range(cfg.experiments)]
-
-
-def build_sites(cfg: SynthConfig, treatments: list[Treatment]) -> list[Site]:
-    """Every site, in (experiment, plate, well, site) order.
-
-    Wells sit at random positions of a 1536-well plate; treatment slots are dealt
-    round-robin over all plates, each treatment's first well at its top dose, then
-    down the dose ladder, so every plate mixes treatments and doses.
-    """
-    per_plate = cfg.wells - cfg.controls
-    sites = []
-    for e, experiment in enumerate(experiment_names(cfg)):
-        for plate in range(1, cfg.plates + 1):
-            rng = stable_rng(cfg.seed, "layout", experiment, plate)
-            positions = rng.choice(len(layout.PLATE_ROWS) * layout.PLATE_COLUMNS, cfg.wells, replace=False)
-            contents: list[tuple[str, float | None]] = [(layout.CONTROL, None)] * cfg.controls
-            first_slot = (e * cfg.plates + plate - 1) * per_plate
-            for slot in range(first_slot, first_slot + per_plate):
-                treatment = treatments[slot % len(treatments)]
-                dose = cfg.doses - 1 - (slot // len(treatments)) % cfg.doses
-                contents.append((treatment.name, treatment.concentrations[dose]))
-            shuffled = [contents[i] for i in rng.permutation(cfg.wells)]
-            for position, (name, conc) in sorted(zip(positions.tolist(), shuffled)):
-                well = layout.well_name(*divmod(position, layout.PLATE_COLUMNS))
-                sites.extend(Site(cfg.cell_type, experiment, plate, well, site, name, conc)
-                             for site in range(1, cfg.sites + 1))
-    return sites
-
-
-def batch_effects(cfg: SynthConfig) -> dict[str, Any]:
-    """Per-experiment and per-plate gain, offset, illumination gradient; edge-well factors (JSON-ready)."""
-    scale = cfg.batch_effects
-    experiments, plates = {}, {}
-    for experiment in experiment_names(cfg):
-        rng = stable_rng(cfg.seed, "experiment", experiment)
-        experiments[experiment] = dict(
-            gain=np.exp(scale * rng.normal(0, EXPERIMENT_GAIN_SD, cells.N_STAINS)).round(4).tolist(),
-            offset=(scale * rng.normal(0, EXPERIMENT_OFFSET_SD, cells.N_STAINS)).round(3).tolist(),
-            vignetting=round(scale * float(rng.uniform(0.05, 0.2)), 4),
-            cell_density=round(float(np.exp(scale * rng.normal(0, EXPERIMENT_DENSITY_SD))), 4))
-        for plate in range(1, cfg.plates + 1):
-            rng = stable_rng(cfg.seed, "plate", experiment, plate)
-            plates[f"{experiment}/{plate}"] = dict(
-                gain=np.exp(scale * rng.normal(0, PLATE_GAIN_SD, cells.N_STAINS)).round(4).tolist(),
-                offset=(scale * rng.normal(0, PLATE_OFFSET_SD, cells.N_STAINS)).round(3).tolist(),
-                gradient=round(scale * float(rng.uniform(0.05, 0.2)), 4),
-                gradient_angle=round(float(rng.uniform(0, 2 * math.pi)), 4))
-    edge = dict(gain=round(EDGE_GAIN ** scale, 4), cell_density=round(EDGE_DENSITY ** scale, 4))
-    return dict(experiments=experiments, plates=plates, edge_wells=edge)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything a chunk task needs besides its sites (small; shipped once via the object store)."""
-
-    out: str
-    size: int
-    seed: int
-    treatments: dict[str, Treatment]
-    batch: dict[str, Any]
-
-
-def _site_conditions(plan: Plan, site: Site) -> tuple[cells.Morphology, cells.Acquisition]:
-    """The cells' morphology and the imaging conditions of one site."""
-    experiment = plan.batch["experiments"][site.experiment]
-    plate = plan.batch["plates"][f"{site.experiment}/{site.plate}"]
-    edge = plan.batch["edge_wells"] if layout.is_edge_well(site.well) else dict(gain=1.0, cell_density=1.0)
-    well_rng = stable_rng(plan.seed, "well", site.well_id)  # shared by the well's sites: near-duplicates
-    well_density, well_gain = np.exp(well_rng.normal(0, [WELL_DENSITY_SD, WELL_GAIN_SD]))
-    morph = cells.Morphology()
-    morph = dataclasses.replace(morph, cells_per_field=morph.cells_per_field * experiment["cell_density"]
-                                * edge["cell_density"] * well_density)
-    treatment = plan.treatments.get(site.treatment)
-    if treatment is not None:
-        morph = cells.with_effects(morph, treatment.effects(site.conc))
-    gain = np.asarray(experiment["gain"]) * np.asarray(plate["gain"]) * edge["gain"] * well_gain
-    offset = np.maximum(BASE_OFFSET + np.asarray(experiment["offset"]) + np.asarray(plate["offset"]), 0.0)
-    acq = cells.Acquisition(gain=tuple(gain.tolist()), offset=tuple(offset.tolist()), gradient=plate["gradient"],
-                            gradient_angle=plate["gradient_angle"], vignetting=experiment["vignetting"])
-    return morph, acq
 
 
 @ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])
@@ -298,7 +52,7 @@ def _render_chunk(plan: Plan, sites: list[Site]) -> str:
     # Threads overlap the PUTs of one site with rendering the next; at most two sites are held.
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
         for site in sites:
-            morph, acq = _site_conditions(plan, site)
+            morph, acq = site_conditions(plan, site)
             image = cells.render_site(stable_rng(plan.seed, "site", site.site_id), morph, acq, plan.size)
             paths = layout.site_image_paths(site.experiment, site.plate, site.well, site.site)
             current = [pool.submit(storage.write_bytes, storage.join(plan.out, path),
