@@ -3,10 +3,10 @@
 The work list comes from ``metadata.csv`` (never a bucket listing). Selected sites are
 sorted by site_id and cut into shards of ``shard_rows`` sites, so shard k always holds
 the same sites. Each pending shard is one Ray Data row, written by a pool of
-:class:`~rxray.data.shard_writer.ShardWriter` actors, which commits the shard and then
-its ``_shards/part-NNNNNN.json`` record. The driver sees only one small outcome row per
-site, never an image. A rerun skips shards with a record, so a killed run resumes where
-it stopped and ends with the same rows.
+:class:`~rxray.data.shard_writer.ShardWriter` actors; each commits its shard and then
+the ``_shards/part-NNNNNN.json`` record that marks it complete. The driver sees only
+one small outcome row per site, never an image. A rerun skips shards with a record,
+so a killed run resumes where it stopped and ends with the same rows.
 """
 
 from __future__ import annotations
