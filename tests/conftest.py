@@ -111,7 +111,7 @@ def save_encoder_checkpoint(root: str, seed: int = 1, perturb_batch_norm: bool =
     import torch
 
     from rxray.models.backbones import build_encoder
-    from rxray.train.checkpoints import checkpoint_dir_name
+    from rxray.models.checkpoints import Checkpoint, checkpoint_dir_name, save_checkpoint_file
 
     torch.manual_seed(seed)
     encoder = build_encoder("resnet18", stem="adapt", in_channels=6)
@@ -123,9 +123,10 @@ def save_encoder_checkpoint(root: str, seed: int = 1, perturb_batch_norm: bool =
                     module.running_var.uniform_(0.5, 2.0)
     directory = os.path.join(root, "simclr", checkpoint_dir_name(1))
     os.makedirs(directory)
-    torch.save({"encoder": encoder.state_dict(), "head": {}, "optimizer": {}, "epoch": 1, "config": {},
-                "backbone": "resnet18", "stem": "adapt", "in_channels": 6, "channel_mean": [60.0] * 6,
-                "channel_std": [20.0] * 6, "metrics": []}, os.path.join(directory, "checkpoint.pt"))
+    checkpoint = Checkpoint(encoder=encoder.state_dict(), backbone="resnet18", stem="adapt",
+                            channel_mean=[60.0] * 6, channel_std=[20.0] * 6, head={}, optimizer={}, epoch=1,
+                            config={}, metrics=[])
+    save_checkpoint_file(checkpoint.to_state(), directory)
     return root
 
 

@@ -77,7 +77,7 @@ def classifier_from_checkpoint(state: dict) -> Classifier:
 
 def load_classifier(uri: str) -> tuple[Classifier, dict]:
     """The trained classifier at or under a finetune output URI, and its checkpoint dict."""
-    from rxray.train.checkpoints import load_checkpoint
+    from rxray.models.checkpoints import load_checkpoint
 
     state = load_checkpoint(uri)
     if "classes" not in state or state.get("head") is None:
