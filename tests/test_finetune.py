@@ -17,10 +17,13 @@ from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
 from rxray.runtime import read_manifest
-from rxray.train.checkpoints import load_checkpoint
-from rxray.train.classify import (FIGURES, RUN_NAME, EarlyStopping, build_classifier, control_sums, finetune,
-                                  label_batch, plan_task, slice_stem_channels)
-from rxray.train.loop import read_metrics
+from rxray.models.checkpoints import load_checkpoint
+from rxray.train.classifier_step import EarlyStopping, build_classifier, slice_stem_channels
+from rxray.train.classify import RUN_NAME, finetune
+from rxray.train.epoch_log import read_metrics
+from rxray.train.plate_norm import control_sums
+from rxray.train.predictions import FIGURES
+from rxray.train.tasks import label_batch, plan_task
 from conftest import shard_row
 
 SIZE = 32

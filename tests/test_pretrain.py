@@ -14,8 +14,10 @@ import torch
 from rxray import storage
 from rxray.config import ConfigError, PretrainConfig, load_config
 from rxray.runtime import read_manifest
-from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
-from rxray.train.loop import CrashOnce, cache_datasets, read_metrics
+from rxray.models.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
+from rxray.train.epoch_log import read_metrics
+from rxray.train.loop import cache_datasets
+from rxray.train.worker import CrashOnce
 from rxray.train.simclr import RUN_NAME, pretrain
 from conftest import shard_row
 
@@ -127,7 +129,7 @@ def test_latest_checkpoint_names_what_is_missing(tmp_path):
 
 
 def test_a_newer_stored_checkpoint_is_found_and_a_cut_off_one_passed_over(tmp_path, capsys):
-    from rxray.train.checkpoints import checkpoint_dir_name, newest_checkpoint_after, save_checkpoint_file
+    from rxray.models.checkpoints import checkpoint_dir_name, newest_checkpoint_after, save_checkpoint_file
 
     run = tmp_path / "simclr"
     for epoch in (1, 2, 3):

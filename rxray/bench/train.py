@@ -82,7 +82,7 @@ def _local_run(cfg: PretrainConfig, images, channel_mean: list[float], channel_s
     """
     import torch
 
-    from rxray.train.loop import ThroughputMeter
+    from rxray.train.worker import ThroughputMeter
     from rxray.train.simclr import build_augment, build_model, make_optimizer, train_step
 
     torch.manual_seed(cfg.seed)

@@ -12,22 +12,25 @@ the loss alone falls when augmentations get easier, so `rxray tune` ranks runs b
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from rxray import storage
-from rxray.errors import StepFailed
 from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml
-from rxray.outputs import CONFIG_FILE, CONFLICT, MANIFEST_FILE, STALE, rerun_decision, write_manifest
+from rxray.data.shards import IMAGE_COLUMN
+from rxray.models.checkpoints import Checkpoint, checkpoint_epoch, latest_checkpoint
+from rxray.models.device import autocast_for
+from rxray.outputs import CONFIG_FILE, MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer, ensure_ray
-from rxray.train.checkpoints import checkpoint_epoch, latest_checkpoint
-from rxray.train.loop import (CrashOnce, EpochLog, ThroughputMeter, TrainWorker, autocast_for,
-                              cache_datasets, fit, read_metrics, unwrap, worker_cpus, worker_print)
+from rxray.train.epoch_log import read_metrics
+from rxray.train.epochs import RunSettings, TrainingStep
+from rxray.train.loop import cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
+from rxray.train.worker import CrashOnce, TrainWorker, unwrap
 
 RUN_NAME = "simclr"
 IN_CHANNELS = 6
@@ -108,76 +111,51 @@ def make_optimizer(cfg: PretrainConfig, model: nn.Module) -> torch.optim.Optimiz
 # --------------------------------------------------------------------------- worker
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker: restore the latest checkpoint if any, then train the remaining epochs."""
-    cfg = PretrainConfig(**loop_config["cfg"])
-    mean, std = loop_config["channel_mean"], loop_config["channel_std"]
-    crash = CrashOnce(**loop_config["crash_once"]) if loop_config.get("crash_once") else None
-    worker = TrainWorker(threads=cfg.threads, cpus=loop_config["cpus_per_worker"])
+@dataclass
+class SimCLRStep(TrainingStep):
+    """SimCLR's part of the shared training loop: two views per image, NT-Xent, and the optional probe."""
 
-    state = worker.restore(fallback_uri=loop_config.get("resume_from"), run_uri=storage.join(cfg.out, RUN_NAME))
-    start_epoch = state["epoch"] if state else 0
-    history: list[dict[str, Any]] = list(state["metrics"]) if state else []
-    starts: list[int] = list(state.get("starts", [])) + [start_epoch] if state else [0]
-    if state and worker.is_chief:
-        worker_print(f"pretrain: workers restored the epoch {start_epoch} checkpoint")
+    cfg: PretrainConfig
+    run: RunSettings
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every fresh run
-    model = build_model(cfg, weights=None if state else cfg.weights)
-    if state:
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
-    model = worker.prepare(model)
-    optimizer = make_optimizer(cfg, model)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-    augment = build_augment(cfg, loop_config["image_size"], mean, std).to(worker.device)
-    generator = torch.Generator(device=worker.device)
-    log = EpochLog(cfg.out, "pretrain", cfg.epochs) if worker.is_chief else None
+    def build_model(self, fresh: bool) -> SimCLRModel:
+        """The SimCLR model; a fresh run starts from --weights."""
+        return build_model(self.cfg, weights=self.cfg.weights if fresh else None)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        learning_rate = epoch_learning_rate(cfg, epoch)
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam (the study's optimiser)."""
+        return make_optimizer(self.cfg, model)
+
+    def setup(self, worker: TrainWorker, restored: Checkpoint | None) -> None:
+        """The view generator on the worker's device."""
+        super().setup(worker, restored)
+        self.augment = build_augment(self.cfg, self.run.image_side, self.run.channel_mean,
+                                     self.run.channel_std).to(worker.device)
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+        """Train mode and the epoch's learning rate (recorded as ``lr``)."""
+        model.train()
+        learning_rate = epoch_learning_rate(self.cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        metrics = _train_epoch(cfg, worker, model, augment, optimizer, generator, epoch, crash)
-        metrics["lr"] = learning_rate
-        if loop_config.get("probe"):
-            metrics.update(_probe_epoch(cfg, worker, model, mean, std))
-        history.append(metrics)
-        worker.report(metrics, epoch + 1, _checkpoint_state(cfg, model, optimizer, epoch + 1, mean, std,
-                                                            history, starts))
-        if log is not None:
-            log.write(history)
-    if log is not None:
-        log.close()
+        return {"lr": learning_rate}
 
+    def train_batch(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor | float]:
+        """One SimCLR step: ``loss`` and positive-pair ``top1``."""
+        loss, top1 = train_step(model, self.augment, optimizer, batch[IMAGE_COLUMN], temperature=self.cfg.temperature,
+                                generator=generator)
+        return {"loss": loss, "top1": top1}
 
-def _train_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, augment: nn.Module,
-                 optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
-                 crash: CrashOnce | None) -> dict[str, Any]:
-    """One pass over this worker's shard; the epoch's metrics, averaged over all workers."""
-    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn.
-    generator.manual_seed(cfg.seed + 1_000_003 * worker.rank + epoch)
-    model.train()
-    meter = ThroughputMeter(worker.device)
-    loss_sum = torch.zeros((), device=worker.device)  # summed on the device: no wait for it every step
-    top1_sum, steps = 0.0, 0
-    batches = worker.image_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch)
-    for step, images in enumerate(meter.timed(batches)):
-        if crash is not None:
-            crash.maybe_crash(epoch, step, worker.rank)
-        loss, top1 = train_step(model, augment, optimizer, images, temperature=cfg.temperature, generator=generator)
-        loss_sum += loss
-        top1_sum += top1
-        steps += 1
-        meter.update(images.shape[0] * worker.world_size)
-    if steps == 0:
-        raise RuntimeError(f"worker {worker.rank} got no full batch of {cfg.batch_size} images in epoch {epoch}")
-    seconds = meter.seconds
-    means = worker.mean_over_workers({"loss": float(loss_sum) / steps, "top1": top1_sum / steps,
-                                      "images_per_s": meter.images / seconds})
-    return {"epoch": epoch + 1, **means, "steps": steps, "seconds": round(seconds, 3),
-            "data_wait_s": round(meter.data_wait_s, 3)}
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """The probe's scores with --probe, else nothing."""
+        return _probe_epoch(self.cfg, self.worker, model, self.run.channel_mean, self.run.channel_std) \
+            if self.cfg.probe else {}
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """The encoder's architecture and input statistics, and the config."""
+        return {"config": config_to_dict(self.cfg), "backbone": self.cfg.backbone, "stem": self.cfg.stem,
+                "channel_mean": list(self.run.channel_mean), "channel_std": list(self.run.channel_std)}
 
 
 def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mean: list[float],
@@ -202,20 +180,6 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
     result = score_embeddings(X, column, task=cfg.probe_task, correct=cfg.probe_correct)
     return {"probe_score": result["score"], "probe_accuracy": result["accuracy"],
             "probe_f1_macro": result["f1_macro"], "probe_roc_auc": result["roc_auc"]}
-
-
-def _checkpoint_state(cfg: PretrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                      mean: list[float], std: list[float], history: list[dict[str, Any]],
-                      starts: list[int]) -> Callable[[], dict[str, Any]]:
-    """A builder of the checkpoint dict (called on rank 0 only)."""
-    def build() -> dict[str, Any]:
-        inner = unwrap(model)
-        return {"encoder": inner.encoder.state_dict(), "head": inner.head.state_dict(),
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config_to_dict(cfg),
-                "backbone": cfg.backbone, "stem": cfg.stem, "in_channels": IN_CHANNELS,
-                "channel_mean": list(mean), "channel_std": list(std), "metrics": list(history),
-                "starts": list(starts)}
-    return build
 
 
 # --------------------------------------------------------------------------- driver
@@ -244,7 +208,7 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
 
     ensure_ray()
     dataset = read_shards(cfg.data, columns=["image"])
-    rows, image_side = _dataset_shape(cfg.data, dataset)
+    rows, image_side = _shard_rows(cfg.data, dataset), shard_image_side(cfg.data)
     if rows // cfg.workers < cfg.batch_size:
         raise ConfigError("pretrain.batch_size", f"{cfg.batch_size} per worker x {cfg.workers} workers needs at "
                                                  f"least {cfg.batch_size * cfg.workers} images; {cfg.data} has {rows}")
@@ -258,17 +222,12 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
         sizes["probe"] = min(rows, cfg.probe_sites)
     datasets = cache_datasets(datasets, sizes, IN_CHANNELS * image_side ** 2, cfg.cache, "pretrain")
     cpus = worker_cpus(cfg.workers, cfg.gpu, cfg.worker_cpus)
-    loop_config = {"cfg": config_to_dict(cfg), "channel_mean": mean, "channel_std": std,
-                   "image_size": image_side, "cpus_per_worker": cpus, "resume_from": resume_from,
-                   "crash_once": dataclasses.asdict(crash_once) if crash_once else None, "probe": cfg.probe}
+    run = RunSettings(step="pretrain", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                      seed=cfg.seed, image_side=image_side, channel_mean=list(mean), channel_std=list(std),
+                      cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once)
     with timer.time("train"):
-        try:
-            fit(train_loop_per_worker, loop_config, out=cfg.out, name=RUN_NAME, workers=cfg.workers, gpu=cfg.gpu,
-                cpus_per_worker=cpus, max_failures=cfg.max_failures, datasets=datasets)
-        except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
-            raise StepFailed(f"pretraining failed after up to {cfg.max_failures} restarts: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
-                from exc
+        fit(SimCLRStep(cfg, run), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
+            what="pretraining")
     return _finish(cfg, status="trained", resumed_from=done, timer=timer, rows=rows, cpus_per_worker=cpus)
 
 
@@ -313,32 +272,17 @@ def _completed_epochs(cfg: PretrainConfig) -> tuple[int, str | None]:
     except FileNotFoundError:
         return 0, None
     done = checkpoint_epoch(latest) or 0
-    rerun = rerun_decision(cfg.out, cfg)
-    if rerun.action == CONFLICT:
-        name, (old, new) = next(iter(rerun.changed.items()))
-        raise ConfigError(f"pretrain.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
-                                              f"use a new --out to start over")
-    if rerun.action == STALE:
-        raise ConfigError(f"pretrain.{next(iter(rerun.changed))}",
-                          f"{cfg.out} holds a finished {done}-epoch run trained with other settings "
-                          f"({rerun.changes()}); use a new --out to train with them, or more --epochs to continue "
-                          f"the run with them")
+    rerun = check_rerun(cfg, "pretrain", f"a finished {done}-epoch run")
     if rerun.changed and done < cfg.epochs:
         print(f"pretrain: epochs {done + 1}-{cfg.epochs} train with changed settings ({rerun.changes()})", flush=True)
     return done, latest
 
 
-def _dataset_shape(uri: str, dataset) -> tuple[int, int]:
-    """Rows and image side S of the shards: from the ingest manifest, else from Parquet metadata."""
+def _shard_rows(uri: str, dataset) -> int:
+    """Rows of the shards: from the ingest manifest, else counted from the Parquet metadata."""
     from rxray.data.shards import shard_manifest
 
-    manifest = shard_manifest(uri)
-    rows = manifest.get("counts", {}).get("written") or dataset.count()
-    shape = manifest.get("image_shape")
-    if not shape:
-        schema = dataset.schema()
-        shape = schema.types[schema.names.index("image")].shape
-    return int(rows), int(shape[-1])
+    return int(shard_manifest(uri).get("counts", {}).get("written") or dataset.count())
 
 
 def _finish(cfg: PretrainConfig, *, status: str, resumed_from: int, timer: Timer, **counts: Any) -> dict[str, Any]:

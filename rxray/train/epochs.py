@@ -1,0 +1,180 @@
+"""The one training loop: what every Ray Train worker of `rxray pretrain` and `rxray finetune` runs.
+
+The loop owns what the steps share: restore the run's latest checkpoint, seed, build,
+prepare for DDP, restore the optimizer, run the epochs (per-worker, per-epoch view
+seeds, throughput, fault injection), average the metrics over workers, write one
+checkpoint per epoch (:class:`~rxray.models.checkpoints.Checkpoint`) and the epoch log.
+A step plugs in as a :class:`TrainingStep`: it builds its model and optimizer, runs one
+batch, scores the epoch (validation, probe) and names what its checkpoints record.
+Settings reach the workers as typed dataclasses inside the step (:class:`RunSettings`
+and the step's own config), never as untyped dicts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rxray import storage
+from rxray.data.shards import IMAGE_COLUMN
+from rxray.models.checkpoints import Checkpoint
+from rxray.train.epoch_log import EpochLog
+from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
+
+# Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
+_RANK_SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the shared loop needs of every training run, worked out by the step's driver."""
+
+    step: str  # "pretrain" or "finetune": names the console lines
+    out: str  # the step's output URI; the run's checkpoints live under <out>/<run_name>
+    run_name: str
+    epochs: int
+    batch_size: int  # per worker
+    seed: int
+    image_side: int  # S of the shards' (6, S, S) images
+    channel_mean: list[float]  # per stain, uint8 units (the ingest manifest's)
+    channel_std: list[float]
+    cpus_per_worker: float
+    threads: int | None = None  # torch threads per worker (None: the reserved CPUs)
+    resume_from: str | None = None  # the latest checkpoint a rerun continues from
+    crash_once: CrashOnce | None = None  # recovery tests only
+
+    @property
+    def run_uri(self) -> str:
+        """The run's directory in storage, where Ray Train writes the checkpoints."""
+        return storage.join(self.out, self.run_name)
+
+
+class TrainingStep(ABC):
+    """What a training step plugs into the shared loop. Subclasses are dataclasses with a ``run`` field.
+
+    The model must have ``encoder`` and ``head`` submodules: the loop checkpoints both.
+    """
+
+    run: RunSettings
+    # Column dtypes of the training batches (tensors on the worker's device).
+    batch_dtypes: dict[str, torch.dtype] = {IMAGE_COLUMN: torch.uint8}
+
+    @abstractmethod
+    def build_model(self, fresh: bool) -> nn.Module:
+        """The model on the CPU (under the loop's seed): initial weights when ``fresh``, else any (restored next)."""
+
+    @abstractmethod
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer of the (unwrapped, prepared) model."""
+
+    def setup(self, worker: TrainWorker, restored: Checkpoint | None) -> None:
+        """Per-worker objects on the device (augmentation, loss) and step state restored from ``restored``."""
+        self.worker = worker
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+        """Ready the 0-based epoch (train mode, learning rate); the metrics that records (e.g. ``lr``)."""
+        model.train()
+        return {}
+
+    @abstractmethod
+    def train_batch(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor | float]:
+        """One optimisation step on a full batch; the batch's mean of each metric (device tensors need no sync)."""
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """Metrics scored after the 0-based epoch's training (validation, probe); rank 0's are the ones recorded."""
+        return {}
+
+    @property
+    def finished(self) -> bool:
+        """True when the run should stop before its last epoch (early stopping)."""
+        return False
+
+    @abstractmethod
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """The checkpoint's fields besides weights, optimizer, epoch, metrics and starts (Checkpoint's names)."""
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: restore the run's latest checkpoint if any, then train ``loop_config["step"]``'s epochs."""
+    step: TrainingStep = loop_config["step"]
+    run = step.run
+    worker = TrainWorker(threads=run.threads, cpus=run.cpus_per_worker)
+    state = worker.restore(fallback_uri=run.resume_from, run_uri=run.run_uri)
+    restored = Checkpoint.from_state(state) if state else None
+    start_epoch = restored.epoch if restored else 0
+    history: list[dict[str, Any]] = list(restored.metrics or []) if restored else []
+    starts = [*(restored.starts or []), start_epoch] if restored else [0]
+    if restored and worker.is_chief:
+        worker_print(f"{run.step}: workers restored the epoch {start_epoch} checkpoint")
+
+    torch.manual_seed(run.seed)  # the same initial weights on every worker and every fresh run
+    model = step.build_model(fresh=restored is None)
+    if restored:
+        model.encoder.load_state_dict(restored.encoder)
+        model.head.load_state_dict(restored.head)
+    model = worker.prepare(model)
+    optimizer = step.make_optimizer(unwrap(model))
+    if restored:
+        optimizer.load_state_dict(restored.optimizer)  # after the move to the device: the state follows the params
+    step.setup(worker, restored)
+    generator = torch.Generator(device=worker.device)
+    log = EpochLog(run.out, run.step, run.epochs) if worker.is_chief else None
+
+    for epoch in range(start_epoch, run.epochs):
+        if step.finished:
+            break
+        metrics = _train_epoch(step, worker, model, optimizer, generator, epoch)
+        metrics.update(step.end_epoch(model, epoch))
+        history.append(metrics)
+        worker.report(_reported(metrics), epoch + 1,
+                      lambda: _checkpoint(step, model, optimizer, epoch + 1, history, starts).to_state())
+        if log is not None:
+            log.write(history)
+    if log is not None:
+        log.close()
+
+
+def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator, epoch: int) -> dict[str, Any]:
+    """One pass over this worker's shard; the epoch's metrics, averaged over all workers."""
+    run = step.run
+    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn.
+    generator.manual_seed(run.seed + _RANK_SEED_STRIDE * worker.rank + epoch)
+    recorded = step.begin_epoch(model, optimizer, epoch)
+    meter = ThroughputMeter(worker.device)
+    sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no wait for it every step
+    steps = 0
+    batches = worker.batches(run.batch_size, seed=run.seed, epoch=epoch, dtypes=step.batch_dtypes)
+    for index, batch in enumerate(meter.timed(batches)):
+        if run.crash_once is not None:
+            run.crash_once.maybe_crash(epoch, index, worker.rank)
+        for name, value in step.train_batch(model, optimizer, batch, generator).items():
+            sums[name] = sums.get(name, 0.0) + value
+        steps += 1
+        meter.update(batch[IMAGE_COLUMN].shape[0] * worker.world_size)
+    if steps == 0:
+        raise RuntimeError(f"worker {worker.rank} got no full batch of {run.batch_size} images in epoch {epoch}")
+    seconds = meter.seconds
+    means = worker.mean_over_workers({**{name: float(total) / steps for name, total in sums.items()},
+                                      "images_per_s": meter.images / seconds})
+    return {"epoch": epoch + 1, **means, "steps": steps, "seconds": round(seconds, 3),
+            "data_wait_s": round(meter.data_wait_s, 3), **recorded}
+
+
+def _checkpoint(step: TrainingStep, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                history: list[dict[str, Any]], starts: list[int]) -> Checkpoint:
+    """The checkpoint after ``epoch`` completed epochs (built on rank 0 only)."""
+    inner = unwrap(model)
+    return Checkpoint(encoder=inner.encoder.state_dict(), head=inner.head.state_dict(),
+                      optimizer=optimizer.state_dict(), epoch=epoch, metrics=list(history), starts=list(starts),
+                      **step.checkpoint_fields())
+
+
+def _reported(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numeric metrics, as Ray Train's result wants them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}

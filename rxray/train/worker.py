@@ -1,0 +1,225 @@
+"""One Ray Train worker's side of a training run: its rank, device, data and checkpoints, and a throughput meter.
+
+:class:`TrainWorker` (rank, device, threads, channels_last + DDP, dataset shard batches,
+checkpoint report/restore), :class:`ThroughputMeter` (images/s, data waits) and
+:class:`CrashOnce`, which injects a real worker death for recovery tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+from rxray.models.checkpoints import (CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint, newest_checkpoint_after,
+                                      save_checkpoint_file)
+
+if TYPE_CHECKING:
+    import ray.data
+
+T = TypeVar("T")
+
+# Rows buffered per worker for shuffling within its stream: mixes shard order at little memory cost.
+SHUFFLE_BUFFER_ROWS = 512
+# Batches fetched ahead of the training step, so reading and collating overlap with compute.
+PREFETCH_BATCHES = 2
+# Reported with every epoch: the placement group holding the run's workers. A Ray Tune driver that stops the run
+# early (ASHA) kills its controller, and only a dashboard-backed cleaner would then free the group; `rxray tune`
+# frees it by this id.
+PLACEMENT_GROUP_KEY = "train_placement_group"
+
+
+def worker_print(line: str) -> None:
+    """Print one line from a training worker, once: Ray Train also routes print() to its logger."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def worker_share_name(dataset: str, rank: int) -> str:
+    """The name under which a worker finds its fixed share of a cached dataset."""
+    return f"{dataset}@{rank}"
+
+
+@dataclass
+class CrashOnce:
+    """Fault injection for recovery tests: rank 0 dies (os._exit) at `epoch`, once per `marker` file.
+
+    A real process death, not an exception: Ray sees the worker vanish and must
+    restart the group from the last checkpoint. The marker file records that the
+    crash happened, so the restarted worker carries on.
+    """
+
+    epoch: int
+    marker: str
+    after_steps: int = 1
+
+    def maybe_crash(self, epoch: int, step: int, rank: int) -> None:
+        """Exit the process if this is the chosen rank, epoch and step and it has not crashed before."""
+        if rank != 0 or epoch != self.epoch or step != self.after_steps or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as handle:
+            handle.write(f"crashed at epoch {epoch}, step {step}\n")
+        os._exit(1)
+
+
+class TrainWorker:
+    """One Ray Train worker's view of the run: rank, device, precision, data and checkpoints."""
+
+    def __init__(self, threads: int | None = None, cpus: float = 1.0):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.on_gpu = self.device.type == "cuda"
+        group = ray.util.get_current_placement_group()
+        self.placement_group = group.id.hex() if group is not None else None
+        # Ray sets OMP_NUM_THREADS from the reserved CPUs; an explicit count wins (benchmarks match loops).
+        torch.set_num_threads(threads or max(1, math.floor(cpus)))
+
+    @property
+    def is_chief(self) -> bool:
+        """True on rank 0, the worker that writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model to the device (channels_last on GPU) and wrap it for DDP."""
+        import ray.train.torch
+
+        if self.on_gpu:
+            model = model.to(memory_format=torch.channels_last)
+        return ray.train.torch.prepare_model(model)
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, dtypes: dict[str, torch.dtype] | None = None,
+                dataset: str = "train") -> Iterable[dict[str, torch.Tensor]]:
+        """This worker's share of one epoch as dicts of column tensors on the device, full batches only.
+
+        Rows are shuffled within a buffer, seeded per epoch and worker. Every worker
+        gets the same number of batches (Ray splits shards equally), as DDP requires.
+        """
+        shard = self.dataset_shard(dataset)
+        return shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, dtypes=dtypes, device=self.device,
+            prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+            local_shuffle_seed=seed + 7919 * epoch + self.rank, pin_memory=self.on_gpu)
+
+    def dataset_shard(self, dataset: str) -> "ray.data.DataIterator":
+        """This worker's iterator over a training dataset: its fixed share when cached, else its streamed split."""
+        import ray.train
+
+        try:
+            return ray.train.get_dataset_shard(worker_share_name(dataset, self.rank))
+        except KeyError:
+            return ray.train.get_dataset_shard(dataset)
+
+    def mean_over_workers(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of each value across all workers (each worker saw a different shard)."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return dict(values)
+        backend_device = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=backend_device)
+        torch.distributed.all_reduce(tensor)
+        return {key: float(v) / self.world_size for key, v in zip(values, tensor.tolist())}
+
+    def gather(self, value: T) -> list[T]:
+        """Every worker's ``value`` (a small picklable object), in rank order, on every worker."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def restore(self, fallback_uri: str | None = None, run_uri: str | None = None) -> dict[str, Any] | None:
+        """The latest checkpoint dict of this run (after a worker failure or a rerun), else `fallback_uri`'s.
+
+        With ``run_uri`` (the run's directory in storage), a newer checkpoint found
+        there wins over Ray's: a worker that died right after saving one may have
+        left it unregistered. Rank 0 picks it and every worker loads the same one.
+        """
+        import ray.train
+
+        state = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        elif fallback_uri:
+            state = load_checkpoint(fallback_uri)
+        if run_uri is None:
+            return state
+        newer = newest_checkpoint_after(run_uri, state["epoch"] if state else 0) if self.is_chief else None
+        chosen = self.gather(newer["uri"] if newer else None)[0]
+        if chosen is None:
+            return state
+        if self.is_chief:
+            worker_print(f"restored the epoch {newer['epoch']} checkpoint from storage ({chosen}); Ray Train had "
+                         f"{state['epoch'] if state else 'none'}")
+        return newer if self.is_chief else load_checkpoint(chosen)
+
+    def report(self, metrics: dict[str, Any], epoch: int, state: Callable[[], dict[str, Any]]) -> None:
+        """Report an epoch's metrics from every worker, with rank 0's checkpoint dict (built by `state()`)."""
+        import ray.train
+
+        if self.placement_group:
+            metrics = {**metrics, PLACEMENT_GROUP_KEY: self.placement_group}
+        if not self.is_chief:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(epoch))
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint_file(state(), directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=checkpoint_dir_name(epoch))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (state dicts without the 'module.' prefix)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class ThroughputMeter:
+    """Images per second over an epoch, data waits included (what a user of the run experiences)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.images = 0
+        self.data_wait_s = 0.0  # time blocked on the input pipeline: high means input-bound
+        self.started = time.perf_counter()
+
+    def timed(self, batches: Iterable[T]) -> Iterator[T]:
+        """Yield from `batches`, adding the time spent waiting for each one to `data_wait_s`."""
+        iterator = iter(batches)
+        while True:
+            began = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.data_wait_s += time.perf_counter() - began
+            yield batch
+
+    def update(self, images: int) -> None:
+        """Count images processed since the meter started."""
+        self.images += images
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the meter started, after the device finished queued work."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.started
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second so far (0 before the first update)."""
+        seconds = self.seconds
+        return self.images / seconds if seconds > 0 else 0.0
+
