@@ -30,10 +30,10 @@ from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
 from rxray.config import ConfigError, EmbedConfig, config_to_dict
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
+from rxray.models.checkpoints import require_checkpoint
 from rxray.models.inputs import InputRecipe
 from rxray.outputs import MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer, ensure_ray
-from rxray.train.checkpoints import require_checkpoint
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,7 +61,7 @@ class EmbedBatch(InferenceActor):
     def __init__(self, checkpoint_uri: str, gpu: bool = False, threads: int | None = None):
         import torch
 
-        from rxray.train.checkpoints import load_encoder
+        from rxray.models.checkpoints import load_encoder
 
         super().__init__(gpu, threads)
         encoder, checkpoint = load_encoder(checkpoint_uri)

@@ -37,9 +37,9 @@ from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.data.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
+from rxray.models.checkpoints import CLASSIFIER_KEYS, require_checkpoint
 from rxray.outputs import MANIFEST_FILE, read_manifest, write_manifest
 from rxray.runtime import Timer, ensure_ray
-from rxray.train.checkpoints import CLASSIFIER_KEYS, require_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -298,7 +298,7 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
     from rxray.outputs import write_manifest
     from rxray.runtime import Timer, ensure_ray, verbose
-    from rxray.train.checkpoints import require_checkpoint
+    from rxray.models.checkpoints import require_checkpoint
 
     ensure_ray()
     timer = Timer()
@@ -348,7 +348,7 @@ def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_
                        gpu: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The Ray task of `rxray probe`: :func:`embed_probe_batches` of the probe sites, read inside the task."""
     from rxray.models.device import torch_device
-    from rxray.train.checkpoints import load_checkpoint
+    from rxray.models.checkpoints import load_checkpoint
 
     device = torch_device(gpu, where="the probe task")
     return embed_probe_batches(load_checkpoint(checkpoint_uri),
@@ -362,7 +362,7 @@ def embed_probe_batches(checkpoint: dict[str, Any], batches: Iterable[dict[str, 
     import torch
 
     from rxray.models.inputs import InputRecipe
-    from rxray.train.checkpoints import checkpoint_encoder
+    from rxray.models.checkpoints import checkpoint_encoder
 
     recipe = InputRecipe.from_checkpoint(checkpoint)
     encoders = {TRAINED: checkpoint_encoder(checkpoint)}
