@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rxray.data.layout import TREATMENT_GROUPS
+from rxray.layout import TREATMENT_GROUPS
 from rxray.errors import ConfigError
 from rxray.models.registry import BACKBONES
 from rxray.options import config_to_dict, config_to_yaml, load_config, option, read_yaml
@@ -51,7 +51,7 @@ class SynthConfig:
     seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
 
     def validate(self) -> None:
-        from rxray.data.layout import is_safe_component
+        from rxray.layout import is_safe_component
 
         if self.controls >= self.wells:
             raise ConfigError("synth.controls", f"must be fewer than wells ({self.wells}), got {self.controls}")

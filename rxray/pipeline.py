@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
-from rxray.data.layout import MOA_FILE
+from rxray.layout import MOA_FILE
 from rxray.outputs import COMPLETE, CONFLICT, STALE, read_manifest, rerun_decision
 from rxray.runtime import Timer, package_versions
 from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve

@@ -14,8 +14,6 @@ from typing import Any, Iterator
 import numpy as np
 import ray
 
-from rxray.outputs import read_manifest, write_manifest  # noqa: F401 - until tests/conftest, test_pretrain, test_finetune import rxray.outputs
-
 
 VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own logs and every Ray Data progress bar
 # Driver-side loggers whose INFO lines flood a run (Ray Train's reports, Ray Tune's status) and the

@@ -73,7 +73,7 @@ def tiny_dataset(tmp_path_factory, ray_local):
 def shard_row(experiment: str, plate: int, well: str, site: int, treatment: str, conc: float | None, image,
               **labels) -> dict:
     """One shard row: the 9 RxRx2 metadata columns (HUVEC), any label columns, then the uint8 image."""
-    from rxray.data.layout import make_site_id, make_well_id
+    from rxray.layout import make_site_id, make_well_id
 
     return {"site_id": make_site_id(experiment, plate, well, site), "well_id": make_well_id(experiment, plate, well),
             "cell_type": "HUVEC", "experiment": experiment, "plate": plate, "well": well, "site": site,
@@ -86,8 +86,8 @@ def write_shards(ray_local):
     import numpy as np
 
     from rxray import storage
-    from rxray.data.layout import METADATA_COLUMNS
-    from rxray.runtime import write_manifest
+    from rxray.layout import METADATA_COLUMNS
+    from rxray.outputs import write_manifest
 
     def write(uri: str, rows: list[dict], partitions: int = 3) -> str:
         assert list(rows[0])[:9] == METADATA_COLUMNS

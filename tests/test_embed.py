@@ -16,12 +16,12 @@ import torch
 from rxray import storage
 from rxray.batch.embed import EMBEDDING_COLUMN, embedding_matrix
 from rxray.cli import main
-from rxray.data import layout
+from rxray import layout
 from rxray.data.shards import image_column
 from rxray.models.backbones import build_encoder
 from rxray.models.inputs import input_channels
 from rxray.ssl.augment import normalize
-from rxray.train.checkpoints import checkpoint_dir_name, save_checkpoint_file
+from rxray.models.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
 SIZE = 32
 # (experiment, plate, well, treatment, sites): 20 sites over 4 wells, uneven so a wrong mean shows.
@@ -144,7 +144,7 @@ def test_well_profiles_are_site_means(setup):
 
 
 def test_model_is_a_run_output_or_a_checkpoint_file(setup):
-    from rxray.train.checkpoints import require_checkpoint
+    from rxray.models.checkpoints import require_checkpoint
 
     for model in (setup["model_out"], os.path.join(setup["model_out"], "simclr"), setup["latest"]):
         checkpoint = require_checkpoint(model, "embed.model")

@@ -18,7 +18,7 @@ from rxray.batch.attribution import channel_importance, channel_shares, gradcam_
 from rxray.batch.explain import choose_sites, target_classes
 from rxray.cli import main
 from rxray.config import ConfigError
-from rxray.data import layout
+from rxray import layout
 from rxray.data.shards import image_column
 from rxray.evaluate import plots
 from rxray.models.backbones import build_encoder
@@ -26,7 +26,7 @@ from rxray.models.classifier import Classifier
 from rxray.models.heads import ClassifierHead
 from rxray.models.inputs import classifier_channel_stats
 from rxray.ssl.augment import normalize
-from rxray.train.checkpoints import checkpoint_dir_name, save_checkpoint_file
+from rxray.models.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
 SIZE = 32
 CLASSES = ["EMPTY", "IFN-beta", "IFN-gamma"]

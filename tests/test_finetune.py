@@ -16,7 +16,7 @@ from rxray.config import ConfigError, FinetuneConfig, load_config
 from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
-from rxray.runtime import read_manifest
+from rxray.outputs import read_manifest
 from rxray.models.checkpoints import load_checkpoint
 from rxray.train.classifier_step import EarlyStopping, build_classifier, slice_stem_channels
 from rxray.train.classify import RUN_NAME, finetune

@@ -10,7 +10,7 @@ import pytest
 from rxray import storage
 from rxray.cli import main
 from rxray.config import ConfigError, IngestConfig, SynthConfig, load_config
-from rxray.data import layout
+from rxray import layout
 
 
 def test_well_names_round_trip():

@@ -18,7 +18,8 @@ import pytest
 from rxray import storage
 from rxray.cli import main
 from rxray.config import ConfigError, IngestConfig, load_config
-from rxray.data import layout, select, shards
+from rxray import layout
+from rxray.data import select, shards
 from rxray.data.ingest import ingest
 
 SOURCE_PX = 24  # tiny sources, resized to OUT_PX: a non-integer ratio exercises area interpolation

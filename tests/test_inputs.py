@@ -13,7 +13,7 @@ from rxray.models.classifier import Classifier, classifier_from_checkpoint
 from rxray.models.heads import ClassifierHead
 from rxray.models.inputs import InputRecipe
 from rxray.ssl.augment import normalize
-from rxray.train.checkpoints import checkpoint_dir_name, save_checkpoint_file
+from rxray.models.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
 SIZE = 32
 STAINS = [1, 3, 5]  # the classifier's stains (1-based)
@@ -65,7 +65,7 @@ def encoder_inputs(monkeypatch) -> list[torch.Tensor]:
 
 def _training_inputs(checkpoint: dict, batch: dict[str, np.ndarray], seen: list[torch.Tensor]) -> torch.Tensor:
     """What the encoder sees in `rxray finetune`: classify's plate gains and model_inputs, through the Classifier."""
-    from rxray.train.classify import model_inputs, row_gains
+    from rxray.models.inputs import model_inputs, row_gains
 
     gain = torch.from_numpy(row_gains(checkpoint["plate_gains"], batch["experiment"], batch["plate"]))
     # Training normalises with the six-stain statistics of the data (what classify records).

@@ -13,7 +13,7 @@ import torch
 
 from rxray import storage
 from rxray.config import ConfigError, PretrainConfig, load_config
-from rxray.runtime import read_manifest
+from rxray.outputs import read_manifest
 from rxray.models.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
 from rxray.train.epoch_log import read_metrics
 from rxray.train.loop import cache_datasets

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rxray.data.layout import plate_groups
+from rxray.layout import plate_groups
 from rxray.evaluate import probe
 from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score, probe_targets, select_probe_sites
 from conftest import shard_row

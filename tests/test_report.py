@@ -24,7 +24,7 @@ from PIL import Image
 from rxray import storage
 from rxray.cli import main
 from rxray.config import ConfigError, ReportConfig, load_config
-from rxray.data import layout
+from rxray import layout
 from rxray.report import step_outputs
 from rxray.evaluate.metrics import classification_metrics
 from rxray.report.page import report
@@ -88,7 +88,7 @@ def write_synth(uri: str) -> None:
 
 
 def write_pretrain(uri: str) -> None:
-    from rxray.train.loop import METRICS_FILE
+    from rxray.train.epoch_log import METRICS_FILE
 
     assert METRICS_FILE == step_outputs.TRAINING_METRICS_FILE
     history = [{"epoch": e, "loss": 4.0 - 0.5 * e, "top1": 0.2 * e, "images_per_s": 90.0 + e, "steps": 3,

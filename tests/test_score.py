@@ -17,7 +17,7 @@ from rxray import storage
 from rxray.batch.score import plate_folds, plate_matched_controls, score
 from rxray.cli import main
 from rxray.config import ScoreConfig, load_config
-from rxray.data import layout
+from rxray import layout
 from rxray.evaluate.correction import center_by_plate, correct, split_controls, tvn
 from rxray.evaluate.metrics import classification_metrics
 from rxray.evaluate.profiles import (

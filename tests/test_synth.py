@@ -14,7 +14,8 @@ import pytest
 
 from rxray import storage
 from rxray.config import ConfigError, SynthConfig, load_config
-from rxray.data import cells, layout
+from rxray import layout
+from rxray.data import cells
 from rxray.data.synth import MOA_FILE, TRUTH_FILE, synthesize
 from rxray.data.synth_design import INTERFERON_EFFECTS, INTERFERON_STRENGTH, MOA_EFFECTS, RARE_MOA, build_treatments
 

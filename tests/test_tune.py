@@ -19,8 +19,8 @@ import yaml
 from rxray.cli import main as cli_main
 from rxray.config import ConfigError, FinetuneConfig, PretrainConfig, TuneConfig, load_config
 from rxray.outputs import read_manifest
-from rxray.train.checkpoints import load_checkpoint
-from rxray.train.loop import read_metrics
+from rxray.models.checkpoints import load_checkpoint
+from rxray.train.epoch_log import read_metrics
 from rxray.tune import BEST_CONFIG, PLOT_FILE, RESULTS_CSV, RESULTS_PARQUET, TRIAL_RECORD, TRIALS_DIR, tune
 from conftest import shard_row
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from rxray.data.layout import CHANNEL_NAMES, N_CHANNELS
+from rxray.layout import CHANNEL_NAMES, N_CHANNELS
 from rxray.models.inputs import model_inputs
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from rxray.batch.attribution import (IMPORTANCE_METHOD, channel_importance, grad
                                      planted_ranks, top_stains)
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
 from rxray.config import ConfigError, ExplainConfig, config_to_dict
-from rxray.data.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
+from rxray.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
 from rxray.models.checkpoints import CLASSIFIER_KEYS, require_checkpoint

@@ -32,7 +32,7 @@ import numpy as np
 from rxray import storage
 from rxray.bench.tables import record_row
 from rxray.config import BACKBONES, EmbedConfig, load_config, option
-from rxray.data import layout
+from rxray import layout
 
 SECTION = "## Embedding"
 TABLE_HEADER = ("| date | device | backbone | px | images | batch | actors x threads | plain loop img/s "
@@ -108,7 +108,7 @@ def write_random_checkpoint(uri: str, backbone: str, seed: int = 0) -> str:
     import torch
 
     from rxray.models.backbones import build_encoder
-    from rxray.train.checkpoints import CHECKPOINT_FILE
+    from rxray.models.checkpoints import CHECKPOINT_FILE
 
     torch.manual_seed(seed)
     encoder = build_encoder(backbone)
@@ -193,7 +193,7 @@ def plain_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, gp
     from rxray.data.shards import IMAGE_COLUMN
     from rxray.models.device import autocast_for, torch_device
     from rxray.models.inputs import InputRecipe
-    from rxray.train.checkpoints import load_encoder
+    from rxray.models.checkpoints import load_encoder
 
     with _torch_threads(threads):
         meter = _Throughput()
@@ -223,7 +223,7 @@ def gradcam_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, 
     from rxray.models.device import torch_device
     from rxray.models.heads import ClassifierHead
     from rxray.models.inputs import classifier_channel_stats
-    from rxray.train.checkpoints import load_encoder
+    from rxray.models.checkpoints import load_encoder
 
     with _torch_threads(threads):
         meter = _Throughput()

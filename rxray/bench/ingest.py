@@ -31,7 +31,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
-from rxray.data import layout
+from rxray import layout
 from rxray.outputs import MANIFEST_FILE, read_manifest
 from rxray.runtime import ensure_ray, package_versions
 

@@ -23,7 +23,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from rxray.data.layout import EMBEDDING_DIM, N_CHANNELS
+from rxray.layout import EMBEDDING_DIM, N_CHANNELS
 
 N_STAINS = N_CHANNELS
 NUCLEI, ER, ACTIN, RNA, MITO, GOLGI = range(N_STAINS)

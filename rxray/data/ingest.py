@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from rxray import storage
 from rxray.config import ConfigError, IngestConfig, config_to_dict
-from rxray.data import layout, select, shards
+from rxray import layout
+from rxray.data import select, shards
 from rxray.data.shard_writer import ShardWriter
 from rxray.errors import StepFailed
 from rxray.outputs import read_manifest, write_manifest

@@ -16,7 +16,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import ConfigError
-from rxray.data import layout
+from rxray import layout
 
 REJECT_COLUMNS = ["site_id", "path", "reason"]
 # The header is line 1 of metadata.csv, so row i of the frame is on line i + 2.

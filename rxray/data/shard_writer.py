@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rxray.data import layout, shards
+from rxray import layout
+from rxray.data import shards
 
 # Small row groups let readers stream a shard without holding all of it (64 rows of
 # 6 x 256 x 256 is 25 MB).

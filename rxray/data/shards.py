@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 
 from rxray import storage
+from rxray.layout import IMAGE_COLUMN
 from rxray.outputs import read_manifest
 
 if TYPE_CHECKING:
     import ray.data
 
-IMAGE_COLUMN = "image"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
 REJECTS_FILE = "_rejects.csv"

@@ -29,8 +29,9 @@ import ray
 
 from rxray import storage
 from rxray.config import SynthConfig, config_to_dict
-from rxray.data import cells, layout
-from rxray.data.layout import MOA_FILE
+from rxray import layout
+from rxray.data import cells
+from rxray.layout import MOA_FILE
 from rxray.data.synth_design import (RARE_MOA, Plan, Site, Treatment, batch_effects, build_sites, build_treatments,
                                     site_conditions, stable_rng)
 from rxray.errors import StepFailed

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from rxray.config import SynthConfig
-from rxray.data import cells, layout
+from rxray import layout
+from rxray.data import cells
 
 RARE_MOA = "GPCR"
 RARE_EVERY = 30  # one compound in 30 is a GPCR ligand: a few percent of sites, as in the MoA study

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rxray import storage
-from rxray.data.layout import CHANNEL_NAMES, N_CHANNELS
+from rxray.layout import CHANNEL_NAMES, N_CHANNELS
 
 if TYPE_CHECKING:
     import pandas as pd

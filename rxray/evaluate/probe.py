@@ -30,7 +30,7 @@ import numpy as np
 
 from rxray import storage
 from rxray.config import PROBE_CORRECTIONS
-from rxray.data.layout import CONTROL, plate_groups
+from rxray.layout import CONTROL, plate_groups
 
 if TYPE_CHECKING:
     import pandas as pd

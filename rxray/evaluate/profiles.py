@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rxray import storage
-from rxray.data.layout import EMBEDDINGS_FILE, METADATA_COLUMNS, METADATA_FILE
+from rxray.layout import EMBEDDINGS_FILE, METADATA_COLUMNS, METADATA_FILE
 from rxray.outputs import read_manifest
 
 EMBEDDING_COLUMN = "embedding"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from rxray import storage
-from rxray.data.layout import N_CHANNELS
+from rxray.layout import N_CHANNELS
 from rxray.errors import ConfigError
 
 if TYPE_CHECKING:

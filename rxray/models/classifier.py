@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rxray.data.layout import N_CHANNELS
+from rxray.layout import N_CHANNELS
 from rxray.models.backbones import Encoder
+from rxray.models.checkpoints import Checkpoint, load_checkpoint
 from rxray.models.heads import ClassifierHead
 
 
@@ -58,28 +59,24 @@ class Classifier(nn.Module):
 
 
 def classifier_from_checkpoint(state: dict) -> Classifier:
-    """Rebuild a trained Classifier (eval mode, CPU) from a finetune checkpoint dict.
-
-    The dict holds: encoder and head state dicts, backbone, stem, channels (1-based),
-    with_conc, classes (class names in logit order), head_hidden and dropout.
-    """
+    """Rebuild a trained Classifier (eval mode, CPU) from a finetune checkpoint dict (:class:`Checkpoint`)."""
     from rxray.models.backbones import build_encoder
 
-    channels = list(state.get("channels") or range(1, N_CHANNELS + 1))
-    encoder = build_encoder(state["backbone"], stem=state["stem"], weights=None, in_channels=len(channels))
-    head = ClassifierHead(encoder.feature_dim, len(state["classes"]), hidden_dim=state.get("head_hidden", 256),
-                          dropout=state.get("dropout", 0.3), extra_inputs=1 if state.get("with_conc") else 0)
-    model = Classifier(encoder, head, channels=channels, with_conc=bool(state.get("with_conc")))
-    model.encoder.load_state_dict(state["encoder"])
-    model.head.load_state_dict(state["head"])
+    checkpoint = Checkpoint.from_state(state)
+    if not checkpoint.is_classifier or checkpoint.head_hidden is None:
+        raise ValueError(f"{checkpoint.uri or 'the checkpoint'} is not a classifier checkpoint (run `rxray finetune` "
+                         f"first)")
+    encoder = build_encoder(checkpoint.backbone, stem=checkpoint.stem, weights=None,
+                            in_channels=checkpoint.in_channels)
+    head = ClassifierHead(encoder.feature_dim, len(checkpoint.classes), hidden_dim=checkpoint.head_hidden,
+                          dropout=checkpoint.dropout or 0.0, extra_inputs=1 if checkpoint.with_conc else 0)
+    model = Classifier(encoder, head, channels=checkpoint.channels, with_conc=bool(checkpoint.with_conc))
+    model.encoder.load_state_dict(checkpoint.encoder)
+    model.head.load_state_dict(checkpoint.head)
     return model.eval()
 
 
 def load_classifier(uri: str) -> tuple[Classifier, dict]:
     """The trained classifier at or under a finetune output URI, and its checkpoint dict."""
-    from rxray.models.checkpoints import load_checkpoint
-
     state = load_checkpoint(uri)
-    if "classes" not in state or state.get("head") is None:
-        raise ValueError(f"{state['uri']} is not a classifier checkpoint (run `rxray finetune` first)")
     return classifier_from_checkpoint(state), state

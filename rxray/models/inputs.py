@@ -35,8 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from rxray.data.layout import N_CHANNELS, plate_groups
-from rxray.data.shards import IMAGE_COLUMN
+from rxray.layout import IMAGE_COLUMN, N_CHANNELS, plate_groups
 from rxray.ssl.augment import normalize
 
 

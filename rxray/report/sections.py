@@ -20,7 +20,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import ReportConfig
-from rxray.data.layout import CHANNEL_NAMES, CONTROL
+from rxray.layout import CHANNEL_NAMES, CONTROL
 from rxray.report.findings import headline_correction, read_table, score_table_uri
 from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe import PROBE_TABLE

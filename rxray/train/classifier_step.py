@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rxray.config import FinetuneConfig, config_to_dict
-from rxray.data.layout import N_CHANNELS
+from rxray.layout import N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, read_checkpoint
 from rxray.models.device import autocast_for

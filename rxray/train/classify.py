@@ -27,10 +27,9 @@ import numpy as np
 from rxray import storage
 from rxray.batch.pool import PoolPlan
 from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_yaml
-from rxray.data.layout import CONTROL, N_CHANNELS, plate_groups
+from rxray.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.models.checkpoints import (CHECKPOINT_FILE, Checkpoint, checkpoint_epoch, latest_checkpoint,
                                       read_checkpoint, write_checkpoint)
-from rxray.models.inputs import model_inputs, row_gains  # noqa: F401 - tests/test_inputs.py imports them from here
 from rxray.outputs import CONFIG_FILE, MANIFEST_FILE, read_manifest, write_manifest
 from rxray.runtime import Timer, ensure_ray, json_safe
 from rxray.train.classifier_step import ClassifierStep, EncoderStart, build_classifier
@@ -41,7 +40,6 @@ from rxray.train.plate_norm import plate_gains
 from rxray.train.predictions import FIGURES, PREDICTION_COLUMNS, plate_control_zscores, predict, write_evaluation
 from rxray.train.tasks import (TaskPlan, class_weights, make_splits, plan_task, read_metadata, split_dataset,
                                write_split_files)
-from rxray.train.tasks import selection_metric  # noqa: F401 - rxray.tune imports it from here
 
 RUN_NAME = "classifier"
 MODEL_FILE = CHECKPOINT_FILE  # <out>/checkpoint.pt: the selected (best validation) model

@@ -14,8 +14,7 @@ from rxray import storage
 from rxray.errors import ConfigError, StepFailed
 from rxray.outputs import CONFLICT, STALE, Rerun, rerun_decision
 from rxray.runtime import verbose
-from rxray.train.epoch_log import METRICS_FILE, read_metrics  # noqa: F401 - where callers find them
-from rxray.train.worker import PLACEMENT_GROUP_KEY, CrashOnce, worker_share_name  # noqa: F401 - likewise
+from rxray.train.worker import worker_share_name
 
 if TYPE_CHECKING:
     from rxray.train.epochs import TrainingStep

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from rxray.data.layout import CONTROL, plate_groups
+from rxray.layout import CONTROL, plate_groups
 
 # Plate gains are clipped to this range: a plate's controls 4x dimmer than the rest is an imaging fault, not a gain.
 GAIN_LIMITS = (0.25, 4.0)

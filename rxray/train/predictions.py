@@ -16,7 +16,7 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches
-from rxray.data.layout import CONTROL, plate_groups
+from rxray.layout import CONTROL, plate_groups
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.inputs import InputRecipe
 from rxray.train.tasks import GAIN_COLUMN, SITE_COLUMNS, TaskPlan

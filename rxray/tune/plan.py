@@ -93,7 +93,7 @@ def _metric(objective: str, step: Any) -> str:
     """The reported metric a trial is ranked by (maximised)."""
     if objective == "pretrain":
         return "probe_score"
-    from rxray.train.classify import selection_metric
+    from rxray.train.tasks import selection_metric
 
     if step.val_frac <= 0:
         raise ConfigError("tune.base", "finetune trials are ranked on the validation split; val_frac must be > 0")

@@ -15,7 +15,7 @@ from rxray import storage
 from rxray.config import ConfigError, TuneConfig, config_to_dict, config_to_yaml
 from rxray.outputs import CONFIG_FILE, CONFLICT, NEW, rerun_decision, write_manifest
 from rxray.runtime import Timer
-from rxray.train.loop import PLACEMENT_GROUP_KEY
+from rxray.train.worker import PLACEMENT_GROUP_KEY
 from rxray.tune.plan import BEST_OUT, SearchPlan, plan_search, to_tune_space
 from rxray.tune.results import PLOT_FILE, RESULTS_CSV, RESULTS_PARQUET, best_trial, results_table, write_results
 from rxray.tune.trial import TRIAL_DRIVER_RESOURCES, TRIALS_DIR, run_trial, trial_config

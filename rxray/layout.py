@@ -1,4 +1,4 @@
-"""The RxRx2 dataset layout: metadata schema, well names, site ids and image paths.
+"""The RxRx2 dataset layout: metadata schema, well names, site ids, image paths and the shard image column.
 
 Everything that knows how RxRx2 names things lives here, so the generator, ingest
 and every later step agree with the real dataset by construction.
@@ -27,6 +27,7 @@ METADATA_FILE = "metadata.csv"
 EMBEDDINGS_FILE = "embeddings.csv"
 MOA_FILE = "moa.csv"  # treatment -> mechanism of action: written by `rxray synth`, the map's annotation
 EMBEDDING_DIM = 128
+IMAGE_COLUMN = "image"  # the (6, S, S) uint8 site image in ingest shards, beside the metadata columns
 CONTROL = "EMPTY"
 
 N_CHANNELS = 6
