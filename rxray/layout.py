@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,6 +78,16 @@ def make_well_id(experiment: str, plate: int, well: str) -> str:
 def plate_groups(experiments: Iterable[Any], plates: Iterable[Any]) -> np.ndarray:
     """The plate key of each row, ``<experiment>_<plate>`` (plate numbers repeat across experiments)."""
     return np.asarray([f"{experiment}_{plate}" for experiment, plate in zip(experiments, plates)], dtype=object)
+
+
+def row_gains(gains: Mapping[str, Sequence[float]] | None, experiments: Sequence[Any],
+              plates: Sequence[Any]) -> np.ndarray:
+    """Each row's plate gain per stain (n, 6) float32 from ``gains`` (keyed by plate group); 1 where none is known."""
+    gain = np.ones((len(experiments), N_CHANNELS), dtype=np.float32)
+    if gains:
+        for i, group in enumerate(plate_groups(experiments, plates)):
+            gain[i] = gains.get(group, 1.0)
+    return gain
 
 
 def make_site_id(experiment: str, plate: int, well: str, site: int) -> str:

@@ -65,7 +65,8 @@ def encoder_inputs(monkeypatch) -> list[torch.Tensor]:
 
 def _training_inputs(checkpoint: dict, batch: dict[str, np.ndarray], seen: list[torch.Tensor]) -> torch.Tensor:
     """What the encoder sees in `rxray finetune`: classify's plate gains and model_inputs, through the Classifier."""
-    from rxray.models.inputs import model_inputs, row_gains
+    from rxray.layout import row_gains
+    from rxray.models.inputs import model_inputs
 
     gain = torch.from_numpy(row_gains(checkpoint["plate_gains"], batch["experiment"], batch["plate"]))
     # Training normalises with the six-stain statistics of the data (what classify records).

@@ -30,7 +30,7 @@ from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
 from rxray.config import ConfigError, EmbedConfig, config_to_dict
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
-from rxray.models.checkpoints import require_checkpoint
+from rxray.models.checkpoints import model_provenance, require_checkpoint
 from rxray.models.inputs import InputRecipe
 from rxray.outputs import MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer, ensure_ray
@@ -223,11 +223,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         n_wells = profiles.num_rows
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
-    model = {"uri": checkpoint_uri, "epoch": checkpoint.get("epoch"), "backbone": checkpoint["backbone"],
-             "stem": checkpoint["stem"], "channels": checkpoint.get("channels")}
     counts = {"rows_in": rows_in, "rows_out": rows_out, "wells": n_wells}
     images_per_s = round(rows_out / timer.seconds["embed"], 2) if timer.seconds["embed"] else None
-    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model, counts=counts, dim=dim,
+    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model_provenance(checkpoint), counts=counts, dim=dim,
                    pool=plan.describe(cfg.batch_size),
                    layout={"sites": SITES_DIR, "wells": WELLS_DIR if cfg.per_well else None,
                            "embedding_column": EMBEDDING_COLUMN},

@@ -37,7 +37,7 @@ from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
-from rxray.models.checkpoints import CLASSIFIER_KEYS, require_checkpoint
+from rxray.models.checkpoints import CLASSIFIER_KEYS, model_provenance, require_checkpoint
 from rxray.outputs import MANIFEST_FILE, read_manifest, write_manifest
 from rxray.runtime import Timer, ensure_ray
 
@@ -344,10 +344,7 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
                                 title="Channel importance (mean gradient x input share)")
 
     panels = sorted(p for p in frame["panel"] if p)
-    model = {"uri": checkpoint_uri, "epoch": checkpoint.get("epoch"), "backbone": checkpoint["backbone"],
-             "stem": checkpoint["stem"], "channels": checkpoint.get("channels"),
-             "with_conc": bool(checkpoint.get("with_conc")), "task": checkpoint.get("task"),
-             "label_col": label_col, "classes": classes}
+    model = {**model_provenance(checkpoint), "label_col": label_col, "classes": classes}
     counts = {"targets": len(targets), "chosen": len(site_ids), "explained": len(frame), "panels": len(panels),
               "per_target": {t: len(ids) for t, ids in chosen.items()}}
     images_per_s = round(len(frame) / timer.seconds["explain"], 2) if timer.seconds["explain"] else None

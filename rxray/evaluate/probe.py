@@ -298,7 +298,7 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
     from rxray.outputs import write_manifest
     from rxray.runtime import Timer, ensure_ray, verbose
-    from rxray.models.checkpoints import require_checkpoint
+    from rxray.models.checkpoints import model_provenance, require_checkpoint
 
     ensure_ray()
     timer = Timer()
@@ -336,8 +336,7 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     table = pd.DataFrame(rows)
     comparison = compare_to_baselines(table)
     storage.write_text(storage.join(cfg.out, PROBE_TABLE), table.to_csv(index=False))
-    write_manifest(cfg.out, "probe", config_to_dict(cfg), model={"uri": checkpoint["uri"],
-                   "epoch": checkpoint.get("epoch"), "backbone": checkpoint["backbone"], "stem": checkpoint["stem"]},
+    write_manifest(cfg.out, "probe", config_to_dict(cfg), model=model_provenance(checkpoint),
                    counts={"sites": len(sample), "plates": int(table["groups"].iloc[0])}, comparison=comparison,
                    timings=timer.seconds)
     print(format_comparison(comparison), flush=True)

@@ -189,6 +189,15 @@ def read_checkpoint(uri: str) -> Checkpoint:
     return Checkpoint.from_state(load_checkpoint(uri))
 
 
+def model_provenance(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Which model a step used, for its manifest: where it was read from, its epoch, architecture and stains."""
+    provenance = {"uri": state.get("uri"), "epoch": state.get("epoch"), "backbone": state["backbone"],
+                  "stem": state["stem"], "channels": state.get("channels")}
+    if state.get("classes") is not None:
+        provenance.update(with_conc=bool(state.get("with_conc")), task=state.get("task"), classes=state["classes"])
+    return provenance
+
+
 def newest_checkpoint_after(run_uri: str, epoch: int) -> dict[str, Any] | None:
     """The newest checkpoint dict under a Ray Train run directory with an epoch above ``epoch`` that loads,
     else None.

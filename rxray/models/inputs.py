@@ -35,18 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from rxray.layout import IMAGE_COLUMN, N_CHANNELS, plate_groups
+from rxray.layout import IMAGE_COLUMN, N_CHANNELS, row_gains
 from rxray.ssl.augment import normalize
-
-
-def row_gains(gains: Mapping[str, Sequence[float]] | None, experiments: Sequence[Any],
-              plates: Sequence[Any]) -> np.ndarray:
-    """Each row's plate gain per stain (n, 6) float32 from ``gains`` (keyed by plate group); 1 where none is known."""
-    gain = np.ones((len(experiments), N_CHANNELS), dtype=np.float32)
-    if gains:
-        for i, group in enumerate(plate_groups(experiments, plates)):
-            gain[i] = gains.get(group, 1.0)
-    return gain
 
 
 def model_inputs(images: torch.Tensor, gain: torch.Tensor | None, mean: Sequence[float], std: Sequence[float],

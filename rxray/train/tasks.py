@@ -17,8 +17,7 @@ import numpy as np
 
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig
-from rxray.layout import CONTROL
-from rxray.models.inputs import row_gains
+from rxray.layout import CONTROL, row_gains
 
 if TYPE_CHECKING:
     import pandas as pd
