@@ -49,6 +49,12 @@ def tiny_shards(write_shards, tmp_path_factory):
     return write_shards(str(tmp_path_factory.mktemp("shards") / "ingest"), _site_rows(SITES, SIZE, seed=0), 4)
 
 
+@pytest.fixture(scope="module")
+def recovery_shards(write_shards, tmp_path_factory):
+    """32 sites of 32 px (4 steps an epoch for 1 worker at batch 8): enough to die partway through an epoch."""
+    return write_shards(str(tmp_path_factory.mktemp("shards") / "recovery"), _site_rows(32, SIZE, seed=1), 2)
+
+
 def _config(data: str, out: str, **values) -> PretrainConfig:
     base = dict(data=data, out=out, backbone="resnet18", epochs=2, batch_size=8, lr=2e-3, workers=2, seed=0)
     return load_config(PretrainConfig, values={**base, **values})
@@ -156,11 +162,11 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_worker_process_death_on_s3_resumes_from_last_checkpoint(tiny_shards, s3_bucket, tmp_path):
+def test_worker_process_death_on_s3_resumes_from_last_checkpoint(recovery_shards, s3_bucket, tmp_path):
     marker = tmp_path / "crashed"
     out = f"{s3_bucket}/pretrain"
     # cache off: the restarted workers stream the shards again, as a full-scale run does
-    summary = pretrain(_config(tiny_shards, out, epochs=2, max_failures=1, cache="off", workers=1),
+    summary = pretrain(_config(recovery_shards, out, epochs=2, max_failures=1, cache="off", workers=1),
                        crash_once=CrashOnce(epoch=1, marker=str(marker)))
     assert marker.exists()  # rank 0's process really died, partway through epoch 1
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2
