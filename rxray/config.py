@@ -81,7 +81,7 @@ class IngestConfig:
     labels: Optional[str] = option(None, "label CSV joined on `treatment` (e.g. moa.csv)", uri=True)
     shard_rows: int = option(256, "rows per Parquet shard (bounds memory and file size)", minimum=1)
     max_reject_frac: float = option(0.01, "fail if more than this fraction of sites is rejected",
-                                    minimum=0.0, maximum=1.0)
+                                    minimum=0.0, maximum=1.0, role="resource")
     fetch_threads: int = option(6, "sites fetched and decoded concurrently by each shard-writing actor", minimum=1,
                                 role="resource")
     seed: int = option(0, "seed for balanced downsampling")

@@ -11,7 +11,7 @@ Running a step again into the same output is decided once, here
 - ``resource`` fields say where and how a step runs (workers, gpu, threads, cache, ...):
   changing them never makes an output stale.
 - ``extent`` fields say how long (``epochs``): more of it continues a run.
-- ``identity`` fields fix what a run is (architecture, data, classes, splits): no run,
+- ``identity`` fields fix what a run is (architecture; a classifier's data, classes, splits): no run,
   finished or not, can change them.
 - every other field shapes the result: a finished output made with other values is stale.
 
@@ -108,7 +108,7 @@ def recorded_config(out: str, section: str) -> tuple[dict[str, Any] | None, dict
         return manifest, manifest["config"]
     saved = storage.join(out, CONFIG_FILE)
     if storage.exists(saved):
-        from rxray.config import read_yaml
+        from rxray.options import read_yaml
 
         return None, read_yaml(saved).get(section, {})
     return manifest, None
@@ -119,6 +119,10 @@ def rerun_decision(out: str, cfg: Any) -> Rerun:
     manifest, recorded = recorded_config(out, getattr(cfg, "section", ""))
     if recorded is None:
         return Rerun(NEW, "not run yet", manifest)
+    section = getattr(cfg, "section", None)  # another step's output shares only names like `out` and `seed`
+    if manifest is not None and section and manifest.get("step") not in (None, section):
+        return Rerun(CONFLICT, f"{out} holds a {manifest['step']} output", manifest,
+                     {"step": (manifest["step"], section)})
     by_role: dict[str, dict[str, tuple[Any, Any]]] = {role: {} for role in ROLES}
     for name, values in changed_settings(recorded, cfg).items():
         by_role[field_role(cfg, name)][name] = values

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
 from rxray.layout import MOA_FILE
-from rxray.outputs import COMPLETE, CONFLICT, STALE, read_manifest, rerun_decision
+from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, read_manifest, rerun_decision
 from rxray.runtime import Timer, package_versions
 from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
 
@@ -244,9 +244,9 @@ def _start_over_reason(step: PlannedStep, rerun_for: list[str]) -> str | None:
     rerun = rerun_decision(step.out, step.config)
     if rerun.action == CONFLICT or (rerun.manifest is not None and rerun.action == STALE):
         return f"{rerun.changes()} changed"
-    if rerun.manifest is not None and rerun_for:
+    if rerun_for and rerun.action != NEW:  # finished or cut off part-way: it was trained on the old inputs
         return f"{', '.join(rerun_for)} ran again"
-    return None  # never finished: a cut-off run resumes through the step's own logic
+    return None  # a cut-off run on the same inputs resumes through the step's own logic
 
 
 def _is_complete(step: PlannedStep) -> tuple[bool, str]:

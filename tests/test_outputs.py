@@ -81,3 +81,10 @@ def test_every_pipeline_step_has_its_ray_job_entry():
         assert "from rxray.cli import main" in source, name
         if name != "pipeline":
             assert f'"--steps", "{name}"' in source, name
+
+
+def test_an_output_of_another_step_is_a_conflict(tmp_path):
+    cfg = _pretrain(tmp_path)
+    write_manifest(cfg.out, "embed", {"out": cfg.out})
+    rerun = rerun_decision(cfg.out, cfg)
+    assert rerun.action == CONFLICT and rerun.changed == {"step": ("embed", "pretrain")}

@@ -30,7 +30,7 @@ from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_
 from rxray.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.models.checkpoints import (CHECKPOINT_FILE, Checkpoint, checkpoint_epoch, latest_checkpoint,
                                       read_checkpoint, write_checkpoint)
-from rxray.outputs import CONFIG_FILE, MANIFEST_FILE, read_manifest, write_manifest
+from rxray.outputs import CONFIG_FILE, read_manifest, write_manifest
 from rxray.runtime import Timer, ensure_ray, json_safe
 from rxray.train.classifier_step import ClassifierStep, EncoderStart, build_classifier
 from rxray.train.epoch_log import read_metrics
@@ -84,8 +84,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if run.done >= cfg.epochs or run.stopped:
         how = f"stopped early after {run.done} epochs" if run.done < cfg.epochs else f"{run.done} of {cfg.epochs} epochs"
         print(f"finetune: {cfg.out} is already complete ({how}); nothing to train", flush=True)
-        if storage.exists(storage.join(cfg.out, MANIFEST_FILE)):
+        recorded = read_manifest(cfg.out)
+        if recorded is not None and recorded["config"].get("epochs") == cfg.epochs:
             return _summary(cfg, status="complete")
+        # Early stopping ended it before a larger --epochs: the manifest is rewritten for this config below,
+        # so the rerun policy finds it complete next time instead of continuing it forever.
     else:
         _train(cfg, run, timer)
     selected = _write_selected_model(cfg)

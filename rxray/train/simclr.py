@@ -293,5 +293,6 @@ def _finish(cfg: PretrainConfig, *, status: str, resumed_from: int, timer: Timer
               "checkpoint": checkpoint, "final_metrics": history[-1] if history else None,
               "timings": timer.seconds, **counts}
     if status == "trained" or not storage.exists(storage.join(cfg.out, MANIFEST_FILE)):
-        write_manifest(cfg.out, "pretrain", config_to_dict(cfg), **fields)
+        write_manifest(cfg.out, "pretrain", config_to_dict(cfg), **fields,
+                       counts={"rows": counts.get("rows"), "epochs": fields["epochs_completed"]})
     return {"out": cfg.out, **fields, "history": history}

@@ -71,7 +71,7 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
               "best": {k: best[k] for k in ("trial_id", "score", "epochs", "values", "out")},
               "best_config": storage.join(cfg.out, BEST_CONFIG), "results": [RESULTS_PARQUET, RESULTS_CSV],
               "figures": [PLOT_FILE], "timings": timer.seconds}
-    write_manifest(cfg.out, "tune", config_to_dict(cfg), **fields)
+    write_manifest(cfg.out, "tune", config_to_dict(cfg), counts={"trials": len(table), **counts}, **fields)
     return {"out": cfg.out, "status": "complete", **{k: fields[k] for k in ("objective", "metric", "trials",
                                                                                "status_counts", "restored", "best",
                                                                                "best_config")}}
