@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rxray import storage
+from rxray.errors import ConfigError
 
 MANIFEST_FILE = "_manifest.json"
 CONFIG_FILE = "config.yaml"  # the resolved config a training run saves before its first epoch
@@ -84,6 +85,12 @@ class Rerun:
     reason: str
     manifest: dict[str, Any] | None = None
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (recorded, current)
+
+    def conflict_error(self, section: str, out: str, what: str = "a run") -> ConfigError:
+        """The ConfigError for a CONFLICT: the first field whose value the output was made with, and the way out."""
+        name, (old, new) = next(iter(self.changed.items()))
+        return ConfigError(f"{section}.{name}", f"{out} holds {what} with {name}={old!r}, not {new!r}; "
+                                                f"use a new --out to start over")
 
     def changes(self) -> str:
         """The changed fields as ``name: old -> new; ...`` (for messages)."""

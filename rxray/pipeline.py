@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
 from rxray.layout import MOA_FILE
-from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, read_manifest, rerun_decision
+from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, Rerun, read_manifest, rerun_decision
 from rxray.runtime import Timer, package_versions
 from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
 
@@ -232,16 +232,15 @@ def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _start_over_reason(step: PlannedStep, rerun_for: list[str]) -> str | None:
+def _start_over_reason(step: PlannedStep, rerun: Rerun | None, rerun_for: list[str]) -> str | None:
     """Why a training step must discard its run before running again, or None to let it continue.
 
     Training steps continue from the checkpoints in their output, so a finished run
     would count as complete and keep a model trained on old inputs or settings; the
     rerun policy (:func:`rxray.outputs.rerun_decision`) says which changes a run may take.
     """
-    if not get_step(step.step).trains:
+    if rerun is None or not get_step(step.step).trains:
         return None
-    rerun = rerun_decision(step.out, step.config)
     if rerun.action == CONFLICT or (rerun.manifest is not None and rerun.action == STALE):
         return f"{rerun.changes()} changed"
     if rerun_for and rerun.action != NEW:  # finished or cut off part-way: it was trained on the old inputs
@@ -249,17 +248,17 @@ def _start_over_reason(step: PlannedStep, rerun_for: list[str]) -> str | None:
     return None  # a cut-off run on the same inputs resumes through the step's own logic
 
 
-def _is_complete(step: PlannedStep) -> tuple[bool, str]:
-    """Whether a planned step's output is complete for its config, and why (for the log)."""
+def _is_complete(step: PlannedStep) -> tuple[bool, str, Rerun | None]:
+    """Whether a planned step's output is complete for its config, why (for the log), and the rerun decision."""
     if step.step == "synth":
         found = storage.exists(storage.join(step.out, "metadata.csv"))
-        return found, f"a dataset is already at {step.out}" if found else ""
+        return found, f"a dataset is already at {step.out}" if found else "", None
     rerun = rerun_decision(step.out, step.config)
     if rerun.action == COMPLETE:
-        return True, rerun.reason
+        return True, rerun.reason, rerun
     if rerun.manifest is None:
-        return False, ""
-    return False, f"its config changed since the run at {step.out} ({rerun.changes() or rerun.reason})"
+        return False, "", rerun
+    return False, f"its config changed since the run at {step.out} ({rerun.changes() or rerun.reason})", rerun
 
 
 def _say(line: str) -> None:
@@ -343,7 +342,7 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
     ran: set[str] = set()
     statuses: dict[str, str] = {}
     for step in plan.to_run():
-        complete, why = _is_complete(step)
+        complete, why, rerun = _is_complete(step)
         rerun_for = [k for k in step.needs if k in ran]
         if complete and not rerun_for:
             _say(f"skip {step.key}: {why}")
@@ -352,7 +351,7 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
             continue
         reason = f"{', '.join(rerun_for)} ran again" if complete else why or "not run yet"
         _say(f"run {step.key} -> {step.out} ({reason})")
-        restart = _start_over_reason(step, rerun_for)
+        restart = _start_over_reason(step, rerun, rerun_for)
         if restart:
             _say(f"start {step.key} over ({restart}): removing the finished run at {step.out}")
             storage.remove(step.out, recursive=True)

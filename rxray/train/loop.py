@@ -94,9 +94,7 @@ def check_rerun(cfg: Any, step: str, finished: str) -> Rerun:
     """
     rerun = rerun_decision(cfg.out, cfg)
     if rerun.action == CONFLICT:
-        name, (old, new) = next(iter(rerun.changed.items()))
-        raise ConfigError(f"{step}.{name}", f"{cfg.out} holds a run with {name}={old!r}, not {new!r}; "
-                                            f"use a new --out to start over")
+        raise rerun.conflict_error(step, cfg.out)
     if rerun.action == STALE:
         raise ConfigError(f"{step}.{next(iter(rerun.changed))}",
                           f"{cfg.out} holds {finished} trained with other settings ({rerun.changes()}); use a new "

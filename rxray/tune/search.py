@@ -12,7 +12,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from rxray import storage
-from rxray.config import ConfigError, TuneConfig, config_to_dict, config_to_yaml
+from rxray.config import TuneConfig, config_to_dict, config_to_yaml
 from rxray.outputs import CONFIG_FILE, CONFLICT, NEW, rerun_decision, write_manifest
 from rxray.runtime import Timer
 from rxray.train.worker import PLACEMENT_GROUP_KEY
@@ -90,9 +90,7 @@ def _check_rerun(cfg: TuneConfig) -> bool:
     """True if ``cfg.out`` holds a search to resume; a rerun must keep every setting but --out."""
     rerun = rerun_decision(cfg.out, cfg)
     if rerun.action == CONFLICT:
-        name, (old, new) = next(iter(rerun.changed.items()))
-        raise ConfigError(f"tune.{name}", f"{cfg.out} holds a search with {name}={old!r}, not {new!r}; "
-                                          f"use a new --out to start over")
+        raise rerun.conflict_error("tune", cfg.out, "a search")
     return rerun.action != NEW
 
 
