@@ -94,6 +94,10 @@ def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset
     """The shards under a URI as a Ray Dataset (no rows are read until it is consumed)."""
     import ray.data
 
+    # Ray 2.60's Parquet reader V2 starts a pool of footer-reader actors for every read: 2-5 s before the
+    # first row on a small node, paid by each training run, probe, embed and explain. Shards are few large
+    # files (hundreds at full RxRx2 scale), whose footers the V1 reader plans in well under a second.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     fs, path = storage.pyarrow_filesystem(uri)
     return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
 
