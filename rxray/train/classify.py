@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from rxray.train.plate_norm import plate_gains
 from rxray.train.predictions import FIGURES, PREDICTION_COLUMNS, plate_control_zscores, predict, write_evaluation
 from rxray.train.tasks import (TaskPlan, class_weights, make_splits, plan_task, read_metadata, split_dataset,
                                write_split_files)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RUN_NAME = "classifier"
 MODEL_FILE = CHECKPOINT_FILE  # <out>/checkpoint.pt: the selected (best validation) model
@@ -166,8 +169,10 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, timer: Timer
         return None
     ensure_ray()
     with timer.time("evaluate"):
-        threshold = _validation_threshold(cfg, run, selected)
-        metrics = write_evaluation(cfg.out, _split_predictions(cfg, run, selected, "test"), run.plan, threshold)
+        needs_val = _threshold_needs_validation(cfg, run)
+        predicted = _split_predictions(cfg, run, selected, ["val", "test"] if needs_val else ["test"])
+        threshold = _validation_threshold(cfg, run, predicted.get("val"))
+        metrics = write_evaluation(cfg.out, predicted["test"], run.plan, threshold)
         metrics.update(task=run.plan.task, label_col=run.plan.label_col, classes=run.plan.classes,
                        positive=run.plan.positive, negative_classes=run.plan.negative_classes, split="test",
                        best_epoch=selected.epoch, selection_metric=selected.selection_metric)
@@ -175,14 +180,26 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, timer: Timer
     return metrics
 
 
-def _split_predictions(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, split: str):
-    """The selected model's predictions on one split (plate control z-scores with --plate-scores)."""
+def _split_predictions(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, splits: list[str]) -> dict[str, Any]:
+    """The selected model's predictions on each of ``splits``, from one pass of one inference pool.
+
+    Plate control z-scores with --plate-scores: a plate belongs to one split, so scoring the
+    splits together gives each plate the scores it would get alone.
+    """
+    from rxray.data.splits import group_keys
+
     cpus = worker_cpus(cfg.workers, cfg.gpu, None)
-    # The training workers' share of the cluster, so prediction fits wherever training did.
-    pool = PoolPlan(actors=cfg.workers, threads=max(1, math.floor(cpus)), gpu=cfg.gpu, cpus_per_actor=cpus)
-    dataset = split_dataset(cfg, run.plan, run.splits, split, keep=PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
+    batches = math.ceil(sum(run.splits["counts"][split]["sites"] for split in splits) / cfg.batch_size)
+    # The training workers' share of the cluster, so prediction fits wherever training did; never more actors
+    # than batches (each actor loads torch and the model before its first batch).
+    pool = PoolPlan(actors=max(1, min(cfg.workers, batches)), threads=max(1, math.floor(cpus)), gpu=cfg.gpu,
+                    cpus_per_actor=cpus)
+    dataset = split_dataset(cfg, run.plan, run.splits, splits, keep=PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
     predictions = predict(dataset, selected.uri, batch_size=cfg.batch_size, pool=pool)
-    return plate_control_zscores(predictions, run.plan) if cfg.plate_scores else predictions
+    if cfg.plate_scores:
+        predictions = plate_control_zscores(predictions, run.plan)
+    split_of_row = group_keys(predictions, cfg.split_by).map(run.splits["assignment"])
+    return {split: predictions[split_of_row == split].reset_index(drop=True) for split in splits}
 
 
 def decision_rule(cfg: FinetuneConfig) -> str:
@@ -192,15 +209,22 @@ def decision_rule(cfg: FinetuneConfig) -> str:
     return "control-z" if cfg.plate_scores else "val-f1"
 
 
-def _validation_threshold(cfg: FinetuneConfig, run: _Run, selected: Checkpoint) -> float | None:
+def _threshold_needs_validation(cfg: FinetuneConfig, run: _Run) -> bool:
+    """Whether the decision threshold comes from predictions on the validation split (val-f1 on a binary task)."""
+    return (run.plan.task == "binary" and decision_rule(cfg) == "val-f1"
+            and bool(run.splits["counts"]["val"]["sites"]))
+
+
+def _validation_threshold(cfg: FinetuneConfig, run: _Run, validation: "pd.DataFrame | None") -> float | None:
     """Binary tasks: the decision threshold on the positive-class probability; None (argmax) otherwise.
 
     control-z: sigmoid(CONTROL_Z), i.e. a site is called positive when it scores
     CONTROL_Z robust standard deviations above its own plate's control sites, the usual
     hit call of a screen; it needs no validation plate, whose one or two plates would
     make the cut as noisy as the sites near it. val-f1: the F1-maximising threshold of
-    the selected model on the validation split (class weights shift probabilities away
-    from calibration, so 0.5 is not the natural cut). The test split never informs it.
+    the selected model on the validation split's ``validation`` predictions (class weights
+    shift probabilities away from calibration, so 0.5 is not the natural cut). The test
+    split never informs it.
     """
     from rxray.evaluate.metrics import best_f1_threshold
 
@@ -212,12 +236,11 @@ def _validation_threshold(cfg: FinetuneConfig, run: _Run, selected: Checkpoint) 
         print(f"finetune: decision threshold z >= {CONTROL_Z:g} against each plate's control sites "
               f"(probability {threshold:.3f})", flush=True)
         return threshold
-    if not run.splits["counts"]["val"]["sites"]:
+    if validation is None:
         return None
-    predictions = _split_predictions(cfg, run, selected, "val")
-    probs = np.stack(predictions["probs"].to_numpy()).astype(np.float64)
-    threshold = best_f1_threshold(predictions["label"].to_numpy() == 1, probs[:, 1])
-    print(f"finetune: decision threshold {threshold:.3f} (best F1 on the {len(predictions)} validation sites)",
+    probs = np.stack(validation["probs"].to_numpy()).astype(np.float64)
+    threshold = best_f1_threshold(validation["label"].to_numpy() == 1, probs[:, 1])
+    print(f"finetune: decision threshold {threshold:.3f} (best F1 on the {len(validation)} validation sites)",
           flush=True)
     return threshold
 

@@ -169,15 +169,15 @@ def make_splits(cfg: FinetuneConfig, meta: "pd.DataFrame", plan: TaskPlan) -> di
             "sites_per_group": groups.value_counts().to_dict()}
 
 
-def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str,
+def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str],
                   keep: Sequence[str] = (), gains: dict[str, list[float]] | None = None) -> "ray.data.Dataset":
-    """The task's rows of one split as a lazy Ray Dataset: the group filter runs inside the Parquet scan."""
+    """The task's rows of one split (or several) as a lazy Ray Dataset: the group filter runs inside the Parquet scan."""
     from ray.data.expressions import col
 
     from rxray.data.shards import read_shards
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "treatment_conc", plan.label_col, *keep]))
-    members = splits["members"][split]
+    members = [member for name in ([split] if isinstance(split, str) else split) for member in splits["members"][name]]
     if cfg.split_by == "experiment":
         predicate = col("experiment").is_in(sorted({experiment for experiment, _ in members}))
     else:
