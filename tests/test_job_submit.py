@@ -69,7 +69,7 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     started = set(process_tree(head.pid))
     head.send_signal(signal.SIGTERM)
     try:
-        head.wait(timeout=10)
+        head.wait(timeout=3)  # it rarely finishes in time; what it leaves is killed below
     except subprocess.TimeoutExpired:
         pass
     # Processes of this head that outlived it: its descendants, or anything naming its own temp dir.
@@ -131,8 +131,9 @@ def ray_head(s3_server, tmp_path_factory):
 def test_submitted_pipeline_runs_on_s3_with_the_token(ray_head, ray_local, s3_bucket, tmp_path):
     source, run = f"{s3_bucket}/rxrx2", f"{s3_bucket}/runs/job"
     synthesize(load_config(SynthConfig, values={**TINY_SECTIONS["synth"], "out": source}))
-    # The steps with a model to load on the cluster; classifiers run in the local pipeline tests.
-    sections = {k: v for k, v in runnable_sections().items() if k in ("ingest", "pretrain", "embed", "score", "report")}
+    # Training, and loading the trained model from S3 on the cluster; score, report and the classifiers run on
+    # S3 in their own tests.
+    sections = {k: v for k, v in runnable_sections().items() if k in ("ingest", "pretrain", "embed")}
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"pipeline": {"run": run, "source": source}, **sections}, sort_keys=False))
 
@@ -149,7 +150,7 @@ def test_submitted_pipeline_runs_on_s3_with_the_token(ray_head, ray_local, s3_bu
     assert "pipeline: complete" in logs.stdout, report
 
     record = json.loads(storage.read_text(storage.join(run, "_pipeline.json")))
-    assert record["status"] == "complete" and set(record["steps"]) >= {"ingest", "pretrain", "embed", "score"}
+    assert record["status"] == "complete" and set(record["steps"]) >= {"ingest", "pretrain", "embed"}
     for key, entry in record["steps"].items():
         manifest = read_manifest(entry["out"])
         assert entry["out"].startswith(run) and manifest is not None and manifest["step"] == entry["step"], key

@@ -240,7 +240,7 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_pipeline_resumes_and_completes(tmp_path):
+def test_a_killed_pipeline_resumes_and_completes(tmp_path, ray_local):
     # Kill after the second step and resume; every step runs end to end in the job-submission test and in
     # its own tests, and this keeps the suite inside its time budget. The run and source are relative
     # paths, as `make demo` gives them: training metrics must land under the run, not in Ray's session folder.
@@ -254,9 +254,12 @@ def test_a_killed_pipeline_resumes_and_completes(tmp_path):
     first, second = plan.steps[0], plan.steps[1]
     assert plan.steps[2].out == str(tmp_path / "run" / "pretrain"), "a relative run must resolve to an absolute path"
     command = [sys.executable, "-m", "rxray.cli", "pipeline", "--config", path]
+    # Both drivers join the session's Ray, as `ray job submit` drivers join a cluster: the workers' working
+    # directory is then Ray's, not the driver's, which is what relative paths must survive.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
     with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 600
             while read_manifest(second.out) is None:  # the second step is complete: kill the pipeline
@@ -270,7 +273,7 @@ def test_a_killed_pipeline_resumes_and_completes(tmp_path):
     record = json.loads((tmp_path / "run" / "_pipeline.json").read_text())
     assert record["status"] == "running", "the killed pipeline never got to finish its record"
 
-    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for done in (first, second):
         assert f"pipeline: skip {done.key}: " in rerun.stderr

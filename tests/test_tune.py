@@ -1,6 +1,6 @@
-"""`rxray tune`: a 3-trial ASHA search over fine-tuning whose best config `rxray finetune` takes, the space and base
-files, and a search killed partway (a real SIGKILL of `python -m rxray.cli tune`) that resumes without rerunning
-finished trials."""
+"""`rxray tune`: a fine-tuning search killed partway (a real SIGKILL of `python -m rxray.cli tune`) that resumes
+without rerunning finished trials and whose best config `rxray finetune` takes; a pretraining search under ASHA
+ranked by the probe score; the space and base files."""
 
 from __future__ import annotations
 
@@ -67,32 +67,74 @@ def _finetune_search(shards: str, tmp_path, **values) -> TuneConfig:
     space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "lr": {"loguniform": [1e-3, 3e-2]},
                                                   "aug_strength": {"choice": [0.0, 0.5]}})
     return load_config(TuneConfig, values={"data": shards, "out": str(tmp_path / "search"), "objective": "finetune",
-                                           "base": base, "space": space, "samples": 3, "epochs": 2,
-                                           "max_concurrent": 1, **values})
+                                           "base": base, "space": space, "samples": 2, "epochs": 2,
+                                           "scheduler": "none", "max_concurrent": 1, **values})
 
 
-def test_finetune_search_writes_results_plot_and_a_best_config_rxray_finetune_takes(shards, tmp_path):
+def _command(cfg: TuneConfig) -> list[str]:
+    """The `rxray tune` command line of ``cfg``."""
+    return [sys.executable, "-m", "rxray.cli", "tune", "--data", cfg.data, "--out", cfg.out, "--objective",
+            cfg.objective, "--base", cfg.base, "--space", cfg.space, "--samples", str(cfg.samples), "--epochs",
+            str(cfg.epochs), "--scheduler", cfg.scheduler, "--max-concurrent", str(cfg.max_concurrent)]
+
+
+def _finished_trials(search: str) -> list[str]:
+    trials = os.path.join(search, TRIALS_DIR)
+    if not os.path.isdir(trials):
+        return []
+    return sorted(t for t in os.listdir(trials) if read_manifest(os.path.join(trials, t)) is not None)
+
+
+def _kill_after_one_trial_and_one_epoch(cfg: TuneConfig, ray_local, tmp_path) -> None:
+    """Run `rxray tune` in a subprocess and SIGKILL it once a trial has finished and the next has trained an epoch."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    with open(tmp_path / "killed.log", "wb") as log:
+        process = subprocess.Popen(_command(cfg), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            # The first trial is finished and the second has trained an epoch: Tune has saved its state since.
+            while not (_finished_trials(cfg.out) and _second_trial_epochs(cfg.out) >= 1):
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no trial finished in time"
+                time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_a_killed_search_resumes_without_rerunning_finished_trials_and_its_best_config_trains(shards, ray_local,
+                                                                                             tmp_path):
     cfg = _finetune_search(shards, tmp_path)
-    summary = tune(cfg)
+    _kill_after_one_trial_and_one_epoch(cfg, ray_local, tmp_path)
+    finished = _finished_trials(cfg.out)
+    assert len(finished) == 1 and not os.path.exists(os.path.join(cfg.out, "_manifest.json"))
+    first = finished[0]
+    first_manifest = read_manifest(os.path.join(cfg.out, TRIALS_DIR, first))
 
-    assert summary["metric"] == "val_pr_auc" and summary["trials"] == 3 and not summary["restored"]
+    summary = tune(cfg)  # the same search again: it resumes
+    assert summary["restored"] and summary["metric"] == "val_pr_auc" and summary["trials"] == 2
     table = pd.read_parquet(os.path.join(cfg.out, RESULTS_PARQUET))
-    assert len(table) == 3 and table["trial_id"].is_unique
-    assert set(table["status"]) <= {"complete", "stopped"}  # ASHA may stop the weaker half after epoch 1
-    assert (table["epochs"] >= 1).all() and (table["epochs"] <= 2).all() and (table["status"] == "complete").any()
+    assert len(table) == 2 and table["trial_id"].is_unique and first in table["trial_id"].tolist()
+    assert (table["status"] == "complete").all() and (table["epochs"] == 2).all()
     assert table["val_pr_auc"].between(0, 1).all()
     assert (table["config/batch_size"] == 8).all() and table["config/lr"].between(1e-3, 3e-2).all()
-    assert table["config/lr"].nunique() == 3  # each trial its own sample
+    assert table["config/lr"].nunique() == 2  # each trial its own sample
     assert pd.read_csv(os.path.join(cfg.out, RESULTS_CSV))["trial_id"].tolist() == table["trial_id"].tolist()
     with open(os.path.join(cfg.out, PLOT_FILE), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    for trial_id, epochs, status in zip(table["trial_id"], table["epochs"], table["status"]):
-        trial_out = os.path.join(cfg.out, TRIALS_DIR, trial_id)
-        logged = [entry["epoch"] for entry in read_metrics(trial_out)]
-        assert logged[:epochs] == list(range(1, epochs + 1))  # the table holds what Tune scored
-        # a trial ASHA stops may finish the epoch in flight before the stop reaches its workers
-        assert len(logged) <= epochs + (status == "stopped")
-        assert json.load(open(os.path.join(trial_out, TRIAL_RECORD)))["starts"] == 1
+
+    # The finished trial was not run again: one start, its manifest and its two epochs untouched.
+    first_out = os.path.join(cfg.out, TRIALS_DIR, first)
+    assert json.load(open(os.path.join(first_out, TRIAL_RECORD)))["starts"] == 1
+    assert read_manifest(first_out) == first_manifest
+    assert load_checkpoint(first_out)["starts"] == [0]
+    for trial_id in table["trial_id"]:  # every trial trained each epoch once: the table holds what Tune scored
+        assert [entry["epoch"] for entry in read_metrics(os.path.join(cfg.out, TRIALS_DIR, trial_id))] == [1, 2]
+    (second,) = set(table["trial_id"]) - {first}  # interrupted after its first epoch, resumed from that checkpoint
+    second_out = os.path.join(cfg.out, TRIALS_DIR, second)
+    assert load_checkpoint(second_out)["starts"] == [0, 1]
+    assert json.load(open(os.path.join(second_out, TRIAL_RECORD)))["starts"] == 2
 
     best = table.loc[table["val_pr_auc"].idxmax()]
     assert summary["best"]["trial_id"] == best["trial_id"]
@@ -122,63 +164,19 @@ def test_space_and_base_errors_name_the_field_before_any_trial(shards, tmp_path)
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
 
 
-def _pretrain_search_command(shards: str, tmp_path) -> list[str]:
+def test_a_pretrain_search_under_asha_ranks_trials_by_the_probe_score(shards, tmp_path):
     base = _write_yaml(tmp_path / "base.yaml", {"backbone": "resnet18", "workers": 1, "probe_sites": 96})
     space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "proj_dim": {"choice": [16, 32]}})
-    return [sys.executable, "-m", "rxray.cli", "tune", "--data", shards, "--out", str(tmp_path / "search"),
-            "--objective", "pretrain", "--base", base, "--space", space, "--samples", "2", "--epochs", "2",
-            "--scheduler", "none", "--max-concurrent", "1"]
-
-
-def _finished_trials(search: str) -> list[str]:
-    trials = os.path.join(search, TRIALS_DIR)
-    if not os.path.isdir(trials):
-        return []
-    return sorted(t for t in os.listdir(trials) if read_manifest(os.path.join(trials, t)) is not None)
-
-
-def test_a_killed_search_resumes_without_rerunning_finished_trials(shards, ray_local, tmp_path):
-    command = _pretrain_search_command(shards, tmp_path)
     search = str(tmp_path / "search")
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    with open(tmp_path / "killed.log", "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            # The first trial is finished and the second has trained an epoch: Tune has saved its state since.
-            while not (_finished_trials(search) and _second_trial_epochs(search) >= 1):
-                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no trial finished in time"
-                time.sleep(0.5)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    finished = _finished_trials(search)
-    assert len(finished) == 1 and not os.path.exists(os.path.join(search, "_manifest.json"))
-    first = finished[0]
-    first_manifest = read_manifest(os.path.join(search, TRIALS_DIR, first))
-
-    cfg = load_config(TuneConfig, values={"data": shards, "out": search, "objective": "pretrain",
-                                          "base": str(tmp_path / "base.yaml"), "space": str(tmp_path / "space.yaml"),
-                                          "samples": 2, "epochs": 2, "scheduler": "none", "max_concurrent": 1})
-    summary = tune(cfg)
-    assert summary["restored"] and summary["trials"] == 2 and summary["metric"] == "probe_score"
+    summary = tune(load_config(TuneConfig, values={"data": shards, "out": search, "objective": "pretrain",
+                                                   "base": base, "space": space, "samples": 1, "epochs": 1,
+                                                   "scheduler": "asha", "max_concurrent": 1}))
+    assert not summary["restored"] and summary["trials"] == 1 and summary["metric"] == "probe_score"
     table = pd.read_parquet(os.path.join(search, RESULTS_PARQUET))
-    assert first in table["trial_id"].tolist() and (table["status"] == "complete").all()
-    assert table["probe_score"].between(0, 1).all()
-    # The finished trial was not run again: one start, its manifest and its two epochs untouched.
-    first_out = os.path.join(search, TRIALS_DIR, first)
-    assert json.load(open(os.path.join(first_out, TRIAL_RECORD)))["starts"] == 1
-    assert read_manifest(first_out) == first_manifest
-    assert [entry["epoch"] for entry in read_metrics(first_out)] == [1, 2]
-    for trial_id in table["trial_id"]:  # every trial trained each epoch once
-        history = read_metrics(os.path.join(search, TRIALS_DIR, trial_id))
-        assert [entry["epoch"] for entry in history] == [1, 2]
-        assert all(0.0 <= entry["probe_score"] <= 1.0 for entry in history)
-    (second,) = set(table["trial_id"]) - {first}  # interrupted after its first epoch, resumed from that checkpoint
-    assert load_checkpoint(os.path.join(search, TRIALS_DIR, second))["starts"] == [0, 1]
-    assert load_checkpoint(first_out)["starts"] == [0]
+    assert table["status"].tolist() == ["complete"] and table["probe_score"].between(0, 1).all()
+    (trial_id,) = table["trial_id"]
+    history = read_metrics(os.path.join(search, TRIALS_DIR, trial_id))
+    assert [entry["epoch"] for entry in history] == [1] and 0.0 <= history[0]["probe_score"] <= 1.0
     best = load_config(PretrainConfig, os.path.join(search, BEST_CONFIG))  # what `rxray pretrain --config` loads
     assert best.probe and best.batch_size == 8 and best.proj_dim in (16, 32) and best.backbone == "resnet18"
 
