@@ -20,7 +20,14 @@ from rxray.options import config_to_dict, config_to_yaml, load_config, option, r
 __all__ = ["BACKBONES", "CACHE_HELP", "PROBE_CORRECTIONS", "PROBE_CORRECT_HELP", "ConfigError", "EmbedConfig",
            "ExplainConfig", "FinetuneConfig", "IngestConfig", "PretrainConfig", "ProbeConfig", "ReportConfig",
            "ScoreConfig", "SynthConfig", "TuneConfig", "config_to_dict", "config_to_yaml", "load_config", "option",
-           "read_yaml"]
+           "read_yaml", "STALL_TIMEOUT_S"]
+
+# A training worker waiting this long for its next batch fails (and Ray Train restarts the group from the last
+# checkpoint) instead of waiting forever: the blocks of a lost node may never arrive. Generous: the first batch of
+# an epoch streamed from object storage on a busy cluster takes seconds to a minute.
+STALL_TIMEOUT_S = 600.0
+STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before it fails and Ray Train restarts "
+                      "the workers from the last checkpoint (a lost node's data never arrives)")
 
 
 @dataclass
@@ -130,6 +137,7 @@ class PretrainConfig:
     workers: int = option(1, "Ray Train workers", minimum=1, role="resource")
     gpu: bool = option(False, "train on GPUs (one per worker)", role="resource")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0, role="resource")
+    stall_timeout: float = option(STALL_TIMEOUT_S, STALL_TIMEOUT_HELP, minimum=1.0, role="resource")
     worker_cpus: Optional[float] = option(None, "CPUs reserved per worker (default: 1, or less on a small "
                                                 "machine so Ray Data keeps a CPU to feed them)", minimum=0.1,
                                           role="resource")
@@ -292,6 +300,7 @@ class FinetuneConfig:
     workers: int = option(1, "Ray Train workers", minimum=1, role="resource")
     gpu: bool = option(False, "train on GPUs (one per worker)", role="resource")
     max_failures: int = option(2, "worker failures to recover from before giving up", minimum=0, role="resource")
+    stall_timeout: float = option(STALL_TIMEOUT_S, STALL_TIMEOUT_HELP, minimum=1.0, role="resource")
     threads: Optional[int] = option(None, "torch CPU threads per worker (default: its reserved CPUs)", minimum=1,
                                     role="resource")
     plate_scores: bool = option(True, "binary tasks: score each site as a z-score against its plate's own control "

@@ -261,8 +261,9 @@ class ClassifierStep(TrainingStep):
         labels, probabilities = [], []
         shard = worker.dataset_shard("val")
         with torch.no_grad():
-            for batch in shard.iter_torch_batches(batch_size=self.cfg.batch_size, drop_last=False,
-                                                  device=worker.device, dtypes=TENSOR_DTYPES):
+            for batch in worker.stall_guarded(shard.iter_torch_batches(
+                    batch_size=self.cfg.batch_size, drop_last=False, device=worker.device, dtypes=TENSOR_DTYPES),
+                    "val"):
                 inputs = model_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.run.channel_mean,
                                       self.run.channel_std)
                 with autocast_for(worker.device):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rxray import storage
+from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
 from rxray.train.epoch_log import EpochLog
@@ -46,6 +47,7 @@ class RunSettings:
     threads: int | None = None  # torch threads per worker (None: the reserved CPUs)
     resume_from: str | None = None  # the latest checkpoint a rerun continues from
     crash_once: CrashOnce | None = None  # recovery tests only
+    stall_timeout_s: float = STALL_TIMEOUT_S  # longest wait for a batch before the worker fails
 
     @property
     def run_uri(self) -> str:
@@ -103,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: restore the run's latest checkpoint if any, then train ``loop_config["step"]``'s epochs."""
     step: TrainingStep = loop_config["step"]
     run = step.run
-    worker = TrainWorker(threads=run.threads, cpus=run.cpus_per_worker)
+    worker = TrainWorker(threads=run.threads, cpus=run.cpus_per_worker, stall_timeout_s=run.stall_timeout_s)
     state = worker.restore(fallback_uri=run.resume_from, run_uri=run.run_uri)
     restored = Checkpoint.from_state(state) if state else None
     start_epoch = restored.epoch if restored else 0

@@ -168,7 +168,8 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
     """
     from rxray.evaluate.probe import embed_batches, score_embeddings
 
-    batches = worker.dataset_shard("probe").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+    batches = worker.stall_guarded(worker.dataset_shard("probe").iter_batches(batch_size=cfg.batch_size,
+                                                                              batch_format="numpy"), "probe")
     features, columns = embed_batches(unwrap(model).encoder, batches, mean=mean, std=std, device=worker.device)
     shares = [share for share in worker.gather((features, columns)) if len(share[0])]
     if not worker.is_chief:
@@ -224,7 +225,8 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
     cpus = worker_cpus(cfg.workers, cfg.gpu, cfg.worker_cpus)
     run = RunSettings(step="pretrain", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, image_side=image_side, channel_mean=list(mean), channel_std=list(std),
-                      cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once)
+                      cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once,
+                      stall_timeout_s=cfg.stall_timeout)
     with timer.time("train"):
         fit(SimCLRStep(cfg, run), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
             what="pretraining")

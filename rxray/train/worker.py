@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
@@ -33,6 +35,45 @@ PREFETCH_BATCHES = 2
 # early (ASHA) kills its controller, and only a dashboard-backed cleaner would then free the group; `rxray tune`
 # frees it by this id.
 PLACEMENT_GROUP_KEY = "train_placement_group"
+
+
+class DataStalled(RuntimeError):
+    """No batch arrived from the input pipeline within the stall timeout (e.g. its blocks were on a lost node)."""
+
+
+def stall_guarded(batches: Iterable[T], timeout_s: float, what: str) -> Iterator[T]:
+    """Yield from ``batches``; raise DataStalled when the next item takes longer than ``timeout_s`` to arrive.
+
+    Ray Data's iterators wait for their blocks without a deadline: when a node is lost
+    with blocks that cannot be rebuilt (or the tasks rebuilding them cannot get a CPU),
+    a worker would wait forever while its peers wait for it in DDP. Failing instead
+    lets Ray Train restart the group from the last checkpoint, or report the step failed.
+    Only the wait for data counts: a slow training step never trips it. The items are
+    produced by a thread, one ahead of the consumer.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                handoff.put((item, None))
+            handoff.put((finished, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            handoff.put((None, exc))
+
+    threading.Thread(target=produce, name=f"rxray-{what}", daemon=True).start()
+    while True:
+        try:
+            item, error = handoff.get(timeout=timeout_s)
+        except queue.Empty:
+            raise DataStalled(f"no {what} batch arrived for {timeout_s:g} s (a lost node's data, or no CPU left "
+                              f"to read it); failing so the run restarts from its last checkpoint") from None
+        if error is not None:
+            raise error
+        if item is finished:
+            return
+        yield item
 
 
 def worker_print(line: str) -> None:
@@ -71,7 +112,7 @@ class CrashOnce:
 class TrainWorker:
     """One Ray Train worker's view of the run: rank, device, precision, data and checkpoints."""
 
-    def __init__(self, threads: int | None = None, cpus: float = 1.0):
+    def __init__(self, threads: int | None = None, cpus: float = 1.0, stall_timeout_s: float = math.inf):
         import ray.train
         import ray.train.torch
 
@@ -82,6 +123,7 @@ class TrainWorker:
         self.on_gpu = self.device.type == "cuda"
         group = ray.util.get_current_placement_group()
         self.placement_group = group.id.hex() if group is not None else None
+        self.stall_timeout_s = stall_timeout_s
         # Ray sets OMP_NUM_THREADS from the reserved CPUs; an explicit count wins (benchmarks match loops).
         torch.set_num_threads(threads or max(1, math.floor(cpus)))
 
@@ -106,10 +148,16 @@ class TrainWorker:
         gets the same number of batches (Ray splits shards equally), as DDP requires.
         """
         shard = self.dataset_shard(dataset)
-        return shard.iter_torch_batches(
+        return self.stall_guarded(shard.iter_torch_batches(
             batch_size=batch_size, drop_last=True, dtypes=dtypes, device=self.device,
             prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=seed + 7919 * epoch + self.rank, pin_memory=self.on_gpu)
+            local_shuffle_seed=seed + 7919 * epoch + self.rank, pin_memory=self.on_gpu), dataset)
+
+    def stall_guarded(self, batches: Iterable[T], what: str) -> Iterator[T]:
+        """``batches`` failing with DataStalled after this run's stall timeout (:func:`stall_guarded`)."""
+        if math.isinf(self.stall_timeout_s):
+            return iter(batches)
+        return stall_guarded(batches, self.stall_timeout_s, what)
 
     def dataset_shard(self, dataset: str) -> "ray.data.DataIterator":
         """This worker's iterator over a training dataset: its fixed share when cached, else its streamed split."""

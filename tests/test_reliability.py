@@ -1,0 +1,55 @@
+"""What keeps a run from hanging or failing on a flaky cluster: the training workers' stall guard, and the
+object-storage retry policy exercised through a fault-injecting S3 proxy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rxray.train.worker import DataStalled, stall_guarded
+
+
+def _slow(items, delay_s: float, then_block: threading.Event | None = None):
+    """Yield ``items`` ``delay_s`` apart; then wait on ``then_block`` (a stream whose next block never comes)."""
+    for item in items:
+        time.sleep(delay_s)
+        yield item
+    if then_block is not None:
+        then_block.wait()
+
+
+def test_the_guard_passes_items_through_in_order_and_ends_with_them():
+    assert list(stall_guarded(iter(range(5)), timeout_s=5, what="train")) == [0, 1, 2, 3, 4]
+    assert list(stall_guarded(iter([]), timeout_s=5, what="train")) == []
+
+
+def test_an_error_of_the_stream_reaches_the_worker_as_itself():
+    def failing():
+        yield 1
+        raise OSError("AWS Error NETWORK_CONNECTION")
+
+    guarded = stall_guarded(failing(), timeout_s=5, what="train")
+    assert next(guarded) == 1
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        next(guarded)
+
+
+def test_a_stream_that_stops_delivering_fails_within_the_timeout():
+    never = threading.Event()
+    guarded = stall_guarded(_slow([1, 2], 0.05, then_block=never), timeout_s=0.5, what="train")
+    assert [next(guarded), next(guarded)] == [1, 2]
+    began = time.monotonic()
+    with pytest.raises(DataStalled, match=r"no train batch arrived for 0.5 s"):
+        next(guarded)
+    assert time.monotonic() - began < 3
+    never.set()
+
+
+def test_a_slow_training_step_never_trips_the_guard():
+    seen = []
+    for item in stall_guarded(_slow(range(3), 0.05), timeout_s=0.3, what="train"):
+        time.sleep(0.6)  # the consumer's own work: twice the timeout per item
+        seen.append(item)
+    assert seen == [0, 1, 2]
