@@ -20,6 +20,12 @@ import fsspec
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
+# The retry policy for object storage, one for both S3 clients (s3fs/botocore for files the steps read and
+# write themselves, pyarrow's AWS SDK for Ray Data's reads and writes and Ray Train's checkpoints): S3 answers
+# 503 SlowDown under load, and 500s and dropped connections happen. Each request is tried up to this many times
+# with capped exponential backoff and jitter (AWS "standard" mode: 5xx, throttling and connection errors only;
+# a 4xx such as a missing key fails at once). Ten attempts ride out a few seconds of throttling.
+S3_MAX_ATTEMPTS = 10
 
 
 class StorageError(RuntimeError):
@@ -94,7 +100,8 @@ def _fsspec_filesystem(scheme: str, endpoint: str | None) -> fsspec.AbstractFile
         client_kwargs: dict[str, Any] = {"region_name": _s3_region()}
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False)
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False,
+                                 config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}})
     try:
         import gcsfs  # noqa: F401
     except ImportError as exc:
@@ -109,7 +116,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def _arrow_s3_kwargs() -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"region": _s3_region()}
+    kwargs: dict[str, Any] = {"region": _s3_region(),
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)

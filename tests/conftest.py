@@ -24,17 +24,30 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 endpoint (moto's server) on 127.0.0.1 at a random port; yields its URL."""
+def s3_proxy():
+    """A real S3 endpoint (moto's server) on 127.0.0.1 behind a fault-injecting proxy; yields the proxy.
+
+    AWS_ENDPOINT_URL names the proxy, so every client (this process, Ray's workers, jobs)
+    goes through it; it forwards faithfully until a test asks for faults (``flaky()``).
+    """
     from moto.server import ThreadedMotoServer
+
+    from s3_proxy import FaultyS3Proxy
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    yield endpoint
+    proxy = FaultyS3Proxy(f"http://{host}:{port}").start()
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    yield proxy
+    proxy.stop()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_proxy):
+    """The S3 endpoint every test uses (the proxy in front of moto); yields its URL."""
+    return s3_proxy.url
 
 
 @pytest.fixture

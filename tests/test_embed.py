@@ -62,8 +62,8 @@ def _save_checkpoint(run_dir: str, epoch: int, seed: int, mean: list[float], std
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, s3_server, ray_local):
-    """Shards, a pretrain-style output with two checkpoints, and one `rxray embed` run (CLI, S3 output)."""
+def setup(tmp_path_factory, s3_proxy, ray_local):
+    """Shards, a pretrain-style output with two checkpoints, and one `rxray embed` run (CLI, output to a flaky S3)."""
     root = tmp_path_factory.mktemp("embed")
     meta = _write_shards(str(root / "shards"))
     images = np.stack(meta["images"])
@@ -75,8 +75,9 @@ def setup(tmp_path_factory, s3_server, ray_local):
     bucket = f"s3://test-embed-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(bucket)
     out = f"{bucket}/embeddings"
-    code = main(["embed", "--data", str(root / "shards"), "--model", model_out, "--out", out, "--batch-size", "8"])
-    assert code == 0
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:  # an object store failing a tenth of requests
+        code = main(["embed", "--data", str(root / "shards"), "--model", model_out, "--out", out, "--batch-size", "8"])
+    assert code == 0 and faults["503"] + faults["500"] + faults["reset"] > 0, faults
     return {"root": root, "meta": meta, "mean": mean, "std": std, "model_out": model_out, "latest": latest,
             "out": out, "manifest": json.loads(storage.read_text(storage.join(out, "_manifest.json")))}
 

@@ -134,13 +134,16 @@ print(",".join(frame["site_id"]))
     assert again["status"] == "already complete" and again["written"] == 24
 
 
-def test_ingest_from_and_to_s3(hand_dataset, ray_local, s3_bucket):
+def test_ingest_from_and_to_s3_that_fails_a_tenth_of_its_requests(hand_dataset, ray_local, s3_bucket, s3_proxy):
     root, sources = hand_dataset
     fs, bucket_path = storage.filesystem(s3_bucket)
     fs.put(root, f"{bucket_path}/dataset", recursive=True)
     source, out = f"{s3_bucket}/dataset", f"{s3_bucket}/shards"
     storage.write_text(f"{s3_bucket}/moa.csv", "treatment,moa\nIFN-beta,cytokine\nIFN-gamma,cytokine\n")
-    summary = run_ingest(source, out, treatments=["IFN-beta"], balance=3, labels=f"{s3_bucket}/moa.csv")
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
+        summary = run_ingest(source, out, treatments=["IFN-beta"], balance=3, labels=f"{s3_bucket}/moa.csv")
+    assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # the store really failed requests
+    # every failure retried, none a reject: the same rows and pixels as from a store that never fails
     assert (summary["written"], summary["rejected"]) == (6, 0)  # 3 IFN-beta + 3 EMPTY controls
     rows = shards.read_shards(out).to_pandas()
     assert rows["site_id"].is_unique

@@ -56,8 +56,8 @@ def _config(data: str, out: str, **values) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_shards, s3_server, tmp_path_factory):
-    """A 2-worker CPU run of 1 epoch on S3, then the same command with 2 epochs, in which rank 0's process dies.
+def finished_run(tiny_shards, s3_proxy, tmp_path_factory):
+    """A 2-worker CPU run of 1 epoch on a flaky S3, then the same command with 2 epochs, in which rank 0's process dies.
 
     The second run resumes from epoch 1; partway through epoch 2 a worker process dies and Ray Train
     restarts the group from epoch 1's checkpoint. Its images stream from storage (cache off), as a
@@ -67,7 +67,9 @@ def finished_run(tiny_shards, s3_server, tmp_path_factory):
     bucket = f"s3://test-pretrain-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(bucket)
     out = f"{bucket}/run"
-    pretrain(_config(tiny_shards, out, epochs=1))
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:  # checkpoints to a store failing 10% of requests
+        pretrain(_config(tiny_shards, out, epochs=1))
+    assert faults["503"] + faults["500"] + faults["reset"] > 0, faults
     cfg = _config(tiny_shards, out, epochs=2, max_failures=1, cache="off")
     marker = tmp_path_factory.mktemp("crash") / "crashed"
     printed = io.StringIO()

@@ -344,16 +344,17 @@ def test_score_separates_planted_from_noise(tmp_path, ray_local):
     assert manifest["step"] == "score" and manifest["counts"]["scored_sites"] == len(meta)
 
 
-def test_cli_scores_an_rxrx2_embeddings_csv_on_s3(tmp_path, ray_local, s3_bucket, capsys):
+def test_cli_scores_an_rxrx2_embeddings_csv_on_a_flaky_s3(tmp_path, ray_local, s3_bucket, s3_proxy, capsys):
     meta, X = synthetic_embeddings(dim=layout.EMBEDDING_DIM, seed=1)
     local_csv = write_rxrx2_csv(meta, X, str(tmp_path / "rxrx2"))
     for name in ("embeddings.csv", "metadata.csv"):  # metadata.csv is found beside embeddings.csv
         with open(os.path.join(os.path.dirname(local_csv), name), "rb") as handle:
             storage.write_bytes(f"{s3_bucket}/rxrx2/{name}", handle.read())
     out = f"{s3_bucket}/scores"
-    rc = main(["score", "--embeddings", f"{s3_bucket}/rxrx2/embeddings.csv", "--out", out, "--trees", "20",
-               "--permutations", "100", "--correct", "none,center", "--treatments", "PLANTED,NOISE"])
-    assert rc == 0
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:  # a tenth of the requests fail: retried
+        rc = main(["score", "--embeddings", f"{s3_bucket}/rxrx2/embeddings.csv", "--out", out, "--trees", "20",
+                   "--permutations", "100", "--correct", "none,center", "--treatments", "PLANTED,NOISE"])
+    assert rc == 0 and faults["503"] + faults["500"] + faults["reset"] > 0, faults
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_treatments"] == 2 and set(printed["corrections"]) == {"none", "center"}
     table = pd.read_csv(io.BytesIO(storage.read_bytes(f"{out}/scores.csv")))

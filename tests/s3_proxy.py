@@ -1,0 +1,158 @@
+"""A fault-injecting HTTP proxy in front of the test S3 server: the flaky object store of a busy cluster.
+
+Every request is forwarded unchanged (headers, body, signature) to the real S3 endpoint.
+While ``failure_rate`` > 0, that share of requests fails before it reaches the server,
+as S3 fails under load: ``503 SlowDown``, ``500 InternalError``, or a connection reset.
+Failing before forwarding keeps every failure retry-safe (nothing half-done on the
+server), which is what a client may assume of S3's 5xx answers. ``delay_rate`` delays
+requests instead. Counts of what was done are in ``stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import random
+import socket
+import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+from urllib.parse import urlparse
+
+_ERRORS = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+}
+# Hop-by-hop headers are the proxy's own business, never forwarded.
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+class FaultyS3Proxy:
+    """A threaded proxy on 127.0.0.1 forwarding to ``upstream``; ``url`` is its endpoint."""
+
+    def __init__(self, upstream: str, seed: int = 0):
+        parsed = urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.failure_rate = 0.0
+        self.delay_rate = 0.0
+        self.stats = {"requests": 0, "503": 0, "500": 0, "reset": 0, "delayed": 0}
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The proxy's endpoint, for AWS_ENDPOINT_URL."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "FaultyS3Proxy":
+        """Start serving in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    @contextlib.contextmanager
+    def flaky(self, failure_rate: float = 0.1, delay_rate: float = 0.1) -> Iterator[dict[str, int]]:
+        """Fail ``failure_rate`` and delay ``delay_rate`` of the requests inside the block; yields counts for it."""
+        with self._lock:
+            before = dict(self.stats)
+            self.failure_rate, self.delay_rate = failure_rate, delay_rate
+        during: dict[str, int] = {}
+        try:
+            yield during
+        finally:
+            with self._lock:
+                self.failure_rate = self.delay_rate = 0.0
+                during.update({key: self.stats[key] - before[key] for key in self.stats})
+
+    def _decide(self) -> tuple[str | None, float]:
+        """This request's fault ('503', '500', 'reset' or None) and delay in seconds."""
+        with self._lock:
+            self.stats["requests"] += 1
+            fault = None
+            if self._random.random() < self.failure_rate:
+                fault = self._random.choice(["503", "500", "reset"])
+                self.stats[fault] += 1
+            delay = 0.0
+            if fault is None and self._random.random() < self.delay_rate:
+                delay = self._random.uniform(0.05, 0.4)
+                self.stats["delayed"] += 1
+            return fault, delay
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # the test output stays quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                body = self._body()
+                fault, delay = proxy._decide()
+                if fault == "reset":  # an abrupt close (RST), as a dropped connection looks to the client
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault is not None:
+                    code, message = _ERRORS[int(fault)]
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                               f"<Message>{message}</Message></Error>").encode()
+                    self.send_response(int(fault))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                if delay:
+                    threading.Event().wait(delay)
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                try:
+                    upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                            upstream.putheader(name, value)
+                    upstream.putheader("Content-Length", str(len(body)))
+                    upstream.endheaders(body)
+                    response = upstream.getresponse()
+                    payload = response.read()
+                    self.send_response(response.status, response.reason)
+                    for name, value in response.getheaders():
+                        if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                            self.send_header(name, value)
+                    # A HEAD answer carries the object's length, with no body.
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else len(payload)
+                    self.send_header("Content-Length", str(length if length is not None else 0))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                finally:
+                    upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        return Handler
