@@ -1,18 +1,20 @@
 """A fault-injecting HTTP proxy in front of the test S3 server: the flaky object store of a busy cluster.
 
 Every request is forwarded unchanged (headers, body, signature) to the real S3 endpoint.
-While ``failure_rate`` > 0, that share of requests fails before it reaches the server,
-as S3 fails under load: ``503 SlowDown``, ``500 InternalError``, or a connection reset.
-Failing before forwarding keeps every failure retry-safe (nothing half-done on the
-server), which is what a client may assume of S3's 5xx answers. ``delay_rate`` delays
-requests instead. Counts of what was done are in ``stats``.
+Inside ``flaky(failure_rate)``, that share of the requests fails before it reaches the
+server, as S3 fails under load: ``503 SlowDown``, ``500 InternalError``, or a connection
+reset, in turn. The schedule is fixed (every 1/rate-th request, starting with the first
+in the block), so even a step that makes a handful of requests meets a failure; which
+request that is depends on how the client's threads interleave. Failing before
+forwarding keeps every failure retry-safe (nothing half-done on the server), which is
+what a client may assume of S3's 5xx answers. ``delay_rate`` delays requests instead.
+Counts of what was done are in ``stats``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
-import random
 import socket
 import struct
 import threading
@@ -24,6 +26,7 @@ _ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
 }
+_FAULTS = ("503", "500", "reset")
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -31,13 +34,13 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 class FaultyS3Proxy:
     """A threaded proxy on 127.0.0.1 forwarding to ``upstream``; ``url`` is its endpoint."""
 
-    def __init__(self, upstream: str, seed: int = 0):
+    def __init__(self, upstream: str):
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.failure_rate = 0.0
         self.delay_rate = 0.0
         self.stats = {"requests": 0, "503": 0, "500": 0, "reset": 0, "delayed": 0}
-        self._random = random.Random(seed)
+        self._in_block = 0  # requests seen inside the current flaky() block
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -64,7 +67,7 @@ class FaultyS3Proxy:
         """Fail ``failure_rate`` and delay ``delay_rate`` of the requests inside the block; yields counts for it."""
         with self._lock:
             before = dict(self.stats)
-            self.failure_rate, self.delay_rate = failure_rate, delay_rate
+            self.failure_rate, self.delay_rate, self._in_block = failure_rate, delay_rate, 0
         during: dict[str, int] = {}
         try:
             yield during
@@ -74,17 +77,21 @@ class FaultyS3Proxy:
                 during.update({key: self.stats[key] - before[key] for key in self.stats})
 
     def _decide(self) -> tuple[str | None, float]:
-        """This request's fault ('503', '500', 'reset' or None) and delay in seconds."""
+        """This request's fault ('503', '500', 'reset' or None) and delay in seconds, on the fixed schedule."""
         with self._lock:
             self.stats["requests"] += 1
-            fault = None
-            if self._random.random() < self.failure_rate:
-                fault = self._random.choice(["503", "500", "reset"])
-                self.stats[fault] += 1
-            delay = 0.0
-            if fault is None and self._random.random() < self.delay_rate:
-                delay = self._random.uniform(0.05, 0.4)
-                self.stats["delayed"] += 1
+            number, self._in_block = self._in_block, self._in_block + 1
+            fault, delay = None, 0.0
+            if self.failure_rate > 0:
+                period = max(1, round(1 / self.failure_rate))
+                if number % period == 0:
+                    fault = _FAULTS[(number // period) % len(_FAULTS)]
+                    self.stats[fault] += 1
+            if fault is None and self.delay_rate > 0:
+                period = max(1, round(1 / self.delay_rate))
+                if number % period == period // 2:
+                    delay = 0.05 + 0.35 * ((number // period) % 4) / 3  # 50 to 400 ms
+                    self.stats["delayed"] += 1
             return fault, delay
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
