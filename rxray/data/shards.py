@@ -97,9 +97,17 @@ def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset
     # Ray 2.60's Parquet reader V2 starts a pool of footer-reader actors for every read: 2-5 s before the
     # first row on a small node, paid by each training run, probe, embed and explain. Shards are few large
     # files (hundreds at full RxRx2 scale), whose footers the V1 reader plans in well under a second.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    fs, path = storage.pyarrow_filesystem(uri)
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    context = ray.data.DataContext.get_current()
+    context.use_datasource_v2 = False
+    # V1 samples a few files to size its blocks, behind a progress bar of its own on every read: noise.
+    shown, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        fs, path = storage.pyarrow_filesystem(uri)
+        dataset = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    finally:
+        context.enable_progress_bars = shown
+    dataset.context.enable_progress_bars = shown  # the dataset's own passes keep the bar the step asked for
+    return dataset
 
 
 def shard_manifest(uri: str) -> dict[str, Any]:
