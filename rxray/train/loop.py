@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 # Checkpoints kept per run: the latest for resuming, a couple more in case the newest is damaged.
 CHECKPOINTS_KEPT = 3
+# Attempts to (re)start the worker group that fail for want of resources, each after Ray Train's worker-group
+# start timeout (60 s by default), before the step fails. Ray Train's default is to try forever: after a node
+# loss on a cluster that cannot replace it, a run then retries in silence for good. Ten give an autoscaler
+# about ten minutes to bring a node back.
+WORKER_GROUP_START_ATTEMPTS = 10
 # Share of the cluster's object store that `cache=auto` lets the training images take. Held for the whole run,
 # so every epoch after the first skips the Parquet read and Ray Data's per-epoch start (~1.5 s, more when
 # busy); above it the images stream from storage every epoch, as they must at full RxRx2 scale on a small cluster.
@@ -65,7 +70,7 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
         name=run.run_name,
         storage_path=path,
         storage_filesystem=filesystem if storage.is_remote(run.out) else None,
-        failure_config=FailureConfig(max_failures=max_failures),
+        failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         callbacks=tune_report_callbacks(),
         logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),  # its log files keep all
