@@ -53,3 +53,18 @@ def test_a_slow_training_step_never_trips_the_guard():
         time.sleep(0.6)  # the consumer's own work: twice the timeout per item
         seen.append(item)
     assert seen == [0, 1, 2]
+
+
+def test_a_run_whose_workers_cannot_be_placed_again_says_so_and_how_to_resume():
+    from ray.train import ControllerError
+
+    from rxray.train.loop import WORKER_GROUP_START_ATTEMPTS, failure_message
+
+    startup = TimeoutError("The worker group startup timed out after 60.0 seconds waiting for 2 workers.\nmore")
+    message = failure_message(ControllerError(startup), "pretraining", max_failures=2)
+    assert message == (f"pretraining failed: its workers could not be started again after "
+                       f"{WORKER_GROUP_START_ATTEMPTS} attempts (The worker group startup timed out after 60.0 "
+                       f"seconds waiting for 2 workers.); the same command resumes from the last checkpoint once "
+                       f"the cluster has room")
+    assert failure_message(RuntimeError("boom\ntrace"), "fine-tuning", 2) == ("fine-tuning failed after up to 2 "
+                                                                               "restarts: boom")

@@ -87,8 +87,20 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
     try:
         return trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StepFailed(f"{what} failed after up to {max_failures} restarts: {first}") from exc
+        raise StepFailed(failure_message(exc, what, max_failures)) from exc
+
+
+def failure_message(error: Exception, what: str, max_failures: int) -> str:
+    """One line saying why a training run gave up: its workers kept failing, or could not be started again."""
+    from ray.train import ControllerError
+
+    if isinstance(error, ControllerError):  # the worker group could not be (re)started, e.g. after a node loss
+        cause = str(error.controller_failure).strip().splitlines()
+        return (f"{what} failed: its workers could not be started again after {WORKER_GROUP_START_ATTEMPTS} "
+                f"attempts ({cause[0] if cause else type(error.controller_failure).__name__}); the same command "
+                f"resumes from the last checkpoint once the cluster has room")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{what} failed after up to {max_failures} restarts: {first}"
 
 
 def check_rerun(cfg: Any, step: str, finished: str) -> Rerun:
