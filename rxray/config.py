@@ -9,7 +9,7 @@ names are re-exported here because every step imports them beside its config.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from rxray.layout import TREATMENT_GROUPS
 from rxray.errors import ConfigError
@@ -30,11 +30,21 @@ STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before
                       "the workers from the last checkpoint (a lost node's data never arrives)")
 
 
+# RxRx2 as released: 2 experiments x 12 plates of 1536-well plates, 1,380 wells used per plate, 4 sites each;
+# 433 treatments in 3 wells per plate (72 wells, 288 sites each) and 81 EMPTY wells per plate, of whose
+# 7,776 sites 527 are missing: 131,953 sites. Four doses: with three wells per plate, every plate gets a
+# different run of the ladder (a ladder of six would put the top three doses on alternate plates only).
+RXRX2_LAYOUT = dict(experiments=2, plates=12, wells=1380, controls=81, sites=4, treatments=433, doses=4,
+                    missing_sites=527)
+
+
 @dataclass
 class SynthConfig:
     """`rxray synth`: write an RxRx2-format synthetic dataset."""
 
     section = "synth"
+    # Named layouts: their values replace the code defaults; a YAML file or a flag still overrides each one.
+    presets: ClassVar[dict[str, dict[str, int]]] = {"rxrx2": RXRX2_LAYOUT}
 
     out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True, role="resource")
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
@@ -56,6 +66,11 @@ class SynthConfig:
     chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
     cell_type: str = option("HUVEC", "cell type written to metadata")
     seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
+    missing_sites: int = option(0, "control sites left out (one per well, wells chosen with the seed), as real "
+                                   "screens lose fields of view", minimum=0)
+    preset: Optional[str] = option(None, "a named layout that sets the counts above (explicit values still win); "
+                                         "rxrx2: the real screen's 2 experiments x 12 plates x 1,380 wells x 4 "
+                                         "sites, 433 treatments + EMPTY, 131,953 sites", choices=["rxrx2"])
 
     def validate(self) -> None:
         from rxray.layout import is_safe_component
@@ -66,6 +81,10 @@ class SynthConfig:
         if self.treatments > slots:
             raise ConfigError("synth.treatments", f"{self.treatments} treatments need as many treated wells, "
                                                   f"but experiments x plates x (wells - controls) = {slots}")
+        control_wells = self.experiments * self.plates * self.controls
+        if self.missing_sites and (self.sites < 2 or self.missing_sites > control_wells):
+            raise ConfigError("synth.missing_sites", f"at most one site per control well ({control_wells}) can "
+                                                     f"be left out, and only with 2 or more sites per well")
         if not is_safe_component(self.cell_type) or "_" in self.cell_type:
             raise ConfigError("synth.cell_type", f"must be usable in paths and ids (no '/', '_'), "
                                                  f"got {self.cell_type!r}")

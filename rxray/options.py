@@ -178,6 +178,7 @@ def load_config(cls: type, yaml_uri: str | None = None, overrides: dict[str, Any
     if values:
         merged.update(values)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    merged = _with_preset(cls, merged, section)
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -204,6 +205,17 @@ def load_config(cls: type, yaml_uri: str | None = None, overrides: dict[str, Any
     if validate is not None:
         validate()
     return cfg
+
+
+def _with_preset(cls: type, merged: dict[str, Any], section: str) -> dict[str, Any]:
+    """The values of the preset that ``merged`` names (a class's ``presets``) under the ones it sets itself."""
+    presets = getattr(cls, "presets", None)
+    name = merged.get("preset")
+    if not presets or name is None or (isinstance(name, str) and name.lower() in ("none", "null", "")):
+        return merged
+    if name not in presets:
+        raise ConfigError(f"{section}.preset", f"must be one of {', '.join(presets)}, got {name!r}")
+    return {**presets[name], **merged}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

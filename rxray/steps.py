@@ -75,6 +75,8 @@ BENCHMARKS: tuple[Step, ...] = (
          "Ray Train images/s against a plain PyTorch loop"),
     Step("embed", "rxray.bench.embed:BenchEmbedConfig", "rxray.bench.embed:bench_embed",
          "actor-pool embedding images/s against a plain PyTorch loop, and Grad-CAM images/s"),
+    Step("scale", "rxray.bench.scale:BenchScaleConfig", "rxray.bench.scale:bench_scale",
+         "every pipeline step on the RxRx2 layout (131,953 sites) at 1/8, 1/2 and full size: time, memory, growth"),
 )
 
 STEP_BY_NAME = {step.name: step for step in STEPS}

@@ -16,8 +16,9 @@ from rxray import storage
 from rxray.config import ConfigError, SynthConfig, load_config
 from rxray import layout
 from rxray.data import cells
-from rxray.data.synth import MOA_FILE, TRUTH_FILE, synthesize
-from rxray.data.synth_design import INTERFERON_EFFECTS, INTERFERON_STRENGTH, MOA_EFFECTS, RARE_MOA, build_treatments
+from rxray.data.synth import MOA_FILE, TRUTH_FILE, metadata_csv, synthesize
+from rxray.data.synth_design import (INTERFERON_EFFECTS, INTERFERON_STRENGTH, MOA_EFFECTS, RARE_MOA, build_sites,
+                                    build_treatments)
 
 SITE_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}_\d+$")
 WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")
@@ -226,7 +227,27 @@ def test_shared_tiny_dataset_has_what_other_tests_rely_on(tiny_dataset):
     assert any(planted["null"] for planted in truth.values())
 
 
+def test_rxrx2_preset_writes_the_real_screens_counts():
+    """Checked on metadata.csv as synth writes it, without rendering an image."""
+    cfg = load_config(SynthConfig, values=dict(out="x", preset="rxrx2", size=32))
+    meta = pd.read_csv(io.StringIO(metadata_csv(build_sites(cfg, build_treatments(cfg)))), dtype={"site_id": str})
+    treated = meta[meta["treatment"] != layout.CONTROL]
+    assert len(meta) == 131_953 and meta["site_id"].is_unique
+    assert meta["treatment"].nunique() == 434 and treated["treatment"].nunique() == 433
+    assert (treated.groupby("treatment").size() == 288).all()
+    assert (treated.groupby("treatment")["treatment_conc"].nunique() > 1).all()
+    assert (meta["treatment"] == layout.CONTROL).sum() == 7_249
+    assert meta.groupby(["experiment", "plate"]).ngroups == 24
+    assert (meta.groupby(["experiment", "plate"])["well"].nunique() == 1_380).all()
+    assert meta.groupby("well_id")["site"].nunique().between(3, 4).all()  # a missing site never empties a well
+    # An explicit value beats the preset's; the rest of the preset stays.
+    small = load_config(SynthConfig, values=dict(out="x", preset="rxrx2", plates=1, wells=500, missing_sites=0))
+    assert (small.experiments, small.plates, small.wells, small.treatments) == (2, 1, 500, 433)
+
+
 @pytest.mark.parametrize("values, field", [
+    (dict(preset="rxrx3"), "synth.preset"),
+    (dict(missing_sites=9, experiments=1, plates=1, wells=6, controls=2, treatments=2), "synth.missing_sites"),
     (dict(experiments=1, plates=1, wells=6, controls=2, treatments=5), "synth.treatments"),
     (dict(cell_type="HU_VEC"), "synth.cell_type"),
     (dict(seed=-1), "synth.seed"),

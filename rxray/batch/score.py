@@ -123,6 +123,14 @@ def out_of_fold_scores(X: np.ndarray, y: np.ndarray, folds: np.ndarray, trees: i
     return scores
 
 
+def rows_by_code(codes: np.ndarray, n_codes: int) -> list[np.ndarray]:
+    """The row indices of each code 0..n_codes-1 (ascending), in one sort; rows coded -1 belong to none."""
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes[codes >= 0], minlength=n_codes)
+    starts = np.searchsorted(codes[order], 0)
+    return np.split(order[starts:], np.cumsum(counts)[:-1])
+
+
 def _treatment_rng(seed: int, treatment: str, stream: int) -> np.random.Generator:
     """A generator fixed by (seed, treatment, purpose), independent of task order and cluster size."""
     return np.random.default_rng([seed, zlib.crc32(treatment.encode("utf-8")), stream])
@@ -132,19 +140,19 @@ def _treatment_rng(seed: int, treatment: str, stream: int) -> np.random.Generato
 
 
 def score_treatment(X: np.ndarray, profiles: np.ndarray, sites: dict[str, np.ndarray], wells: dict[str, np.ndarray],
-                    treatment_code: int, treatment: str, correction: str, trees: int, folds: int,
-                    permutations: int, seed: int) -> dict[str, Any]:
+                    treated: np.ndarray, replicates: np.ndarray, treatment: str, correction: str, trees: int,
+                    folds: int, permutations: int, seed: int) -> dict[str, Any]:
     """Forest metrics and mAP for one treatment under one correction (one row of the score table).
 
     ``sites`` (rows of ``X``) and ``wells`` (rows of ``profiles``, unit-length well
-    means) hold integer arrays ``plate`` and ``treatment`` and a boolean ``comparison``
-    marking the control rows that treatments are scored against.
+    means) hold an integer array ``plate`` and ``comparison``, the rows of the control
+    sites or wells that treatments are scored against; ``treated`` and ``replicates``
+    are the treatment's own rows. Nothing here scans every row of the screen, so the
+    work per treatment does not grow with the number of treatments.
     """
     notes = []
     row: dict[str, Any] = {"treatment": treatment, "correction": correction}
-    treated = np.flatnonzero(sites["treatment"] == treatment_code)
-    comparison = np.flatnonzero(sites["comparison"])
-    controls = plate_matched_controls(sites["plate"], treated, comparison, _treatment_rng(seed, treatment, 0))
+    controls = plate_matched_controls(sites["plate"], treated, sites["comparison"], _treatment_rng(seed, treatment, 0))
     unmatched = ~np.isin(sites["plate"][treated], sites["plate"][controls])
     if unmatched.any():  # a plate without comparison controls would teach the forest plate identity
         notes.append(f"{int(unmatched.sum())} sites on plates without comparison controls left out")
@@ -163,14 +171,13 @@ def score_treatment(X: np.ndarray, profiles: np.ndarray, sites: dict[str, np.nda
         metrics = {k: full[k] for k in metrics}
     row.update(metrics)
 
-    replicates = np.flatnonzero(wells["treatment"] == treatment_code)
     row["n_replicates"] = len(replicates)
     row["map"] = row["p_value"] = float("nan")
     if len(replicates) < 2:
         notes.append("fewer than 2 replicate wells: no mAP")
     else:
         row["map"], row["p_value"] = map_permutation_test(profiles, wells["plate"], replicates,
-                                                          np.flatnonzero(wells["comparison"]), permutations,
+                                                          wells["comparison"], permutations,
                                                           _treatment_rng(seed, treatment, 1))
     row["status"] = "; ".join(notes) or "ok"
     return row
@@ -328,13 +335,14 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     is_control = meta["treatment"].isin(cfg.controls).to_numpy()
     is_reference = split_controls(meta["well_id"], site_plates, is_control, cfg.seed)
     sites = {"plate": plate_codes.get_indexer(site_plates).astype(np.int32),
-             "comparison": is_control & ~is_reference,
-             "treatment": meta["treatment"].map(codes).fillna(-1).to_numpy(np.int32)}
+             "comparison": np.flatnonzero(is_control & ~is_reference)}
+    site_rows = rows_by_code(meta["treatment"].map(codes).fillna(-1).to_numpy(np.int64), len(treatments))
     well_meta, _ = well_profiles(meta, X[:, :1])
     well_is_control = well_meta["treatment"].isin(cfg.controls).to_numpy()
     wells = {"plate": plate_codes.get_indexer(plate_keys(well_meta)).astype(np.int32),
-             "comparison": well_is_control & ~well_meta["well_id"].isin(meta["well_id"][is_reference]).to_numpy(),
-             "treatment": well_meta["treatment"].map(codes).fillna(-1).to_numpy(np.int32)}
+             "comparison": np.flatnonzero(well_is_control
+                                          & ~well_meta["well_id"].isin(meta["well_id"][is_reference]).to_numpy())}
+    well_rows = rows_by_code(well_meta["treatment"].map(codes).fillna(-1).to_numpy(np.int64), len(treatments))
 
     ensure_ray()
     sites_ref, wells_ref = ray.put(sites), ray.put(wells)
@@ -347,8 +355,9 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                 raise StepFailed(f"{correction} correction: {exc}") from None
             profiles = unit_rows(well_profiles(meta, corrected)[1])
         X_ref, profiles_ref = ray.put(corrected), ray.put(profiles)
-        pending += [_score_treatment_task.remote(X_ref, profiles_ref, sites_ref, wells_ref, codes[name], name,
-                                                 correction, cfg.trees, cfg.folds, cfg.permutations, cfg.seed)
+        pending += [_score_treatment_task.remote(X_ref, profiles_ref, sites_ref, wells_ref, site_rows[codes[name]],
+                                                 well_rows[codes[name]], name, correction, cfg.trees, cfg.folds,
+                                                 cfg.permutations, cfg.seed)
                     for name in treatments]
         with timer.time("map"):  # in the driver, while the tasks run
             if correction != "none":  # the map fits the correction on every control (see _map_profiles)

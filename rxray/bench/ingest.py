@@ -97,12 +97,13 @@ def _pss_bytes(pid: int) -> int:
 
 
 class PeakMemory:
-    """Samples the PSS of this process and its descendants in a thread; ``peak`` in bytes."""
+    """Samples the PSS of this process and its descendants in a thread; ``peak`` (all) and ``driver_peak`` in bytes."""
 
     def __init__(self, exclude: set[int] | None = None, interval_s: float = 0.25):
         self.exclude = exclude or set()
         self.interval_s = interval_s
         self.peak = 0
+        self.driver_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -114,6 +115,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.sample())
+            self.driver_peak = max(self.driver_peak, _pss_bytes(os.getpid()))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":

@@ -68,7 +68,7 @@ def _render_chunk(plan: Plan, sites: list[Site]) -> str:
     return "".join(rows)
 
 
-def _metadata_csv(sites: list[Site]) -> str:
+def metadata_csv(sites: list[Site]) -> str:
     """metadata.csv text: the 9 RxRx2 columns; controls have an empty treatment_conc."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -131,11 +131,11 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     with timer.time("render"):
         _render_all(plan, chunks, storage.join(cfg.out, layout.EMBEDDINGS_FILE), window=4 * cpus)
     with timer.time("tables"):
-        storage.write_text(storage.join(cfg.out, layout.METADATA_FILE), _metadata_csv(sites))
+        storage.write_text(storage.join(cfg.out, layout.METADATA_FILE), metadata_csv(sites))
         storage.write_text(storage.join(cfg.out, MOA_FILE), _moa_csv(treatments))
         storage.write_text(storage.join(cfg.out, TRUTH_FILE), json.dumps(_truth(cfg, treatments, batch), indent=1))
     seconds = round(time.perf_counter() - start, 3)
-    counts = dict(sites=len(sites), images=len(sites) * layout.N_CHANNELS, wells=len(sites) // cfg.sites,
+    counts = dict(sites=len(sites), images=len(sites) * layout.N_CHANNELS, wells=len({s.well_id for s in sites}),
                   plates=cfg.experiments * cfg.plates, treatments=len(treatments),
                   null_treatments=sum(t.null for t in treatments), size=cfg.size)
     write_manifest(cfg.out, "synth", config_to_dict(cfg), counts=counts, timings=timer.seconds)

@@ -209,7 +209,18 @@ def build_sites(cfg: SynthConfig, treatments: list[Treatment]) -> list[Site]:
                 well = layout.well_name(*divmod(position, layout.PLATE_COLUMNS))
                 sites.extend(Site(cfg.cell_type, experiment, plate, well, site, name, conc)
                              for site in range(1, cfg.sites + 1))
-    return sites
+    return _without_missing_sites(cfg, sites)
+
+
+def _without_missing_sites(cfg: SynthConfig, sites: list[Site]) -> list[Site]:
+    """The sites minus ``cfg.missing_sites`` control sites: a random site of as many random control wells."""
+    if not cfg.missing_sites:
+        return sites
+    control_wells = sorted({s.well_id for s in sites if s.treatment == layout.CONTROL})
+    rng = stable_rng(cfg.seed, "missing sites")
+    wells = rng.choice(len(control_wells), cfg.missing_sites, replace=False)
+    missing = {(control_wells[w], int(site)) for w, site in zip(wells, rng.integers(1, cfg.sites + 1, len(wells)))}
+    return [s for s in sites if (s.well_id, s.site) not in missing]
 
 
 def batch_effects(cfg: SynthConfig) -> dict[str, Any]:

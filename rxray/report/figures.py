@@ -133,6 +133,29 @@ def score_bars(frame: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
     return figure
 
 
+def activity_volcano(frame: pd.DataFrame, fdr: float, correction: str, labelled: int = 10) -> Figure:
+    """mAP against -log10 q, one point per treatment (any number of them): the active ones coloured, the top named."""
+    frame = frame.dropna(subset=["map", "q_value"])
+    height = -np.log10(frame["q_value"].clip(lower=1e-6).to_numpy(dtype=float))
+    active = frame["active"].to_numpy(dtype=bool) if "active" in frame.columns else np.zeros(len(frame), bool)
+    figure = new_figure(6.5, 4.5)
+    ax = figure.subplots()
+    ax.scatter(frame["map"][~active], height[~active], s=10, c="#999999", linewidths=0,
+               label=f"not active ({(~active).sum()})")
+    ax.scatter(frame["map"][active], height[active], s=14, c="#c44e52", linewidths=0,
+               label=f"active ({active.sum()})")
+    ax.axhline(-np.log10(fdr), color="#555555", linestyle=":", linewidth=1)
+    order = np.lexsort((-frame["map"].to_numpy(dtype=float), -height))[:labelled]
+    for i in order:
+        ax.annotate(str(frame["treatment"].iloc[i]), (frame["map"].iloc[i], height[i]), fontsize=6,
+                    xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("mAP against same-plate controls")
+    ax.set_ylabel("-log10 q (Benjamini-Hochberg)")
+    ax.set_title(f"Phenotypic activity ({correction} correction; dotted: q = {fdr:g})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    return figure
+
+
 def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
     """Cosine similarity of treatments (already in cluster leaf order) as a square heatmap; names when few."""
     n = len(labels)

@@ -26,8 +26,9 @@ from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe import PROBE_TABLE
 from rxray.report.folder import ReportFolder
 from rxray.report.html import escape, figure_html, html_table, kv_table, link_html
-from rxray.report.figures import (MAX_BAR_TREATMENTS, channel_intensity_bars, embedding_pca_scatter,
-                                         score_bars, similarity_heatmap, step_time_bars, training_curves)
+from rxray.report.figures import (MAX_BAR_TREATMENTS, activity_volcano, channel_intensity_bars,
+                                  embedding_pca_scatter, score_bars, similarity_heatmap, step_time_bars,
+                                  training_curves)
 from rxray.report.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
                                          training_history)
 from rxray.evaluate.treatment_map import MAP_FILES
@@ -222,6 +223,12 @@ def score_html(output: StepOutput, ctx: Context) -> str:
         caption = ("Random-Forest F1 and ROC-AUC (EMPTY vs treatment, plate-grouped folds) and mAP per treatment, "
                    + ("sorted by value (too many treatments to name)" if many else "one bar per correction"))
         parts.append(figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-bars"), caption, wide=True))
+    correction = headline_correction(frame["correction"])
+    if correction is not None and {"map", "q_value"} <= set(frame.columns):
+        fdr = float((output.manifest.get("config") or {}).get("fdr") or 0.05)
+        figure = activity_volcano(frame[frame["correction"] == correction], fdr, correction)
+        parts.append(figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-volcano"),
+                                 "Each treatment's mAP against its q-value; the most significant are named"))
     table_link = ctx.folder.write_table(frame, f"score-{output.label}-scores")
     shown = [c for c in ("treatment", "correction", "f1", "roc_auc", "map", "q_value", "active", "n_treated",
                          "n_replicates", "status") if c in frame.columns]
