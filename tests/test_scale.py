@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from rxray import layout
-from rxray.bench.scale import BenchScaleConfig, growth, markdown, pipeline_document, plates_for, subset_root
+from rxray.bench.scale import (PROSE_MARKER, BenchScaleConfig, growth, markdown, pipeline_document, plates_for,
+                               subset_root, with_prose)
 from rxray.config import ReportConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.synth import metadata_csv
 from rxray.data.synth_design import build_sites, build_treatments, stable_rng
@@ -119,3 +120,13 @@ def test_growth_exponents_and_the_table():
     assert "Steps growing faster than sites^1.25: embed." in text and "131,953 sites" in text
     document = pipeline_document(cfg, "run", "source")
     assert list(document) == ["pipeline", *cfg.steps] and document["pretrain"]["epochs"] == 1
+
+
+def test_a_rerun_keeps_the_prose_written_under_the_tables(tmp_path):
+    path = str(tmp_path / "scale.md")
+    first = with_prose("# tables v1\n", path)
+    assert first.endswith(PROSE_MARKER + "\n")
+    (tmp_path / "scale.md").write_text(first + "\n## Projection\n\nby hand\n")
+    second = with_prose("# tables v2\n", path)
+    assert second.startswith("# tables v2") and second.endswith("## Projection\n\nby hand\n")
+    assert "v1" not in second

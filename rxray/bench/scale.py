@@ -32,7 +32,11 @@ from rxray.runtime import ensure_ray
 
 PLATES = 24  # RxRx2: 2 experiments x 12 plates
 MIB = 2 ** 20
+# Reading smaps_rollup of every Ray process costs tens of ms each: sampled every 0.25 s (as `bench ingest` does
+# for its short runs) it took a fifth of a core from a 2-core machine during minutes-long steps.
+SAMPLE_EVERY_S = 2.0
 DEFAULT_STEPS = ["ingest", "pretrain", "finetune", "embed", "score", "explain", "report"]
+PROSE_MARKER = "<!-- everything above is rewritten by `rxray bench scale`; what follows is kept -->"
 LINEAR = 1.25  # growth exponent below which a step counts as (near-)linear in sites: time ~ sites^exponent
 
 
@@ -140,7 +144,7 @@ def run_fraction(cfg: BenchScaleConfig, source: str, run: str, sites: int) -> li
 
     def measured(step: Any) -> Any:
         start = time.perf_counter()
-        with PeakMemory() as memory:
+        with PeakMemory(interval_s=SAMPLE_EVERY_S) as memory:
             result = resolve(step.function_ref)(step.config)
         seconds = time.perf_counter() - start
         rows.append({"step": step.key, "sites": sites, "seconds": round(seconds, 1),
@@ -197,10 +201,10 @@ def markdown(frame: pd.DataFrame, generated: dict[str, Any], cfg: BenchScaleConf
         f"`rxray bench scale` on `rxray synth --preset rxrx2 --size {cfg.size}` ({generated['sites']:,} sites, "
         f"433 treatments + EMPTY, 24 plates; generated in {generated['seconds']:.0f} s, "
         f"{generated['bytes'] / 2 ** 30:.2f} GiB on disk), ingested at {cfg.out_size} px. A fraction is the first "
-        f"plates of the screen ({', '.join(f'{f:g}' for f in cfg.fractions)} of 24), so every size keeps all 433 "
-        f"treatments. Pretrain and finetune: {cfg.epochs} epoch(s), {cfg.backbone}; score: "
+        f"plates of the screen ({', '.join(str(plates_for(f)) for f in sorted(cfg.fractions))} of its 24), so "
+        f"every size keeps all 433 treatments. Pretrain and finetune: {cfg.epochs} epoch(s), {cfg.backbone}; score: "
         f"{', '.join(cfg.corrections)} correction(s) with the default 100 trees, 5 folds and 1,000 permutations. "
-        f"Peak memory is the PSS of the driver plus every Ray process it started, sampled every 0.25 s.",
+        f"Peak memory is the PSS of the driver plus every Ray process it started, sampled every {SAMPLE_EVERY_S:g} s.",
         "",
         _markdown_table(table),
         "",
@@ -219,6 +223,13 @@ def markdown(frame: pd.DataFrame, generated: dict[str, Any], cfg: BenchScaleConf
         "",
     ]
     return "\n".join(lines)
+
+
+def with_prose(document: str, uri: str) -> str:
+    """The measured document followed by what is written by hand under PROSE_MARKER in the file at ``uri``."""
+    previous = storage.read_text(uri) if storage.exists(uri) else ""
+    _, marker, prose = previous.partition(PROSE_MARKER)
+    return document.rstrip("\n") + "\n\n" + PROSE_MARKER + (prose if marker else "\n")
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -245,6 +256,6 @@ def bench_scale(cfg: BenchScaleConfig) -> dict[str, Any]:
             rows.append({"plates": plates, **row})
     frame = pd.DataFrame(rows)
     document = markdown(frame.drop(columns=["plates"]), generated, cfg)
-    storage.write_text(cfg.table, document)
+    storage.write_text(cfg.table, with_prose(document, cfg.table))
     print(document)
     return {"rows": rows, "table": cfg.table, "generated": generated}

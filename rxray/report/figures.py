@@ -66,15 +66,19 @@ def channel_intensity_bars(mean: Sequence[float], std: Sequence[float], names: S
     return figure
 
 
-def categorical_scatter(ax, xy: np.ndarray, labels: np.ndarray, title: str, grey: Iterable[str] = ()) -> None:
-    """Scatter coloured by category: the most frequent ones named in the legend, the rest as 'other'.
+def categorical_scatter(ax, xy: np.ndarray, labels: np.ndarray, title: str, grey: Iterable[str] = (),
+                        named: Sequence[str] | None = None) -> None:
+    """Scatter coloured by category: ``named`` ones (default: the most frequent) in the legend, the rest as 'other'.
 
     Categories in ``grey`` (controls) are drawn first, in grey, so treatments stay visible on top.
     """
     labels = np.asarray(labels).astype(str)
     grey = [g for g in grey if g in set(labels)]
     names, counts = np.unique(labels[~np.isin(labels, grey)], return_counts=True)
-    named = list(names[np.argsort(-counts, kind="stable")][:MAX_LEGEND])
+    if named is None:
+        named = list(names[np.argsort(-counts, kind="stable")][:MAX_LEGEND])
+    else:
+        named = [n for n in named if n in set(names)][:MAX_LEGEND]
     other = ~np.isin(labels, named + grey)
     for g in grey:
         mask = labels == g
@@ -93,11 +97,11 @@ def categorical_scatter(ax, xy: np.ndarray, labels: np.ndarray, title: str, grey
 
 
 def embedding_pca_scatter(xy: np.ndarray, labels: np.ndarray, coloured_by: str, grey: Iterable[str],
-                          variance_share: Sequence[float]) -> Figure:
+                          variance_share: Sequence[float], named: Sequence[str] | None = None) -> Figure:
     """Sites on their first two principal components, coloured by one category, axes titled with their variance."""
     figure = new_figure(7.5, 5.0)
     ax = figure.subplots()
-    categorical_scatter(ax, xy, labels, f"Embedding PCA coloured by {coloured_by}", grey)
+    categorical_scatter(ax, xy, labels, f"Embedding PCA coloured by {coloured_by}", grey, named)
     ax.set_xlabel(f"PC1 ({variance_share[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({variance_share[1]:.0%} of variance)")
     return figure

@@ -101,7 +101,9 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
                            "git": (o.manifest.get("versions") or {}).get("git")} for o in outputs])
     body.append('<h2 id="findings">Findings</h2>')
     try:
-        body.append(findings_html(collect_findings(outputs)))
+        findings = collect_findings(outputs)
+        ctx.highlight = [row["treatment"] for row in (findings.get("activity") or {}).get("ranked", [])]
+        body.append(findings_html(findings))
     except Exception as exc:  # noqa: BLE001 - as in output_html
         ctx.problems.append(f"findings: {type(exc).__name__}: {exc}")
         body.append(f'<p class="problem">could not summarise the findings: {escape(exc)}</p>')

@@ -26,7 +26,7 @@ from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe import PROBE_TABLE
 from rxray.report.folder import ReportFolder
 from rxray.report.html import escape, figure_html, html_table, kv_table, link_html
-from rxray.report.figures import (MAX_BAR_TREATMENTS, activity_volcano, channel_intensity_bars,
+from rxray.report.figures import (MAX_BAR_TREATMENTS, MAX_LEGEND, activity_volcano, channel_intensity_bars,
                                   embedding_pca_scatter, score_bars, similarity_heatmap, step_time_bars,
                                   training_curves)
 from rxray.report.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
@@ -54,6 +54,7 @@ class Context:
     cfg: ReportConfig
     folder: ReportFolder
     problems: list[str] = field(default_factory=list)
+    highlight: list[str] = field(default_factory=list)  # the most active treatments, most active first
 
 
 def ingest_html(output: StepOutput, ctx: Context) -> str:
@@ -190,12 +191,15 @@ def embed_html(output: StepOutput, ctx: Context) -> str:
     pca = PCA(n_components=2, random_state=SAMPLE_SEED)
     xy = pca.fit_transform(vectors)
     sampled = f"{len(vectors)} of {total} sites (seeded sample)" if len(vectors) < total else f"all {total} sites"
-    colourings = [("treatment", meta["treatment"].to_numpy(), (CONTROL,))]
+    # With more treatments than legend entries, the ones named are the most active (when a score ran).
+    named = ctx.highlight if meta["treatment"].nunique() > MAX_LEGEND + 1 and ctx.highlight else None
+    colourings = [("treatment", "treatment" if named is None else "the most active treatments",
+                   meta["treatment"].to_numpy(), (CONTROL,), named)]
     if {"experiment", "plate"} <= set(meta.columns):
-        colourings.append(("plate", plate_keys(meta).to_numpy(), ()))
-    for name, labels, grey in colourings:
-        figure = embedding_pca_scatter(xy, labels, name, grey, pca.explained_variance_ratio_)
-        parts.append(figure_html(ctx.folder.save_figure(figure, f"embed-{output.label}-pca-{name}"),
+        colourings.append(("plate", "plate", plate_keys(meta).to_numpy(), (), None))
+    for key, name, labels, grey, legend in colourings:
+        figure = embedding_pca_scatter(xy, labels, name, grey, pca.explained_variance_ratio_, legend)
+        parts.append(figure_html(ctx.folder.save_figure(figure, f"embed-{output.label}-pca-{key}"),
                                  f"PCA of {sampled}, coloured by {name}"))
     return "".join(parts)
 
