@@ -75,6 +75,8 @@ BENCHMARKS: tuple[Step, ...] = (
          "Ray Train images/s against a plain PyTorch loop"),
     Step("embed", "rxray.bench.embed:BenchEmbedConfig", "rxray.bench.embed:bench_embed",
          "actor-pool embedding images/s against a plain PyTorch loop, and Grad-CAM images/s"),
+    Step("gpu", "rxray.bench.gpu:BenchGpuConfig", "rxray.bench.gpu:bench_gpu",
+         "the GPU check: bench train, bench embed --gpu, a GPU pipeline and bench ingest (--tiny: on CPU)"),
     Step("scale", "rxray.bench.scale:BenchScaleConfig", "rxray.bench.scale:bench_scale",
          "every pipeline step on the RxRx2 layout (131,953 sites) at 1/8, 1/2 and full size: time, memory, growth"),
 )

@@ -14,14 +14,18 @@ from each size to the next against the growth in sites, goes to ``cfg.table``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import pandas as pd
+import ray
 import yaml
 
 from rxray import layout, storage
@@ -131,27 +135,50 @@ def pipeline_document(cfg: BenchScaleConfig, run: str, source: str) -> dict[str,
 
 
 def run_fraction(cfg: BenchScaleConfig, source: str, run: str, sites: int) -> list[dict[str, Any]]:
-    """Run the pipeline on one dataset root; one measurement row per step."""
+    """Run the pipeline on one dataset root in a fresh process (and Ray); one measurement row per step.
+
+    A fresh driver per size keeps its memory comparable between sizes: in one process,
+    each step's peak would carry what the steps of the smaller sizes left allocated.
+    """
+    path = os.path.join(cfg.workdir, f"{os.path.basename(run)}.yaml")
+    with open(path, "w") as handle:
+        yaml.safe_dump(pipeline_document(cfg, run, source), handle, sort_keys=False)
+    rows_path = path + ".rows.json"
+    subprocess.run([sys.executable, "-m", "rxray.bench.scale", path, str(sites), rows_path], check=True)
+    with open(rows_path) as handle:
+        return json.load(handle)
+
+
+def run_measured_pipeline(document: dict[str, Any], path: str, sites: int | None = None,
+                          label: str = "bench scale") -> list[dict[str, Any]]:
+    """Write a pipeline YAML to ``path`` and run every step of it afresh; one measurement row per step.
+
+    ``sites`` is what sites/s is counted against (default: the ingest step's count).
+    """
     from rxray.pipeline import execute, load_pipeline, plan_pipeline
     from rxray.steps import resolve
 
-    path = os.path.join(cfg.workdir, f"{os.path.basename(run)}.yaml")
+    run = document["pipeline"]["run"]
     if storage.exists(run):  # every step runs again: a pipeline would skip the complete ones
         storage.remove(run, recursive=True)
     with open(path, "w") as handle:
-        yaml.safe_dump(pipeline_document(cfg, run, source), handle, sort_keys=False)
+        yaml.safe_dump(document, handle, sort_keys=False)
+    ensure_ray()  # before the first step, so its start-up is not in the first step's figures
     rows: list[dict[str, Any]] = []
 
     def measured(step: Any) -> Any:
+        nonlocal sites
         start = time.perf_counter()
         with PeakMemory(interval_s=SAMPLE_EVERY_S) as memory:
             result = resolve(step.function_ref)(step.config)
         seconds = time.perf_counter() - start
+        if sites is None and step.step == "ingest":
+            sites = int(result["written"]) if isinstance(result, dict) and "written" in result else None
         rows.append({"step": step.key, "sites": sites, "seconds": round(seconds, 1),
-                     "sites_per_second": round(sites / max(seconds, 1e-9), 1),
+                     "sites_per_second": round(sites / max(seconds, 1e-9), 1) if sites else None,
                      "peak_mib": round(memory.peak / MIB), "driver_peak_mib": round(memory.driver_peak / MIB),
                      "output_mib": round(_folder_bytes(step.out) / MIB, 1)})
-        print(f"bench scale: {step.key} on {sites} sites: {seconds:.1f} s, peak {memory.peak / MIB:.0f} MiB "
+        print(f"{label}: {step.key} on {sites} sites: {seconds:.1f} s, peak {memory.peak / MIB:.0f} MiB "
               f"(driver {memory.driver_peak / MIB:.0f} MiB)", flush=True)
         return result
 
@@ -159,7 +186,8 @@ def run_fraction(cfg: BenchScaleConfig, source: str, run: str, sites: int) -> li
     execute(plan_pipeline(load_pipeline(path)), run_step=measured)
     total = time.perf_counter() - start
     rows.append({"step": "pipeline", "sites": sites, "seconds": round(total, 1),
-                 "sites_per_second": round(sites / total, 1), "peak_mib": max(r["peak_mib"] for r in rows),
+                 "sites_per_second": round(sites / total, 1) if sites else None,
+                 "peak_mib": max(r["peak_mib"] for r in rows),
                  "driver_peak_mib": max(r["driver_peak_mib"] for r in rows),
                  "output_mib": round(sum(r["output_mib"] for r in rows), 1)})
     return rows
@@ -243,9 +271,10 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 def bench_scale(cfg: BenchScaleConfig) -> dict[str, Any]:
     """Generate (or reuse) the RxRx2-layout dataset, run every fraction, write the table; returns the rows."""
     os.makedirs(cfg.workdir, exist_ok=True)
-    ensure_ray()
     full = os.path.join(cfg.workdir, f"rxrx2-{cfg.size}px")
     generated = _generate(full, cfg)
+    if ray.is_initialized():  # the sizes run in processes of their own, each with its own Ray
+        ray.shutdown()
     rows: list[dict[str, Any]] = []
     for fraction in sorted(cfg.fractions):
         plates = plates_for(fraction)
@@ -259,3 +288,18 @@ def bench_scale(cfg: BenchScaleConfig) -> dict[str, Any]:
     storage.write_text(cfg.table, with_prose(document, cfg.table))
     print(document)
     return {"rows": rows, "table": cfg.table, "generated": generated}
+
+
+
+def _run_one_size(argv: list[str]) -> None:
+    """One size of `bench scale` in the process `run_fraction` starts: argv = pipeline.yaml, sites, rows.json."""
+    document_path, sites, rows_path = argv
+    with open(document_path) as handle:
+        document = yaml.safe_load(handle)
+    rows = run_measured_pipeline(document, document_path, int(sites))
+    with open(rows_path, "w") as handle:
+        json.dump(rows, handle)
+
+
+if __name__ == "__main__":
+    _run_one_size(sys.argv[1:4])
