@@ -68,3 +68,19 @@ def test_a_run_whose_workers_cannot_be_placed_again_says_so_and_how_to_resume():
                        f"the cluster has room")
     assert failure_message(RuntimeError("boom\ntrace"), "fine-tuning", 2) == ("fine-tuning failed after up to 2 "
                                                                                "restarts: boom")
+
+
+def test_a_long_epoch_prints_progress_with_an_eta():
+    from rxray.train.epoch_log import EpochProgress
+
+    now = [0.0]
+    progress = EpochProgress("pretrain", epoch=0, epochs=2, total_steps=100, every_s=30.0, clock=lambda: now[0])
+    now[0] = 10.0
+    assert progress.update(5, 640) is None  # not due yet
+    now[0] = 40.0
+    assert progress.update(20, 2560) == "pretrain: epoch 1/2: 20/100 steps, 64 images/s, ETA 160 s"
+    now[0] = 50.0
+    assert progress.update(25, 3200) is None  # 10 s after the last line
+    unknown = EpochProgress("finetune", epoch=1, epochs=3, total_steps=None, every_s=1.0, clock=lambda: now[0])
+    now[0] = 52.0
+    assert unknown.update(4, 64) == "finetune: epoch 2/3: 4 steps, 32 images/s"

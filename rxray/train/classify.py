@@ -155,7 +155,7 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
                            batch_size=cfg.batch_size, seed=cfg.seed, image_side=image_side,
                            channel_mean=list(run.channel_mean), channel_std=list(run.channel_std),
                            cpus_per_worker=cpus, threads=cfg.threads, resume_from=run.resume_from,
-                           stall_timeout_s=cfg.stall_timeout)
+                           stall_timeout_s=cfg.stall_timeout, train_rows=run.splits["counts"]["train"]["sites"])
     step = ClassifierStep(cfg, settings, run.plan, run.start, class_weights(run.train_sites, cfg.class_weights),
                           plate_gains=gains, has_val="val" in datasets)
     with timer.time("fit"):

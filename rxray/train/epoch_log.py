@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+import time
+from typing import Any, Callable
 
 from rxray import storage
 from rxray.train.worker import worker_print
@@ -15,6 +16,35 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Per-epoch fields left out of the console line (they stay in metrics.jsonl and TensorBoard).
 CONSOLE_SKIP = frozenset({"epoch", "steps", "seconds", "data_wait_s", "val_f1_macro", "val_accuracy"})
+PROGRESS_EVERY_S = 30.0  # a line within an epoch this often: an RxRx2 epoch on a small cluster takes many minutes
+
+
+class EpochProgress:
+    """Lines within one epoch (``step: epoch k/n: 310/1031 steps, 96 images/s, ETA 450 s``) every ``every_s``.
+
+    ``total_steps`` is the expected number of steps of one worker (None: no total, no ETA).
+    """
+
+    def __init__(self, step: str, epoch: int, epochs: int, total_steps: int | None,
+                 every_s: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.prefix = f"{step}: epoch {epoch + 1}/{epochs}"
+        self.total_steps = total_steps
+        self.every_s = every_s
+        self.clock = clock
+        self.start = self.last = clock()
+
+    def update(self, steps: int, images: int) -> str | None:
+        """The progress line after ``steps`` steps and ``images`` images (all workers), if one is due."""
+        now = self.clock()
+        if now - self.last < self.every_s or steps == 0:
+            return None
+        self.last = now
+        elapsed = now - self.start
+        line = f"{self.prefix}: {steps}" + (f"/{self.total_steps}" if self.total_steps else "") + \
+            f" steps, {images / elapsed:.0f} images/s"
+        if self.total_steps and steps < self.total_steps:
+            line += f", ETA {(self.total_steps - steps) * elapsed / steps:.0f} s"
+        return line
 
 
 class EpochLog:

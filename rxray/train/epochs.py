@@ -23,7 +23,7 @@ from rxray import storage
 from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
-from rxray.train.epoch_log import EpochLog
+from rxray.train.epoch_log import EpochLog, EpochProgress
 from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
 
 # Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
@@ -48,6 +48,7 @@ class RunSettings:
     resume_from: str | None = None  # the latest checkpoint a rerun continues from
     crash_once: CrashOnce | None = None  # recovery tests only
     stall_timeout_s: float = STALL_TIMEOUT_S  # longest wait for a batch before the worker fails
+    train_rows: int | None = None  # training rows of the run (an upper bound), for the progress lines' ETA
 
     @property
     def run_uri(self) -> str:
@@ -151,6 +152,8 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
     meter = ThroughputMeter(worker.device)
     sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no wait for it every step
     steps = 0
+    expected = run.train_rows // (run.batch_size * worker.world_size) if run.train_rows else None
+    progress = EpochProgress(run.step, epoch, run.epochs, expected or None) if worker.is_chief else None
     batches = worker.batches(run.batch_size, seed=run.seed, epoch=epoch, dtypes=step.batch_dtypes)
     for index, batch in enumerate(meter.timed(batches)):
         if run.crash_once is not None:
@@ -159,6 +162,9 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
             sums[name] = sums.get(name, 0.0) + value
         steps += 1
         meter.update(batch[IMAGE_COLUMN].shape[0] * worker.world_size)
+        line = progress.update(steps, meter.images) if progress is not None else None
+        if line:
+            worker_print(line)
     if steps == 0:
         raise RuntimeError(f"worker {worker.rank} got no full batch of {run.batch_size} images in epoch {epoch}")
     seconds = meter.seconds

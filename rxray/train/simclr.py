@@ -226,7 +226,7 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
     run = RunSettings(step="pretrain", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs, batch_size=cfg.batch_size,
                       seed=cfg.seed, image_side=image_side, channel_mean=list(mean), channel_std=list(std),
                       cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once,
-                      stall_timeout_s=cfg.stall_timeout)
+                      stall_timeout_s=cfg.stall_timeout, train_rows=rows)
     with timer.time("train"):
         fit(SimCLRStep(cfg, run), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
             what="pretraining")
