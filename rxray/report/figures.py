@@ -137,7 +137,7 @@ def score_bars(frame: pd.DataFrame, metrics: list[tuple[str, str]]) -> Figure:
     return figure
 
 
-def activity_volcano(frame: pd.DataFrame, fdr: float, correction: str, labelled: int = 10) -> Figure:
+def activity_volcano(frame: pd.DataFrame, fdr: float, correction: str, labelled: int = 6) -> Figure:
     """mAP against -log10 q, one point per treatment (any number of them): the active ones coloured, the top named."""
     frame = frame.dropna(subset=["map", "q_value"])
     height = -np.log10(frame["q_value"].clip(lower=1e-6).to_numpy(dtype=float))
@@ -149,10 +149,13 @@ def activity_volcano(frame: pd.DataFrame, fdr: float, correction: str, labelled:
     ax.scatter(frame["map"][active], height[active], s=14, c="#c44e52", linewidths=0,
                label=f"active ({active.sum()})")
     ax.axhline(-np.log10(fdr), color="#555555", linestyle=":", linewidth=1)
+    # Permutation p-values tie at their floor, so many treatments share the top q: name the highest mAPs among the
+    # most significant, in a column below the points with a line to each, so the names never overlap.
     order = np.lexsort((-frame["map"].to_numpy(dtype=float), -height))[:labelled]
-    for i in order:
+    for k, i in enumerate(sorted(order, key=lambda i: -frame["map"].iloc[i])):
         ax.annotate(str(frame["treatment"].iloc[i]), (frame["map"].iloc[i], height[i]), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")
+                    xytext=(-60, -14 - 10 * k), textcoords="offset points", ha="right",
+                    arrowprops=dict(arrowstyle="-", color="#777777", linewidth=0.5))
     ax.set_xlabel("mAP against same-plate controls")
     ax.set_ylabel("-log10 q (Benjamini-Hochberg)")
     ax.set_title(f"Phenotypic activity ({correction} correction; dotted: q = {fdr:g})", fontsize=10)

@@ -38,6 +38,12 @@ from rxray.runtime import Timer
 REPORT_FILE = "report.html"
 
 
+def cluster_text(members: list[str], shown: int = 8) -> str:
+    """A cluster's members for the findings: the first ``shown`` names, then how many more."""
+    more = f" and {len(members) - shown} more" if len(members) > shown else ""
+    return f"{len(members)}: " + ", ".join(members[:shown]) + more
+
+
 def findings_html(findings: dict[str, Any]) -> str:
     """The Findings section: activity, ranked treatments, the map, the probe's verdict, classifiers, warnings."""
     parts = []
@@ -61,7 +67,7 @@ def findings_html(findings: dict[str, Any]) -> str:
                          f"{format_value(benchmark.get('null_mean'))} "
                          f"(p = {format_value(benchmark.get('p_value'))}).</p>")
         if treatment_map.get("clusters"):
-            items = "".join(f"<li>{escape(', '.join(members))}</li>" for members in treatment_map["clusters"][:10])
+            items = "".join(f"<li>{escape(cluster_text(members))}</li>" for members in treatment_map["clusters"][:10])
             parts.append(f"<p>Clusters of similar treatments:</p><ul>{items}</ul>")
     probe = findings.get("probe")
     if probe:
