@@ -130,3 +130,23 @@ def test_a_rerun_keeps_the_prose_written_under_the_tables(tmp_path):
     second = with_prose("# tables v2\n", path)
     assert second.startswith("# tables v2") and second.endswith("## Projection\n\nby hand\n")
     assert "v1" not in second
+
+
+def test_the_gpu_check_plans_a_valid_gpu_pipeline_and_refuses_a_machine_without_one(tmp_path, capsys):
+    import torch
+    import yaml
+
+    from rxray.bench.gpu import SIZES
+    from rxray.bench.gpu import pipeline_document as gpu_pipeline
+    from rxray.cli import main
+    from rxray.pipeline import load_pipeline, plan_pipeline
+
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(gpu_pipeline(str(tmp_path / "run"), str(tmp_path / "data"),
+                                                SIZES["gpu"]["pipeline"], gpu=True)))
+    plan = plan_pipeline(load_pipeline(str(path)))
+    on_gpu = {s.step for s in plan.steps if getattr(s.config, "gpu", False)}
+    assert on_gpu == {"pretrain", "finetune", "embed", "explain"}
+    if not torch.cuda.is_available():
+        assert main(["bench", "gpu", "--workdir", str(tmp_path / "work")]) == 2
+        assert "--tiny rehearses the same script on CPU" in capsys.readouterr().err
