@@ -228,7 +228,7 @@ def markdown(frame: pd.DataFrame, generated: dict[str, Any], cfg: BenchScaleConf
         "",
         f"`rxray bench scale` on `rxray synth --preset rxrx2 --size {cfg.size}` ({generated['sites']:,} sites, "
         f"433 treatments + EMPTY, 24 plates; generated in {generated['seconds']:.0f} s, "
-        f"{generated["bytes"] / 2 ** 30:.2f} GiB of files), ingested at {cfg.out_size} px. A fraction is the first "
+        f"{generated['bytes'] / 2 ** 30:.2f} GiB of files), ingested at {cfg.out_size} px. A fraction is the first "
         f"plates of the screen ({', '.join(str(plates_for(f)) for f in sorted(cfg.fractions))} of its 24), so "
         f"every size keeps all 433 treatments. Pretrain and finetune: {cfg.epochs} epoch(s), {cfg.backbone}; score: "
         f"{', '.join(cfg.corrections)} correction(s) with the default 100 trees, 5 folds and 1,000 permutations. "
