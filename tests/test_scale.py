@@ -65,7 +65,7 @@ def test_score_and_report_read_at_433_treatments(midsize_screen, tmp_path, ray_l
     run = tmp_path / "run"
     summary = score(load_config(ScoreConfig, values={
         "embeddings": str(root / layout.EMBEDDINGS_FILE), "out": str(run / "score"), "correct": ["center"],
-        "trees": 10, "folds": 2, "permutations": 100, "map_permutations": 100}))
+        "trees": 10, "folds": 2, "permutations": 50, "map_permutations": 20}))
     assert "score: 433/433 treatment scores" in capfd.readouterr().err  # progress while the tasks run
     table = pd.read_parquet(run / "score" / "scores.parquet")
     assert len(table) == 433 and table["map"].notna().all()
