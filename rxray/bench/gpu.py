@@ -36,7 +36,7 @@ SIZES = {
     "tiny": {"train": dict(images=64, size=32, batch_size=16, epochs=2),
              "embed": dict(images=64, size=32, batch_size=32),
              "pipeline": dict(size=32, epochs=1, batch_size=16),
-             "ingest": dict(sites=8, scale=2, size=64, storage="local", seeds_sites=2)},
+             "ingest": dict(sites=8, scale=2, size=64, out_size=32, storage="local", seeds_sites=2)},
 }
 PIPELINE_TITLE = "## GPU pipeline"
 PIPELINE_INTRO = ("`rxray bench gpu`: a short pipeline with every GPU path on (pretrain and finetune on Ray Train "
