@@ -39,7 +39,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     Every epoch reaches Tune through the step's TorchTrainer. A trial restarted
     after an interruption resumes its step from the last checkpoint; if the step
-    had already finished, its last epoch is reported again so Tune sees the result.
+    had already finished (or trained its last epoch before the interruption), its
+    last epoch is reported again so Tune sees the result.
     """
     import importlib
 
@@ -52,7 +53,10 @@ def run_trial(config: dict[str, Any]) -> None:
     module, _, name = STEPS[config["objective"]][1].partition(":")
     summary = getattr(importlib.import_module(module), name)(step_cfg)
     history = summary.get("history") or []
-    if summary.get("status") == "complete" and history:
+    # A trial killed after its last epoch but before the step wrote its manifest resumes with nothing left to
+    # train: its TorchTrainer reports no epoch, and Tune fails the trial for a result without the metric.
+    trained_now = (summary.get("epochs_completed") or 0) > (summary.get("resumed_from") or 0)
+    if history and (summary.get("status") == "complete" or not trained_now):
         ray.tune.report({k: v for k, v in history[-1].items() if isinstance(v, (int, float, bool))})
 
 
