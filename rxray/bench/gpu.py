@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from rxray.bench.scale import run_measured_pipeline
+from rxray.bench.scale import run_measured_pipeline, write_pipeline
 from rxray.bench.tables import record_row
 from rxray.config import ConfigError, load_config, option
 
@@ -107,8 +107,9 @@ def bench_gpu(cfg: BenchGpuConfig) -> dict[str, Any]:
             **sizes["embed"], gpu=gpu, table=os.path.join(docs, "benchmarks.md"), note=note)))
     if "pipeline" in cfg.parts:
         run, source = os.path.join(cfg.workdir, "run"), os.path.join(cfg.workdir, "synth")
-        rows = run_measured_pipeline(pipeline_document(run, source, sizes["pipeline"], gpu),
-                                     os.path.join(cfg.workdir, "pipeline.yaml"), label="bench gpu")
+        path = write_pipeline(pipeline_document(run, source, sizes["pipeline"], gpu),
+                              os.path.join(cfg.workdir, "pipeline.yaml"))
+        rows = run_measured_pipeline(path, label="bench gpu")
         seconds = {row["step"]: row["seconds"] for row in rows}
         cells = [time.strftime("%Y-%m-%d"), device, str(sizes["pipeline"]["size"]), str(sizes["pipeline"]["epochs"])]
         cells += [f"{seconds.get(step, '-')}" for step in ("synth", "ingest", "pretrain", "finetune/ifn-beta",

@@ -141,28 +141,31 @@ def run_fraction(cfg: BenchScaleConfig, source: str, run: str, sites: int) -> li
     each step's peak would carry what the steps of the smaller sizes left allocated.
     """
     path = os.path.join(cfg.workdir, f"{os.path.basename(run)}.yaml")
-    with open(path, "w") as handle:
-        yaml.safe_dump(pipeline_document(cfg, run, source), handle, sort_keys=False)
+    write_pipeline(pipeline_document(cfg, run, source), path)
     rows_path = path + ".rows.json"
     subprocess.run([sys.executable, "-m", "rxray.bench.scale", path, str(sites), rows_path], check=True)
     with open(rows_path) as handle:
         return json.load(handle)
 
 
-def run_measured_pipeline(document: dict[str, Any], path: str, sites: int | None = None,
-                          label: str = "bench scale") -> list[dict[str, Any]]:
-    """Write a pipeline YAML to ``path`` and run every step of it afresh; one measurement row per step.
+def write_pipeline(document: dict[str, Any], path: str) -> str:
+    """Write a pipeline document as YAML to ``path``; returns the path."""
+    with open(path, "w") as handle:
+        yaml.safe_dump(document, handle, sort_keys=False)
+    return path
+
+
+def run_measured_pipeline(path: str, sites: int | None = None, label: str = "bench scale") -> list[dict[str, Any]]:
+    """Run every step of the pipeline YAML at ``path`` afresh; one measurement row per step.
 
     ``sites`` is what sites/s is counted against (default: the ingest step's count).
     """
     from rxray.pipeline import execute, load_pipeline, plan_pipeline
     from rxray.steps import resolve
 
-    run = document["pipeline"]["run"]
-    if storage.exists(run):  # every step runs again: a pipeline would skip the complete ones
-        storage.remove(run, recursive=True)
-    with open(path, "w") as handle:
-        yaml.safe_dump(document, handle, sort_keys=False)
+    plan = plan_pipeline(load_pipeline(path))
+    if storage.exists(plan.layout.run):  # every step runs again: a pipeline would skip the complete ones
+        storage.remove(plan.layout.run, recursive=True)
     ensure_ray()  # before the first step, so its start-up is not in the first step's figures
     rows: list[dict[str, Any]] = []
 
@@ -183,7 +186,7 @@ def run_measured_pipeline(document: dict[str, Any], path: str, sites: int | None
         return result
 
     start = time.perf_counter()
-    execute(plan_pipeline(load_pipeline(path)), run_step=measured)
+    execute(plan, run_step=measured)
     total = time.perf_counter() - start
     rows.append({"step": "pipeline", "sites": sites, "seconds": round(total, 1),
                  "sites_per_second": round(sites / total, 1) if sites else None,
@@ -294,9 +297,7 @@ def bench_scale(cfg: BenchScaleConfig) -> dict[str, Any]:
 def _run_one_size(argv: list[str]) -> None:
     """One size of `bench scale` in the process `run_fraction` starts: argv = pipeline.yaml, sites, rows.json."""
     document_path, sites, rows_path = argv
-    with open(document_path) as handle:
-        document = yaml.safe_load(handle)
-    rows = run_measured_pipeline(document, document_path, int(sites))
+    rows = run_measured_pipeline(document_path, int(sites))
     with open(rows_path, "w") as handle:
         json.dump(rows, handle)
 
