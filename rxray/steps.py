@@ -79,6 +79,8 @@ BENCHMARKS: tuple[Step, ...] = (
          "the GPU check: bench train, bench embed --gpu, a GPU pipeline and bench ingest (--tiny: on CPU)"),
     Step("scale", "rxray.bench.scale:BenchScaleConfig", "rxray.bench.scale:bench_scale",
          "every pipeline step on the RxRx2 layout (131,953 sites) at 1/8, 1/2 and full size: time, memory, growth"),
+    Step("chaos", "rxray.bench.chaos:BenchChaosConfig", "rxray.bench.chaos:bench_chaos",
+         "each heavy step warm-up, undisturbed and with a worker node killed, on a local multi-node cluster"),
 )
 
 STEP_BY_NAME = {step.name: step for step in STEPS}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from rxray import storage
+from rxray.bench.cluster import kill_tree as kill_process_tree
 from rxray.cli import main
 from rxray.errors import StepFailed
 from rxray.config import ConfigError, config_to_dict
@@ -212,30 +212,9 @@ def test_a_step_missing_from_the_build_fails_before_anything_runs(tmp_path, monk
     assert not (tmp_path / "run").exists()
 
 
-def process_tree(pid: int) -> list[int]:
-    """The pid and every live descendant's pid (from Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            children.setdefault(int(ppid), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
-
-
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process and every process it started (here: the pipeline and its local Ray), by pid."""
-    for pid in process_tree(process.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_process_tree(process.pid)
     process.wait(timeout=60)
 
 

@@ -27,6 +27,16 @@ def record_row(path: str, title: str, intro: str, header: str, row: str, note: s
     The intro is rewritten; rows already in the table, the run notes and any prose
     written under the table are kept.
     """
+    record_rows(path, title, intro, header, [row], note)
+
+
+def record_rows(path: str, title: str, intro: str, header: str, new_rows: list[str], note: str | None = None,
+                replace: bool = False) -> None:
+    """Add rows (and a note) to the `title` section of a markdown file, or with ``replace`` make them its table.
+
+    With ``replace`` the previous rows and run notes go (one run owns the table);
+    prose written under the table is kept either way.
+    """
     lines = storage.read_text(path).splitlines() if storage.exists(path) else []
     start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     rows: list[str] = []
@@ -41,7 +51,11 @@ def record_row(path: str, title: str, intro: str, header: str, row: str, note: s
         rows = [line for line in section[:table_end] if line.startswith("| ") and line != header]
         after_table = "\n".join(section[table_end:]).strip("\n").splitlines()
         before, after = lines[:start], lines[end:]
-    rows.append(row)
+    if replace:
+        rows = []
+        after_table = [line for line in after_table if not line.startswith("- ")]
+        after_table = "\n".join(after_table).strip("\n").splitlines()
+    rows.extend(new_rows)
     if note:
         after_table = _with_note(after_table, note)
     head = "\n".join(before).rstrip("\n")

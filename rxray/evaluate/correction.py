@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.covariance import LedoitWolf
+from threadpoolctl import threadpool_limits
 
 CORRECTIONS = ("none", "center", "tvn")
 MIN_PLATE_CONTROLS = 2
@@ -95,7 +96,19 @@ def tvn(X: np.ndarray, plates: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def correct(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, method: str) -> np.ndarray:
-    """Apply one named correction fitted on the ``reference`` rows (control sites); float32, input row order."""
+    """Apply one named correction fitted on the ``reference`` rows (control sites); float32, input row order.
+
+    BLAS runs on one thread here: with more, LAPACK's eigh and the covariance sums change
+    in their last bits with the thread count, and a forest's split can flip on that, so
+    the same embeddings scored by a driver with 2 threads (a laptop) and with 1 (a
+    submitted job) gave different tables. These are small (d x d) problems and one
+    matrix product; one thread costs seconds at RxRx2's full size.
+    """
+    with threadpool_limits(limits=1):
+        return _correct(X, plates, reference, method)
+
+
+def _correct(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, method: str) -> np.ndarray:
     if method == "none":
         corrected = np.asarray(X)
     elif method == "center":

@@ -1,0 +1,231 @@
+"""A bad day on a real cluster, on one machine: worker nodes lost mid-step, the head lost, the job resubmitted.
+
+A multi-node Ray cluster (:class:`rxray.bench.cluster.LocalCluster`: a head with no CPUs,
+as in cluster.yaml, and three one-CPU worker nodes, each its own raylet and object store,
+token authentication on) runs the pipeline as a submitted job on S3. A node killer
+SIGKILLs a whole worker node (raylet, object store, workers) in the middle of ingest,
+pretraining (2 workers on 2 nodes, images cached in the object store) and, after the job
+is resubmitted, embedding and scoring; each lost node is replaced a second later, as
+cluster.yaml's autoscaler replaces a reclaimed instance. Partway through the first
+job's embedding the head node itself is killed, which loses the job; the same job
+submitted to a new cluster resumes from what the first one committed to S3.
+
+Every step's output is then compared with an undisturbed run of that step on the same
+inputs (the session's local Ray). One shared scenario, one test per guarantee. Per-step
+runs with timings (finetune too, and the cache off) are `rxray bench chaos`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rxray import storage
+from rxray.batch.embed import EMBEDDING_COLUMN, embed
+from rxray.batch.score import score
+from rxray.bench.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller
+from rxray.config import EmbedConfig, IngestConfig, ScoreConfig, SynthConfig, load_config
+from rxray.data.ingest import ingest
+from rxray.data.synth import synthesize
+from rxray.outputs import read_manifest
+from rxray.train.epoch_log import read_metrics
+from test_ingest import rows_by_site
+from test_pipeline import TINY_SECTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_NODES = 3  # two for the training workers, one for Ray Data while they train
+JOB_TIMEOUT_S = 600
+SECTIONS = {
+    "ingest": {"size": 32, "shard_rows": 4},  # 10 shards: the pool is still writing when its node goes
+    "pretrain": {**TINY_SECTIONS["pretrain"], "epochs": 2, "workers": 2, "cache": "on", "stall_timeout": 60},
+    "embed": TINY_SECTIONS["embed"],
+    "score": TINY_SECTIONS["score"],
+}
+
+
+def submit(cluster: LocalCluster, config: Path, log: Path, faults: list[Fault]) -> tuple[int, NodeKiller]:
+    """`ray job submit` the pipeline to ``cluster`` (tailing its log into ``log``) while ``faults`` happen."""
+    command = [RAY, "job", "submit", "--address",
+               cluster.dashboard_url, "--submission-id", f"rxray-{secrets.token_hex(4)}", "--working-dir", str(ROOT),
+               "--", "python", "rayjobs/pipeline.py", "--config", str(config)]
+    with NodeKiller(cluster, log, faults) as killer, open(log, "w") as out:
+        returncode = subprocess.run(command, cwd=ROOT, env=cluster.env, stdout=out, stderr=subprocess.STDOUT,
+                                    timeout=JOB_TIMEOUT_S).returncode
+    assert killer.error is None, f"the node killer failed: {killer.error!r}"
+    return returncode, killer
+
+
+def checkpoint_exists(run: str, step_dir: str, epoch: int):
+    """A test for a Fault: has training committed its epoch checkpoint to storage?"""
+    uri = storage.join(run, step_dir, f"checkpoint_epoch{epoch:04d}", "checkpoint.pt")
+    return lambda: storage.exists(uri)
+
+
+def start_cluster(workdir: Path) -> LocalCluster:
+    """A head with no CPUs (the driver's node, as in cluster.yaml) and one-CPU worker nodes."""
+    cluster = LocalCluster(workdir, system_config=FAST_FAILURE_DETECTION).start()
+    for _ in range(WORKER_NODES):
+        cluster.add_node(1)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def bad_day(s3_server, ray_local, tmp_path_factory):
+    """Run the scenario once; yields its logs, kills, outputs and undisturbed references."""
+    bucket = f"s3://test-{uuid.uuid4().hex[:12]}"
+    storage.ensure_bucket(bucket)
+    work = tmp_path_factory.mktemp("bad-day")
+    source, run = f"{bucket}/rxrx2", f"{bucket}/runs/bad-day"
+    synthesize(load_config(SynthConfig, values={**TINY_SECTIONS["synth"], "out": source}))
+    config = work / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"pipeline": {"run": run, "source": source}, **SECTIONS}, sort_keys=False))
+
+    first = start_cluster(work / "first")
+    try:
+        first_rc, first_killer = submit(first, config, work / "first.log", [
+            Fault("ingest", "ShardWriter"),
+            Fault("pretrain", "RayTrainWorker", after=checkpoint_exists(run, "pretrain/simclr", 1)),
+            Fault("head", "EmbedBatch", head=True),
+        ])
+    finally:
+        first.stop()
+    second = start_cluster(work / "second")
+    try:
+        second_rc, second_killer = submit(second, config, work / "second.log", [
+            Fault("embed", "EmbedBatch"),
+            Fault("score", "score_treatment"),
+        ])
+    finally:
+        second.stop()
+
+    references = {"shards": f"{bucket}/reference/shards", "embed": f"{bucket}/reference/embed",
+                  "score": f"{bucket}/reference/score"}
+    ingest(load_config(IngestConfig, values={**SECTIONS["ingest"], "source": source, "out": references["shards"]}))
+    embed(load_config(EmbedConfig, values={**SECTIONS["embed"], "data": f"{run}/shards", "model": f"{run}/pretrain",
+                                           "out": references["embed"]}))
+    score(load_config(ScoreConfig, values={**SECTIONS["score"], "embeddings": f"{run}/embed",
+                                           "out": references["score"]}))
+    yield {"run": run, "references": references,
+           "logs": {"first": (work / "first.log").read_text(), "second": (work / "second.log").read_text()},
+           "returncodes": {"first": first_rc, "second": second_rc},
+           "kills": {kill.label: kill for kill in [*first_killer.kills, *second_killer.kills]},
+           "killed_in": {kill.label: "first" for kill in first_killer.kills}
+                        | {kill.label: "second" for kill in second_killer.kills}}
+
+
+def after_kill(day: dict, label: str) -> str:
+    """The job log from the moment of ``label``'s kill on; fails unless the kill happened."""
+    assert label in day["kills"], f"no {label} kill happened; logs:\n{day['logs']['first'][-3000:]}"
+    job = day["killed_in"][label]
+    return day["logs"][job][day["kills"][label].log_offset:]
+
+
+def assert_killed_mid_step(day: dict, label: str, step: str) -> str:
+    """The kill for ``label`` landed while ``step`` ran (its 'done' line comes later); returns the log after it."""
+    later = after_kill(day, label)
+    assert f"pipeline: done {step} in" in later, f"{step} was not running when its node was killed:\n{later[-3000:]}"
+    return later
+
+
+def read_table(uri: str) -> pd.DataFrame:
+    """A Parquet file or folder on any storage, as pandas."""
+    filesystem, path = storage.pyarrow_filesystem(uri)
+    return pq.read_table(path, filesystem=filesystem).to_pandas()
+
+
+def test_ingest_that_loses_a_worker_node_writes_exactly_the_undisturbed_rows(bad_day):
+    assert_killed_mid_step(bad_day, "ingest", "ingest")
+    got, want = rows_by_site(f"{bad_day['run']}/shards"), rows_by_site(bad_day["references"]["shards"])
+    assert sorted(got) == sorted(want) and len(got) == 40  # rows_by_site fails on a duplicate
+    for site_id, image in want.items():
+        np.testing.assert_array_equal(got[site_id], image)
+    rejects = [storage.read_text(f"{uri}/_rejects.csv") for uri in (f"{bad_day['run']}/shards",
+                                                                       bad_day["references"]["shards"])]
+    assert rejects[0] == rejects[1]
+
+
+def test_pretraining_that_loses_a_worker_node_resumes_from_its_last_checkpoint(bad_day):
+    later = assert_killed_mid_step(bad_day, "pretrain", "pretrain")
+    assert "pretrain: workers restored the epoch" in later, later[-3000:]
+    out = f"{bad_day['run']}/pretrain"
+    assert [entry["epoch"] for entry in read_metrics(out)] == [1, 2]  # every epoch logged once
+    manifest = read_manifest(out)
+    assert manifest["epochs_completed"] == 2
+
+
+def test_a_lost_head_loses_the_job_and_the_resubmitted_job_resumes_from_what_was_committed(bad_day):
+    assert bad_day["returncodes"]["first"] != 0 and "head" in bad_day["kills"]
+    second = bad_day["logs"]["second"]
+    assert bad_day["returncodes"]["second"] == 0, second[-3000:]
+    for step in ("ingest", "pretrain"):  # committed by the first job: not run again
+        assert f"pipeline: skip {step}" in second, second[-3000:]
+    assert "pipeline: complete" in second
+    record = json.loads(storage.read_text(f"{bad_day['run']}/_pipeline.json"))
+    assert record["status"] == "complete" and set(record["steps"]) == set(SECTIONS)
+
+
+def test_embedding_that_loses_a_worker_node_gives_the_undisturbed_embeddings(bad_day):
+    assert_killed_mid_step(bad_day, "embed", "embed")
+    for part in ("sites", "wells"):
+        got = read_table(f"{bad_day['run']}/embed/{part}")
+        want = read_table(f"{bad_day['references']['embed']}/{part}")
+        key = "site_id" if part == "sites" else "well_id"
+        got, want = (frame.sort_values(key).reset_index(drop=True) for frame in (got, want))
+        assert got[key].is_unique and got[key].tolist() == want[key].tolist()
+        np.testing.assert_array_equal(np.stack(got[EMBEDDING_COLUMN]), np.stack(want[EMBEDDING_COLUMN]))
+
+
+def test_scoring_that_loses_a_worker_node_gives_the_undisturbed_table(bad_day):
+    assert_killed_mid_step(bad_day, "score", "score")
+    got = read_table(f"{bad_day['run']}/score/scores.parquet")
+    want = read_table(f"{bad_day['references']['score']}/scores.parquet")
+    pd.testing.assert_frame_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def token_cluster(s3_server, tmp_path_factory):
+    """A started cluster for the token checks (a head only)."""
+    with LocalCluster(tmp_path_factory.mktemp("token-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("credentials", ["none", "wrong"])
+def test_a_submission_without_the_token_is_refused(token_cluster, tmp_path, credentials):
+    env = {key: value for key, value in token_cluster.env.items() if not key.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    if credentials == "wrong":
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    refused = subprocess.run([RAY, "job", "submit", "--address", token_cluster.dashboard_url, "--", "echo",
+                              "should not run"], env=env, capture_output=True, text=True, timeout=120)
+    output = (refused.stdout + refused.stderr).lower()
+    assert refused.returncode != 0, output
+    assert "unauthorized" in output or "authentication" in output or "401" in output, output[-2000:]
+    jobs = subprocess.run([RAY, "job", "list", "--address", token_cluster.dashboard_url], env=token_cluster.env,
+                          capture_output=True, text=True, timeout=120)
+    assert jobs.returncode == 0 and "should not run" not in jobs.stdout
+
+
+def test_the_chaos_table_is_rewritten_by_each_run_and_keeps_the_prose_under_it(tmp_path):
+    from rxray.bench.chaos import HEADER, INTRO, SECTION
+    from rxray.bench.tables import record_rows
+
+    path = str(tmp_path / "reliability.md")
+    storage.write_text(path, "# Reliability\n\nWritten by hand.\n")
+    record_rows(path, SECTION, INTRO, HEADER, ["| ingest | 1 |"], "first run", replace=True)
+    text = storage.read_text(path)
+    storage.write_text(path, text.rstrip("\n") + "\n\nWhat the numbers mean, by hand.\n\n## Later section\n\nKept.\n")
+    record_rows(path, SECTION, INTRO, HEADER, ["| ingest | 2 |", "| embed | 3 |"], "second run", replace=True)
+    text = storage.read_text(path)
+    assert text.startswith("# Reliability\n\nWritten by hand.\n")
+    assert "| ingest | 2 |\n| embed | 3 |" in text and "| ingest | 1 |" not in text
+    assert "- second run" in text and "first run" not in text
+    assert "What the numbers mean, by hand." in text and text.rstrip().endswith("## Later section\n\nKept.")
