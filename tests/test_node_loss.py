@@ -32,6 +32,7 @@ import yaml
 from rxray import storage
 from rxray.batch.embed import EMBEDDING_COLUMN, embed
 from rxray.batch.score import score
+from rxray.bench.chaos import epoch_logged
 from rxray.bench.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller
 from rxray.config import EmbedConfig, IngestConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.ingest import ingest
@@ -64,12 +65,6 @@ def submit(cluster: LocalCluster, config: Path, log: Path, faults: list[Fault]) 
     return returncode, killer
 
 
-def checkpoint_exists(run: str, step_dir: str, epoch: int):
-    """A test for a Fault: has training committed its epoch checkpoint to storage?"""
-    uri = storage.join(run, step_dir, f"checkpoint_epoch{epoch:04d}", "checkpoint.pt")
-    return lambda: storage.exists(uri)
-
-
 def start_cluster(workdir: Path) -> LocalCluster:
     """A head with no CPUs (the driver's node, as in cluster.yaml) and one-CPU worker nodes."""
     cluster = LocalCluster(workdir, system_config=FAST_FAILURE_DETECTION).start()
@@ -93,7 +88,7 @@ def bad_day(s3_server, ray_local, tmp_path_factory):
     try:
         first_rc, first_killer = submit(first, config, work / "first.log", [
             Fault("ingest", "ShardWriter"),
-            Fault("pretrain", "RayTrainWorker", after=checkpoint_exists(run, "pretrain/simclr", 1)),
+            Fault("pretrain", "RayTrainWorker", after=epoch_logged(f"{run}/pretrain", 1)),
             Fault("head", "EmbedBatch", head=True),
         ])
     finally:

@@ -220,7 +220,7 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_pipeline_resumes_and_completes(tmp_path, ray_local):
-    # Kill after the second step and resume; every step runs end to end in the job-submission test and in
+    # Kill after the second step and resume; every step runs end to end in the node-loss test and in
     # its own tests, and this keeps the suite inside its time budget. The run and source are relative
     # paths, as `make demo` gives them: training metrics must land under the run, not in Ray's session folder.
     sections = {k: v for k, v in runnable_sections().items() if k in ("synth", "ingest", "pretrain", "report")}
