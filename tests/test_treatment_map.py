@@ -135,6 +135,37 @@ def test_nulls_have_no_relationship_among_themselves():
     assert (nulls["q_value"] > 0.05).all(), nulls
 
 
+def test_only_active_treatments_are_related():
+    # Two inactive compounds of one class share a component (here planted: both look like the same shifted
+    # control) and would be each other's nearest neighbour and a "recovered" same-MoA pair; given the activity
+    # calls, the map leaves them out of clusters, neighbours and the benchmark, and keeps their similarity row.
+    rng = np.random.default_rng(4)
+    shared = rng.normal(size=DIM)
+    phenotypes = {"A1": rng.normal(size=DIM), "A2": None, "B1": rng.normal(size=DIM), "B2": None}
+    phenotypes["A2"] = phenotypes["A1"] + 0.3 * rng.normal(size=DIM)
+    phenotypes["B2"] = phenotypes["B1"] + 0.3 * rng.normal(size=DIM)
+    rows, profiles = [], []
+    for name, vector in {**phenotypes, "NULL1": shared, "NULL2": shared}.items():
+        for _ in range(3):
+            rows.append((name, 1.0))
+            profiles.append(vector + 0.1 * rng.normal(size=DIM))
+    well_meta = pd.DataFrame(rows, columns=["treatment", "treatment_conc"])
+    moa = pd.DataFrame({"treatment": ["A1", "A2", "B1", "B2", "NULL1", "NULL2"], "moa": ["A", "A", "B", "B", "N", "N"]})
+    every = treatment_map(well_meta, np.asarray(profiles), [], moa, neighbors=2, permutations=100)
+    assert every["benchmark"]["n_same_moa_pairs"] == 3 and every["clusters"]["related"].all()
+    result = treatment_map(well_meta, np.asarray(profiles), [], moa, neighbors=2, permutations=100,
+                           active={"A1", "A2", "B1", "B2"})
+    clusters = result["clusters"].set_index("treatment")
+    assert (clusters.loc[["NULL1", "NULL2"], "cluster"] == 0).all()
+    assert not clusters.loc[["NULL1", "NULL2"], "related"].any() and clusters.loc[["A1", "B2"], "related"].all()
+    assert clusters.loc[["NULL1", "NULL2"], "leaf_order"].min() == 4  # after the related ones
+    assert clusters.loc["A1", "cluster"] == clusters.loc["A2", "cluster"] != clusters.loc["B1", "cluster"]
+    assert set(result["neighbors"]["treatment"]) == set(result["neighbors"]["neighbor"]) == {"A1", "A2", "B1", "B2"}
+    bench = result["benchmark"]
+    assert bench["n_treatments"] == 6 and bench["n_related"] == 4 and bench["n_same_moa_pairs"] == 2
+    assert result["similarity"].shape == (6, 6) and set(result["moa"]["moa"]) == {"A", "B"}
+
+
 def test_shuffled_moa_labels_give_recall_at_the_null():
     names, labels, X = planted_map(seed=3)
     similarity = cosine_similarity(X)
@@ -198,7 +229,7 @@ def test_treatment_map_from_well_profiles():
     moa = pd.DataFrame({"treatment": names + ["EMPTY"], "moa": list(labels) + ["control"]})
     result = treatment_map(well_meta, np.asarray(profiles), ["EMPTY"], moa, neighbors=3, permutations=200)
     assert result["names"] == sorted(names) and result["similarity"].shape == (10, 10)
-    assert list(result["clusters"].columns) == ["treatment", "cluster", "leaf_order", "n_wells"]
+    assert list(result["clusters"].columns) == ["treatment", "cluster", "leaf_order", "related", "n_wells"]
     assert result["clusters"]["leaf_order"].tolist() == list(range(10))
     assert len(result["neighbors"]) == 30 and len(result["doses"]) == 20
     assert (result["doses"].loc[result["doses"]["treatment"].str.startswith("moa"), "cosine_to_treatment"] > 0.9).all()
@@ -224,24 +255,32 @@ def test_score_writes_the_treatment_map(tmp_path, ray_local):
     moa_csv.write_text("treatment,moa\nEMPTY,control\nPLANTED,M1\nNOISE,M1\nONE_PLATE,M2\n")
     out = str(tmp_path / "scores")
     summary = score(load_config(ScoreConfig, values=dict(
-        embeddings=embeddings, out=out, trees=5, folds=2, permutations=10, correct=["none", "center"],
+        embeddings=embeddings, out=out, trees=5, folds=2, permutations=100, correct=["none", "center"],
         moa=str(moa_csv), map_permutations=20)))
     similarity = pd.read_parquet(os.path.join(out, "treatment_similarity.parquet"))
     assert list(similarity.columns) == ["correction", "treatment_a", "treatment_b", "cosine"]
     assert len(similarity) == 2 * 3 * 3
     clusters = pd.read_csv(os.path.join(out, "treatment_clusters.csv"))
-    assert list(clusters.columns) == ["correction", "treatment", "cluster", "leaf_order", "n_wells"]
+    assert list(clusters.columns) == ["correction", "treatment", "cluster", "leaf_order", "related", "n_wells"]
     assert set(clusters["treatment"]) == {"PLANTED", "NOISE", "ONE_PLATE"}
     neighbors = pd.read_csv(os.path.join(out, "treatment_neighbors.csv"))
     assert list(neighbors.columns) == ["correction", "treatment", "rank", "neighbor", "cosine"]
-    assert len(neighbors) == 2 * 3 * 2
+    table = pd.read_parquet(os.path.join(out, "scores.parquet"))
+    for correction in ("none", "center"):  # the map relates the treatments called active, and only those
+        active = set(table.loc[(table["correction"] == correction) & table["active"], "treatment"])
+        rows = clusters[clusters["correction"] == correction]
+        assert set(rows.loc[rows["related"], "treatment"]) == active
+        assert (rows.loc[~rows["related"], "cluster"] == 0).all()
+        assert set(neighbors.loc[neighbors["correction"] == correction, "treatment"]) == (active if len(active) > 1
+                                                                                          else set())
+    assert "PLANTED" in active
     doses = pd.read_csv(os.path.join(out, "treatment_doses.csv"))
     assert list(doses.columns) == ["correction", "treatment", "treatment_conc", "n_wells", "norm",
                                    "cosine_to_treatment"]
     detail = json.loads(open(os.path.join(out, "treatment_map.json")).read())
     center = detail["corrections"]["center"]
-    assert center["n_treatments"] == 3 and center["n_same_moa_pairs"] == 1
-    assert {r["moa"] for r in center["moa_map"]} == {"M1"}
+    assert center["n_treatments"] == 3 and center["n_related"] == len(active)
+    assert center["n_same_moa_pairs"] == (1 if {"PLANTED", "NOISE"} <= active else 0)
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert set(manifest["summary"]["treatment_map"]) == {"none", "center"}
     assert summary["treatment_map"]["center"]["n_treatments"] == 3

@@ -71,8 +71,8 @@ CONTROL, TREATED = 0, 1
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
 SCORE_TABLE = "scores"
 # The benchmark numbers of each correction that go into the manifest summary (the JSON file has them all).
-MAP_SUMMARY_KEYS = ["n_treatments", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top", "recall_bottom",
-                    "null_mean", "null_sd", "p_value", "mean_moa_map", "n_moas_consistent"]
+MAP_SUMMARY_KEYS = ["n_treatments", "n_related", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top",
+                    "recall_bottom", "null_mean", "null_sd", "p_value", "mean_moa_map", "n_moas_consistent"]
 COLUMNS = ["treatment", "correction", "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
            "n_treated", "n_control", "n_plates", "n_replicates", "map", "p_value", "q_value", "active", "status"]
 
@@ -346,7 +346,7 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
 
     ensure_ray()
     sites_ref, wells_ref = ray.put(sites), ray.put(wells)
-    pending, maps = [], {}
+    pending, map_profiles = [], {}
     for correction in cfg.correct:
         with timer.time(f"correct_{correction}"):
             try:
@@ -363,15 +363,22 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
                                                  cfg.permutations, cfg.seed)
                     for name in treatments]
         with timer.time("map"):  # in the driver, while the tasks run
-            if correction != "none":  # the map fits the correction on every control (see _map_profiles)
-                profiles = _map_profiles(meta, X, sites["plate"], is_control, correction)
-            maps[correction] = treatment_map(well_meta, profiles, cfg.controls, moa, cfg.map_neighbors,
-                                             cfg.map_permutations, cfg.seed)
+            # The map fits the correction on every control (see _map_profiles); wells x features, kept until the
+            # activity calls say which treatments it relates.
+            map_profiles[correction] = (profiles if correction == "none" else
+                                        _map_profiles(meta, X, sites["plate"], is_control, correction))
         del corrected, profiles
     with timer.time("score"):
         rows = gather_with_progress(pending, "score", "treatment scores")
 
     frame = _call_activity(pd.DataFrame(rows), cfg.fdr)[COLUMNS]
+    maps = {}
+    with timer.time("map"):
+        for correction, profiles in map_profiles.items():
+            called = frame[(frame["correction"] == correction) & frame["active"]]
+            maps[correction] = treatment_map(well_meta, profiles, cfg.controls, moa, cfg.map_neighbors,
+                                             cfg.map_permutations, cfg.seed, active=set(called["treatment"]))
+    del map_profiles
     if not (frame["f1"].notna() | frame["map"].notna()).any():
         raise StepFailed("no treatment could be scored (see the status column); nothing written")
     storage.makedirs(cfg.out)

@@ -7,7 +7,9 @@ unit-length well profiles (controls excluded) are averaged into one consensus pr
 (and one per treatment x concentration); treatments are related by the cosine
 similarity of their consensus profiles, clustered hierarchically (average linkage on
 cosine distance, :mod:`scipy.cluster.hierarchy`), and listed with their nearest
-treatments.
+treatments. Only treatments with a detectable phenotype are related (Filter: `rxray
+score` passes those it called active); a profile of noise around the controls has no
+mechanism to share.
 
 Whether the map holds biology is measured against known relationships, as EFAAR does
 with annotation databases: with a treatment -> mechanism-of-action table, the recall
@@ -27,7 +29,7 @@ treatments); nothing is per site, and nothing uses Ray.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -236,15 +238,31 @@ def moa_consistency(similarity: np.ndarray, labels: Sequence[Any], permutations:
 
 def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Sequence[str] = ("EMPTY",),
                   moa: pd.DataFrame | dict | None = None, neighbors: int = 5, permutations: int = 1000,
-                  seed: int = 0, fraction: float = TOP_FRACTION) -> dict[str, Any]:
-    """The whole map of one set of well profiles: tables (similarity, clusters, neighbors, doses) and benchmark."""
+                  seed: int = 0, fraction: float = TOP_FRACTION,
+                  active: Collection[str] | None = None) -> dict[str, Any]:
+    """The whole map of one set of well profiles: tables (similarity, clusters, neighbors, doses) and benchmark.
+
+    With ``active`` (the treatments called active under this correction), only those are
+    related (EFAAR's Filter step; copairs-style consistency is likewise computed on
+    phenotypically active compounds): a treatment with no detectable phenotype has a
+    consensus profile of noise around the controls, so its similarity to another one says
+    nothing about their mechanisms, and two inactive compounds of one class would count as a
+    recovered relationship. Such a treatment keeps its row in the similarity matrix, is
+    listed in the clusters table with cluster 0 after the clustered ones, and has no
+    neighbours; the benchmark counts the related treatments only.
+    """
     table, consensus = consensus_profiles(well_meta, profiles, controls)
     names = table["treatment"].astype(str).tolist()
     similarity = cosine_similarity(consensus)
-    cluster, leaves = cluster_treatments(similarity)
+    related = np.array([active is None or name in active for name in names], dtype=bool)
+    kept = np.flatnonzero(related)
+    kept_similarity = similarity[np.ix_(kept, kept)]
+    kept_cluster, kept_leaves = cluster_treatments(kept_similarity)
+    cluster = np.zeros(len(names), dtype=np.int64)
+    cluster[kept] = kept_cluster
     leaf_order = np.empty(len(names), dtype=np.int64)
-    leaf_order[leaves] = np.arange(len(names))
-    clusters = pd.DataFrame({"treatment": names, "cluster": cluster, "leaf_order": leaf_order,
+    leaf_order[np.concatenate([kept[kept_leaves], np.flatnonzero(~related)]).astype(np.int64)] = np.arange(len(names))
+    clusters = pd.DataFrame({"treatment": names, "cluster": cluster, "leaf_order": leaf_order, "related": related,
                              "n_wells": table["n_wells"].to_numpy()}).sort_values("leaf_order", kind="stable")
 
     dose_table, dose_consensus = consensus_profiles(well_meta, profiles, controls, by=("treatment", "treatment_conc"))
@@ -252,15 +270,17 @@ def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Seque
     dose_table["norm"] = np.linalg.norm(dose_consensus, axis=1)
     dose_table["cosine_to_treatment"] = np.einsum("ij,ij->i", _unit(dose_consensus), _unit(consensus[parent]))
 
-    labels = annotate(names, moa, controls)
-    benchmark: dict[str, Any] = {"n_treatments": len(names), "n_clusters": int(len(np.unique(cluster)))}
+    kept_names = [names[k] for k in kept]
+    labels = annotate(kept_names, moa, controls)
+    benchmark: dict[str, Any] = {"n_treatments": len(names), "n_related": len(kept),
+                                 "n_clusters": int(len(np.unique(kept_cluster)))}
     per_moa = pd.DataFrame(columns=["moa", "n_treatments", "map", "null_mean", "p_value", "q_value"])
     if moa is not None:
-        benchmark.update(known_relationship_recall(similarity, labels, fraction, permutations, seed))
-        per_moa = moa_consistency(similarity, labels, permutations, seed)
-        benchmark["treatments"] = [n for n, label in zip(names, labels) if label is not None]
+        benchmark.update(known_relationship_recall(kept_similarity, labels, fraction, permutations, seed))
+        per_moa = moa_consistency(kept_similarity, labels, permutations, seed)
+        benchmark["treatments"] = [n for n, label in zip(kept_names, labels) if label is not None]
         benchmark["mean_moa_map"] = float(per_moa["map"].mean()) if len(per_moa) else float("nan")
         benchmark["n_moas_consistent"] = int((per_moa["q_value"] <= 0.05).sum()) if len(per_moa) else 0
     return dict(names=names, similarity=similarity, clusters=clusters.reset_index(drop=True),
-                neighbors=nearest_neighbors(names, similarity, neighbors), doses=dose_table,
+                neighbors=nearest_neighbors(kept_names, kept_similarity, neighbors), doses=dose_table,
                 benchmark=benchmark, moa=per_moa)

@@ -94,7 +94,7 @@ def map_findings(score: StepOutput, correction: str) -> dict[str, Any] | None:
     if MAP_FILES["clusters"] in score.files:
         table = read_table(storage.join(score.uri, MAP_FILES["clusters"]))
         table = table[table["correction"] == correction]
-        groups = table.groupby("cluster")["treatment"].apply(list)
+        groups = table[table["cluster"] > 0].groupby("cluster")["treatment"].apply(list)  # 0: not related
         clusters = [members for members in groups.tolist() if len(members) > 1]
     return {"correction": correction, "benchmark": benchmark, "clusters": clusters}
 
@@ -178,7 +178,8 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
             lines.append("driving stain (explain): " + ", ".join(stains[:6]))
     benchmark = (findings.get("treatment_map") or {}).get("benchmark") or {}
     if "recall_top" in benchmark:
-        lines.append(f"treatment map: same-MoA recall in the top 5% of pairs {benchmark['recall_top']:.2f} "
+        related = (f" among the {benchmark['n_related']} active treatments" if "n_related" in benchmark else "")
+        lines.append(f"treatment map: same-MoA recall in the top 5% of pairs{related} {benchmark['recall_top']:.2f} "
                      f"(null {benchmark.get('null_mean', float('nan')):.2f}, p = {benchmark.get('p_value')})")
     probe = findings.get("probe")
     if probe:

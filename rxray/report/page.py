@@ -62,8 +62,11 @@ def findings_html(findings: dict[str, Any]) -> str:
     if treatment_map:
         benchmark = treatment_map.get("benchmark") or {}
         if "recall_top" in benchmark:
+            related = (f" of the {benchmark['n_related']} treatments called active (only those are related)"
+                       if "n_related" in benchmark else "")
             parts.append(f"<p>Treatment map ({escape(treatment_map['correction'])}): same-MoA recall among the 5% "
-                         f"most similar pairs {format_value(benchmark['recall_top'])} against a permutation null of "
+                         f"most similar pairs{related} {format_value(benchmark['recall_top'])} against a permutation "
+                         f"null of "
                          f"{format_value(benchmark.get('null_mean'))} "
                          f"(p = {format_value(benchmark.get('p_value'))}).</p>")
         if treatment_map.get("clusters"):

@@ -254,7 +254,10 @@ def treatment_map_html(output: StepOutput, ctx: Context) -> str:
     correction = headline_correction(clusters["correction"])
     if correction is None:
         return ""
-    order = clusters[clusters["correction"] == correction].sort_values("leaf_order")["treatment"].tolist()
+    shown = clusters[clusters["correction"] == correction].sort_values("leaf_order")
+    if "related" in shown and shown["related"].any():  # the map relates active treatments only
+        shown = shown[shown["related"].astype(bool)]
+    order = shown["treatment"].tolist()
     pairs = read_table(storage.join(output.uri, MAP_FILES["similarity"]))
     pairs = pairs[pairs["correction"] == correction]
     matrix = pairs.pivot(index="treatment_a", columns="treatment_b", values="cosine").reindex(index=order,
@@ -262,8 +265,9 @@ def treatment_map_html(output: StepOutput, ctx: Context) -> str:
     figure = similarity_heatmap(matrix.to_numpy(), order, f"Treatment map ({correction} correction)")
     parts = ['<h4 id="treatment-map">Treatment map</h4>',
              figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-treatment-map"),
-                         "Cosine similarity of the treatments' consensus profiles, in hierarchical-clustering order "
-                         "(average linkage)")]
+                         "Cosine similarity of the consensus profiles of the treatments called active, in "
+                         "hierarchical-clustering order (average linkage); a treatment without a detectable "
+                         "phenotype is not related to any other")]
     if MAP_FILES["neighbors"] in output.files:
         neighbors = read_table(storage.join(output.uri, MAP_FILES["neighbors"]))
         neighbors = neighbors[(neighbors["correction"] == correction) & (neighbors["rank"] <= 3)]
