@@ -92,11 +92,12 @@ def _training_fault(name: str) -> Callable[[str], Fault]:
 
 
 def _weight_difference(a_uri: str, b_uri: str) -> float:
-    """The largest absolute difference between the encoder weights of two runs' final checkpoints."""
+    """The largest absolute difference between the weights (encoder and head) of two runs' final checkpoints."""
     from rxray.models.checkpoints import load_checkpoint
 
-    a, b = load_checkpoint(a_uri)["encoder"], load_checkpoint(b_uri)["encoder"]
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    a, b = load_checkpoint(a_uri), load_checkpoint(b_uri)
+    return max(float((a[part][k].float() - b[part][k].float()).abs().max())
+               for part in ("encoder", "head") for k in a[part])
 
 
 def _compare_training(outputs: dict[str, str], log: str) -> str:
