@@ -28,6 +28,7 @@ from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, 
 
 # Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
 _RANK_SEED_STRIDE = 1_000_003
+_GLOBAL_STREAM_OFFSET = 7_919  # keeps the global generator's stream apart from the augmentation generator's
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,12 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
                  generator: torch.Generator, epoch: int) -> dict[str, Any]:
     """One pass over this worker's shard; the epoch's metrics, averaged over all workers."""
     run = step.run
-    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn.
-    generator.manual_seed(run.seed + _RANK_SEED_STRIDE * worker.rank + epoch)
+    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn. The global generator
+    # too (dropout draws from it): seeded once per run, a run resumed after a node loss drew other dropout masks
+    # than an undisturbed one (`rxray bench chaos`: fine-tuned heads differed by 0.0035).
+    seed = run.seed + _RANK_SEED_STRIDE * worker.rank + epoch
+    generator.manual_seed(seed)
+    torch.manual_seed(seed + _GLOBAL_STREAM_OFFSET)
     recorded = step.begin_epoch(model, optimizer, epoch)
     meter = ThroughputMeter(worker.device)
     sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no wait for it every step
