@@ -196,7 +196,7 @@ OUTPUT_OF = {"ingest": "shards", "pretrain": "model", "embed": "embeddings"}  # 
 
 def run_step(cluster: LocalCluster, args: list[str], log: Path, fault: Fault | None) -> dict[str, Any]:
     """One run of ``rxray <args>`` as a driver of ``cluster``: seconds, peak memory, return code, kills."""
-    command = [sys.executable, "-m", "rxray.cli", *args]
+    command = [str(Path(sys.executable).parent / "rxray"), *args]  # the installed command, as a user runs it
     started = time.perf_counter()
     with PeakMemory(interval_s=0.5) as memory, open(log, "w") as out:
         if fault is None:
