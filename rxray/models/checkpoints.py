@@ -73,6 +73,9 @@ class Checkpoint:
     optimizer: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] | None = None  # per-epoch metrics so far
     starts: list[int] | None = None  # the epoch each attempt of the run started from
+    # The global torch generator's state after the epoch (dropout draws from it): a resumed run continues it and
+    # draws what an undisturbed run would have drawn, where reseeding would change every fresh run's stream.
+    rng_state: torch.Tensor | None = None
     early_stopping: dict[str, Any] | None = None  # rxray.train.classifier_step.EarlyStopping's fields
     best: dict[str, Any] | None = None  # the best epoch's weights: {"epoch", "head", "encoder" (None if frozen)}
     epochs_trained: int | None = None  # the selected model file: epochs the run trained in all

@@ -28,7 +28,6 @@ from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, 
 
 # Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
 _RANK_SEED_STRIDE = 1_000_003
-_GLOBAL_STREAM_OFFSET = 7_919  # keeps the global generator's stream apart from the augmentation generator's
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored:
         optimizer.load_state_dict(restored.optimizer)  # after the move to the device: the state follows the params
     step.setup(worker, restored)
+    if restored and restored.rng_state is not None:  # after building the model, whose fresh init drew from it
+        torch.set_rng_state(restored.rng_state)
     generator = torch.Generator(device=worker.device)
     log = EpochLog(run.out, run.step, run.epochs) if worker.is_chief else None
 
@@ -147,12 +148,8 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
                  generator: torch.Generator, epoch: int) -> dict[str, Any]:
     """One pass over this worker's shard; the epoch's metrics, averaged over all workers."""
     run = step.run
-    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn. The global generator
-    # too (dropout draws from it): seeded once per run, a run resumed after a node loss drew other dropout masks
-    # than an undisturbed one (`rxray bench chaos`: fine-tuned heads differed by 0.0035).
-    seed = run.seed + _RANK_SEED_STRIDE * worker.rank + epoch
-    generator.manual_seed(seed)
-    torch.manual_seed(seed + _GLOBAL_STREAM_OFFSET)
+    # Seeded per worker and epoch, so a resumed epoch draws the views it would have drawn.
+    generator.manual_seed(run.seed + _RANK_SEED_STRIDE * worker.rank + epoch)
     recorded = step.begin_epoch(model, optimizer, epoch)
     meter = ThroughputMeter(worker.device)
     sums: dict[str, torch.Tensor | float] = {}  # summed on the device: no wait for it every step
@@ -185,7 +182,7 @@ def _checkpoint(step: TrainingStep, model: nn.Module, optimizer: torch.optim.Opt
     inner = unwrap(model)
     return Checkpoint(encoder=inner.encoder.state_dict(), head=inner.head.state_dict(),
                       optimizer=optimizer.state_dict(), epoch=epoch, metrics=list(history), starts=list(starts),
-                      **step.checkpoint_fields())
+                      rng_state=torch.get_rng_state(), **step.checkpoint_fields())
 
 
 def _reported(metrics: dict[str, Any]) -> dict[str, Any]:
