@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 
+from rxray.bench.cluster import process_tree
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
 from rxray import layout
@@ -64,26 +65,6 @@ class BenchIngestConfig:
 # --------------------------------------------------------------------------- memory
 
 
-def _children(pid: int) -> list[int]:
-    """All live descendants of a process (Linux /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _pss_bytes(pid: int) -> int:
     """Proportional set size of one process (0 if it is gone)."""
     try:
@@ -109,7 +90,7 @@ class PeakMemory:
 
     def sample(self) -> int:
         """Current total PSS in bytes."""
-        pids = [os.getpid(), *_children(os.getpid())]
+        pids = process_tree(os.getpid())  # this process and every live descendant
         return sum(_pss_bytes(p) for p in pids if p not in self.exclude)
 
     def _run(self) -> None:
