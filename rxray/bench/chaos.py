@@ -122,19 +122,20 @@ def _compare_shards(outputs: dict[str, str], log: str) -> str:
 
     clean, disturbed = outputs["undisturbed"], outputs["node loss"]
 
-    def rows(uri: str) -> dict[str, np.ndarray]:
+    def rows(uri: str) -> tuple[dict[str, np.ndarray], int]:
         found: dict[str, np.ndarray] = {}
+        duplicates = 0
         for batch in read_shards(uri, columns=["site_id", "image"]).iter_batches(batch_format="numpy"):
             for site_id, image in zip(batch["site_id"], batch["image"]):
-                if site_id in found:
-                    return {"duplicate": np.zeros(0)}
+                duplicates += site_id in found
                 found[site_id] = image
-        return found
+        return found, duplicates
 
-    got, want = rows(disturbed), rows(clean)
+    (got, duplicates), (want, _) = rows(disturbed), rows(clean)
     same = sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
     rejects = [storage.read_text(storage.join(uri, "_rejects.csv")) for uri in (clean, disturbed)]
-    return (f"{'identical' if same else 'DIFFERENT'} rows ({len(got)} sites, no duplicates)"
+    return (f"{'identical' if same else 'DIFFERENT'} rows ({len(got)} sites, "
+            f"{f'{duplicates} DUPLICATE rows' if duplicates else 'no duplicates'})"
             + ("" if rejects[0] == rejects[1] else "; rejects DIFFER"))
 
 
@@ -198,18 +199,13 @@ def run_step(cluster: LocalCluster, args: list[str], log: Path, fault: Fault | N
     """One run of ``rxray <args>`` as a driver of ``cluster``: seconds, peak memory, return code, kills."""
     command = [str(Path(sys.executable).parent / "rxray"), *args]  # the installed command, as a user runs it
     started = time.perf_counter()
-    with PeakMemory(interval_s=0.5) as memory, open(log, "w") as out:
-        if fault is None:
-            returncode = subprocess.run(command, env=cluster.client_env(), stdout=out, stderr=subprocess.STDOUT,
-                                        timeout=STEP_TIMEOUT_S).returncode
-            kills = []
-        else:
-            with NodeKiller(cluster, log, [fault]) as killer:
-                returncode = subprocess.run(command, env=cluster.client_env(), stdout=out,
-                                            stderr=subprocess.STDOUT, timeout=STEP_TIMEOUT_S).returncode
-            if killer.error is not None:
-                raise RuntimeError(f"the node killer failed: {killer.error!r}")
-            kills = killer.kills
+    with PeakMemory(interval_s=0.5) as memory, open(log, "w") as out, \
+            NodeKiller(cluster, log, [fault] if fault else []) as killer:
+        returncode = subprocess.run(command, env=cluster.client_env(), stdout=out, stderr=subprocess.STDOUT,
+                                    timeout=STEP_TIMEOUT_S).returncode
+    if killer.error is not None:
+        raise RuntimeError(f"the node killer failed: {killer.error!r}")
+    kills = killer.kills
     return {"seconds": round(time.perf_counter() - started, 1), "peak_mib": round(memory.peak / 2**20),
             "returncode": returncode, "kills": kills}
 

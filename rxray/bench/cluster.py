@@ -264,8 +264,8 @@ class LocalCluster:
 
 @dataclass
 class Fault:
-    """One node loss: once ``after`` holds (a regex the log matches, or a test such as "a checkpoint exists"),
-    kill the worker node that runs ``holding``.
+    """One node loss: once ``after()`` holds (if given; e.g. "training has logged epoch 1"), kill the worker node
+    that runs ``holding``.
 
     ``holding`` is a regex on command lines (Ray names a worker process after its task or
     actor, e.g. 'ShardWriter', 'RayTrainWorker', 'score_treatment'), so the kill lands
@@ -274,16 +274,8 @@ class Fault:
 
     label: str
     holding: str
-    after: str | Callable[[], bool] | None = None
+    after: Callable[[], bool] | None = None
     head: bool = False  # kill the head node instead (once a worker node runs ``holding``): the whole job is lost
-
-    def due(self, log_text: Callable[[], str]) -> bool:
-        """True once this fault's precondition holds."""
-        if self.after is None:
-            return True
-        if callable(self.after):
-            return bool(self.after())
-        return re.search(self.after, log_text()) is not None
 
 
 @dataclass
@@ -351,7 +343,7 @@ class NodeKiller:
         """The node to kill for ``fault`` once its moment comes; None when stopped first."""
         due = False
         while not self._stop.is_set():
-            due = due or fault.due(self._log_text)
+            due = due or fault.after is None or bool(fault.after())
             if due:
                 for node in self.cluster.worker_nodes():
                     if node.runs(fault.holding):
