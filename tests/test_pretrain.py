@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from rxray import storage
+from rxray.batch.embed import EMBEDDING_COLUMN, EmbedBatch
 from rxray.config import ConfigError, PretrainConfig, load_config
+from rxray.data.shards import read_shards
 from rxray.outputs import read_manifest
 from rxray.models.checkpoints import checkpoint_epoch, latest_checkpoint, load_checkpoint, load_encoder
 from rxray.train.epoch_log import read_metrics
@@ -127,6 +129,24 @@ def test_other_settings_cannot_claim_a_finished_run(finished_run):
                                           r"\(lr: 0.002 -> 0.0001\); use a new --out"):
         pretrain(changed)
     assert read_manifest(cfg.out)["config"]["lr"] == cfg.lr  # the record still says how the run was trained
+
+
+def test_two_runs_with_one_seed_train_the_same_weights_and_give_the_same_embeddings(finished_run, tiny_shards,
+                                                                                  tmp_path):
+    """The same command and seed on 2 workers twice: bitwise the same checkpoint, so `rxray embed` agrees too."""
+    cfg = finished_run[0]
+    again = _config(tiny_shards, str(tmp_path / "again"), epochs=1)  # the fixture's first run, on local disk
+    pretrain(again)
+    first_uri = f"{cfg.out}/{RUN_NAME}/checkpoint_epoch0001/checkpoint.pt"
+    first, second = load_checkpoint(first_uri), load_checkpoint(again.out)
+    assert first["metrics"][0]["loss"] == second["metrics"][0]["loss"]
+    for part in ("encoder", "head"):
+        for key, value in first[part].items():
+            assert torch.equal(value, second[part][key]), f"{part}.{key} differs between two runs of one seed"
+    batch = read_shards(tiny_shards).take_batch(SITES, batch_format="numpy")
+    embeddings = [EmbedBatch(uri)(batch)[EMBEDDING_COLUMN] for uri in (first_uri, again.out)]
+    assert embeddings[0].shape[0] == SITES and np.isfinite(embeddings[0]).all()
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
 
 
 def test_checkpoint_round_trip_to_encoder(finished_run):

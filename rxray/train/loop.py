@@ -83,7 +83,8 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
                             | ({"GPU": 1} if gpu else {}))
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"step": step}, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
-                           dataset_config=DataConfig(datasets_to_split=streamed))
+                           dataset_config=DataConfig(datasets_to_split=streamed,
+                                                     execution_options=ordered_ingest_options(datasets, streamed)))
     try:
         return trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError: the failure budget is spent
@@ -137,8 +138,8 @@ def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[st
     which worker trains on which images changes from run to run. A cached (materialised,
     in file order) dataset is split here instead, deterministically and into equal shares
     (``Dataset.split``): each worker sees the same images in the same order every run. A
-    dataset too large to cache streams as before. This is necessary for the same seed to give
-    the same weights, not yet sufficient (docs/science-checks.md, "What varies").
+    dataset too large to cache streams as before. With :func:`ordered_ingest_options` (batches
+    kept in that order) the same seed gives bitwise the same weights.
     """
     from ray.data.dataset import MaterializedDataset
 
@@ -151,6 +152,25 @@ def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[st
             fixed[name] = dataset
             streamed.append(name)
     return fixed, streamed
+
+
+def ordered_ingest_options(datasets: dict[str, Any], streamed: list[str]) -> dict[str, Any]:
+    """Ray Train's ingest options for each fixed worker share, with its batches kept in the share's order.
+
+    Ray Data formats and collates prefetched batches in a thread pool whose output order
+    varies from run to run unless ``preserve_order`` is on, and Ray Train resets every
+    dataset's options to the driver's defaults (order off): two runs with one seed then
+    train on the same images in different batches. Streamed datasets keep the defaults;
+    their split is not fixed anyway.
+    """
+    from ray.train import DataConfig
+
+    options = {}
+    for name in datasets:
+        if name not in streamed:
+            options[name] = DataConfig.default_ingest_options()
+            options[name].preserve_order = True
+    return options
 
 
 def cache_datasets(datasets: dict[str, Any], rows: dict[str, int], image_bytes: int, policy: str,
