@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -18,8 +19,10 @@ import ray
 VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own logs and every Ray Data progress bar
 # Driver-side loggers whose INFO lines flood a run (Ray Train's reports, Ray Tune's status) and the
 # token-authentication notice every start prints at WARNING (authentication stays on; only the notice goes).
+# Ray Data's notice that progress bars are off (rxray turns them off for training passes) is one more.
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 _CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING,
-                   "ray._private.authentication": logging.ERROR}
+                   "ray._private.authentication": logging.ERROR, RAY_DATA_PROGRESS_LOGGER: logging.ERROR}
 
 
 def verbose() -> bool:
@@ -42,6 +45,8 @@ def ensure_ray() -> None:
             logging.getLogger(name).setLevel(level)
         # Ray Data re-reads this for every dataset it runs (its per-dataset plans and text progress are INFO).
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        # Ray Train's own default ingest options pass the deprecated field: a warning no user of rxray can act on.
+        warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",
              log_to_driver=True, ignore_reinit_error=True,
              logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING") if quiet else None)

@@ -70,8 +70,12 @@ def submit(cluster: LocalCluster, config: Path, log: Path, faults: list[Fault]) 
 def start_cluster(workdir: Path, nodes: int = WORKER_NODES) -> LocalCluster:
     """A head with no CPUs (the driver's node, as in cluster.yaml) and one-CPU worker nodes."""
     cluster = LocalCluster(workdir, system_config=FAST_FAILURE_DETECTION).start()
-    for _ in range(nodes):
-        cluster.add_node(1)
+    try:
+        for _ in range(nodes):
+            cluster.add_node(1)
+    except BaseException:  # a node that fails to start must not leave the head and the others running
+        cluster.stop()
+        raise
     return cluster
 
 

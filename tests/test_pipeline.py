@@ -254,6 +254,10 @@ def test_a_killed_pipeline_resumes_and_completes(tmp_path, ray_local):
 
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    console = rerun.stdout + rerun.stderr
+    assert "pretrain: epoch 1/1: loss" in console  # the step's own epoch line reaches the console ...
+    assert "Reporting training result" not in console  # ... and Ray Train's TrainingReport dump does not
+    assert "Progress bars disabled" not in console and "is deprecated" not in console
     for done in (first, second):
         assert f"pipeline: skip {done.key}: " in rerun.stderr
         assert f"pipeline: run {done.key} " not in rerun.stderr

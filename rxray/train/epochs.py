@@ -23,6 +23,7 @@ from rxray import storage
 from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
+from rxray.runtime import RAY_DATA_PROGRESS_LOGGER
 from rxray.train.epoch_log import EpochLog, EpochProgress
 from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
 
@@ -106,6 +107,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: restore the run's latest checkpoint if any, then train ``loop_config["step"]``'s epochs."""
     step: TrainingStep = loop_config["step"]
     run = step.run
+    if not loop_config.get("verbose"):
+        quiet_worker_logs()
     worker = TrainWorker(threads=run.threads, cpus=run.cpus_per_worker, stall_timeout_s=run.stall_timeout_s)
     state = worker.restore(fallback_uri=run.resume_from, run_uri=run.run_uri)
     restored = Checkpoint.from_state(state) if state else None
@@ -142,6 +145,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.write(history)
     if log is not None:
         log.close()
+
+
+def quiet_worker_logs() -> None:
+    """Keep two Ray lines that each worker would print off the console (the step prints its own epoch line).
+
+    Ray Train V2's "Reporting training result ..." INFO line, a full TrainingReport dump
+    every epoch, comes from a logger named after its module's file path, outside the
+    ``ray.train`` hierarchy that RunConfig's LoggingConfig filters; and Ray Data warns
+    that progress bars are disabled, which rxray does on purpose for training passes.
+    """
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
 
 
 def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, optimizer: torch.optim.Optimizer,
