@@ -21,7 +21,7 @@ VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own log
 # token-authentication notice every start prints at WARNING (authentication stays on; only the notice goes).
 # Ray Data's notice that progress bars are off (rxray turns them off for training passes) is one more.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
-_CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING,
+_CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING, "ray.data": logging.WARNING,
                    "ray._private.authentication": logging.ERROR, RAY_DATA_PROGRESS_LOGGER: logging.ERROR}
 
 
@@ -37,16 +37,17 @@ def ensure_ray() -> None:
     loggers), so a step prints its own progress and summary, and data passes show Ray
     Data's progress bar on a terminal; :data:`VERBOSE_ENV` restores Ray's INFO logs.
     """
-    if ray.is_initialized():
-        return
     quiet = not verbose()
-    if quiet:
+    if quiet:  # also when Ray is already up (a Ray Data call can start it before a step gets here)
         for name, level in _CHATTY_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
-        # Ray Data re-reads this for every dataset it runs (its per-dataset plans and text progress are INFO).
+        # Ray Data reads this when it is first imported (its per-dataset plans and text progress are INFO); a
+        # step that imported it before joining Ray is quietened by the "ray.data" level above.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         # Ray Train's own default ingest options pass the deprecated field: a warning no user of rxray can act on.
         warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
+    if ray.is_initialized():
+        return
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",
              log_to_driver=True, ignore_reinit_error=True,
              logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING") if quiet else None)

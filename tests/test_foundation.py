@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -104,3 +105,26 @@ def test_s3_storage_round_trip(s3_bucket):
 def test_unknown_scheme_is_a_clear_error():
     with pytest.raises(storage.StorageError, match="unsupported storage scheme"):
         storage.exists("ftp://host/x")
+
+
+QUIET_SCRIPT = """
+import os, sys
+import ray.data  # imported before Ray is joined, as a step module does
+from rxray.runtime import VERBOSE_ENV, ensure_ray
+os.environ[VERBOSE_ENV] = "1"
+ensure_ray()
+ray.data.range(4).map_batches(lambda batch: batch).count()
+sys.stderr.write("=== quiet ===\\n"); sys.stderr.flush()
+os.environ[VERBOSE_ENV] = "0"
+ensure_ray()
+ray.data.range(4).map_batches(lambda batch: batch).count()
+"""
+
+
+def test_ray_data_logs_only_with_verbose_even_when_imported_first(ray_local):
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    verbose, quiet = run.stderr.split("=== quiet ===")
+    assert "Starting execution of Dataset" in verbose
+    assert "Starting execution of Dataset" not in quiet and "INFO" not in quiet, quiet[-2000:]
