@@ -122,7 +122,9 @@ ray.data.range(4).map_batches(lambda batch: batch).count()
 
 
 def test_ray_data_logs_only_with_verbose_even_when_imported_first(ray_local):
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # A fresh process: earlier steps of this session set RAY_DATA_LOG_LEVEL in the environment it would inherit.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOG_LEVEL"}
+    env["RAY_ADDRESS"] = ray_local.get_runtime_context().gcs_address
     run = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     verbose, quiet = run.stderr.split("=== quiet ===")
