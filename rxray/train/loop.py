@@ -82,8 +82,7 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
     scaling = ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": run.cpus_per_worker}
                             | ({"GPU": 1} if gpu else {}))
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"step": step, "verbose": verbose()},
-                           scaling_config=scaling,
-                           run_config=run_config, datasets=datasets,
+                           scaling_config=scaling, run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=streamed,
                                                      execution_options=ordered_ingest_options(datasets, streamed)))
     try:
