@@ -84,3 +84,42 @@ def test_a_long_epoch_prints_progress_with_an_eta():
     unknown = EpochProgress("finetune", epoch=1, epochs=3, total_steps=None, every_s=1.0, clock=lambda: now[0])
     now[0] = 52.0
     assert unknown.update(4, 64) == "finetune: epoch 2/3: 4 steps, 32 images/s"
+
+
+def test_object_reads_from_many_threads_survive_a_store_that_fails_a_tenth_of_its_requests(s3_bucket, s3_proxy):
+    """pyarrow's own retries let some 5xx answers through when threads share a client; storage.with_retries not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rxray import storage
+
+    blobs = {f"object-{i}": bytes([i]) * 2000 for i in range(60)}
+    for name, blob in blobs.items():
+        storage.write_bytes(f"{s3_bucket}/{name}", blob)
+    fs, root = storage.pyarrow_filesystem(s3_bucket)
+
+    def read(name: str) -> bytes:
+        with fs.open_input_stream(f"{root}/{name}") as handle:
+            return handle.read()
+
+    names = list(blobs) * 20  # the old client let reads through only past a few hundred requests
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.0) as faults, ThreadPoolExecutor(8) as pool:
+        read_back = list(pool.map(lambda name: storage.with_retries(lambda: read(name)), names))
+    assert faults["503"] + faults["500"] + faults["reset"] > 20, faults
+    assert read_back == [blobs[name] for name in names]
+    with pytest.raises(FileNotFoundError):  # a missing object is not transient: no retries, no delay
+        storage.with_retries(lambda: read("no-such-object"))
+
+
+@pytest.mark.parametrize("message, transient", [
+    ("When reading information for key 'k' in bucket 'b': AWS Error UNKNOWN (HTTP status 503) during HeadObject "
+     "operation: No response body.", True),
+    ("AWS Error UNKNOWN (HTTP status 500) during HeadObject operation: No response body.", True),
+    ("AWS Error INTERNAL_FAILURE during GetObject operation: ", True),
+    ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: ", True),
+    ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", False),
+    ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", False),
+])
+def test_only_server_errors_throttling_and_dropped_connections_are_retried(message, transient):
+    from rxray import storage
+
+    assert storage.is_transient(OSError(message)) is transient

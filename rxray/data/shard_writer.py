@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rxray import layout
+from rxray import layout, storage
 from rxray.data import shards
 
 # Small row groups let readers stream a shard without holding all of it (64 rows of
@@ -105,12 +105,15 @@ class ShardWriter:
         channels = []
         for path in paths:
             try:
-                with self.source_fs.open_input_stream(path) as handle:
-                    data = handle.read()
+                data = storage.with_retries(lambda: self._read(path))
             except FileNotFoundError:
                 raise SiteRejected(path, "missing file") from None
             channels.append(decode_channel(data, path))
         return stack_site(channels, paths, self.size)
+
+    def _read(self, path: str) -> bytes:
+        with self.source_fs.open_input_stream(path) as handle:
+            return handle.read()
 
     def write_shard(self, index: int, sites: pa.Table) -> list[str]:
         """Build, commit and record one shard; the reject reason per site ('' for written ones)."""
@@ -147,14 +150,16 @@ class ShardWriter:
         """Make a file appear whole or not at all: temp + rename locally, a single upload on object stores."""
         final = f"{self.out_root}/{relative}"
         if not self.rename_commit:
-            with self.out_fs.open_output_stream(final) as handle:
-                handle.write(data)
+            storage.with_retries(lambda: self._write(final, data))
             return
         folder, base = final.rsplit("/", 1)
         temp = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"
-        with self.out_fs.open_output_stream(temp) as handle:
-            handle.write(data)
+        self._write(temp, data)
         self.out_fs.move(temp, final)
+
+    def _write(self, path: str, data: bytes | pa.Buffer) -> None:
+        with self.out_fs.open_output_stream(path) as handle:
+            handle.write(data)
 
 
 def parquet_bytes(table: pa.Table) -> pa.Buffer:
