@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from rxray import storage
+from rxray.evaluate.treatment_map import MAP_FILES
 from rxray.cli import main
 from rxray.config import ConfigError, ReportConfig, load_config
 from rxray import layout
@@ -340,6 +341,16 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
     storage.write_text(storage.join(weak, "ssl-probe", "_manifest.json"), json.dumps(probe_manifest))
     warnings = collect_findings(find_step_outputs(weak))["warnings"]
     assert any("does not beat every random-init encoder" in w for w in warnings)
+
+    summary_uri = storage.join(weak, "rf", MAP_FILES["summary"])  # a score step's map summary, as it writes it
+    summary = {"corrections": {"center": {"n_related": 9, "n_pairs": 36, "n_selected_pairs": 2, "recall_top": 0.1,
+                                          "null_mean": 0.05}}}
+    for p_floor, expected in ((0.001, "does not recover known MoA relationships (p = 0.3)"),
+                              (0.06, "relates too few treatments to test known MoA relationships")):
+        summary["corrections"]["center"].update(p_value=0.3, p_floor=p_floor)
+        storage.write_text(summary_uri, json.dumps(summary))
+        warnings = collect_findings(find_step_outputs(weak))["warnings"]
+        assert sum("treatment map" in w for w in warnings) == 1 and any(expected in w for w in warnings), warnings
 
 
 def test_partial_run_says_not_run_via_cli(tmp_path, capsys):

@@ -121,7 +121,19 @@ def test_a_planted_shared_moa_pair_is_recovered():
     assert abs(result["null_mean"] - 0.05) < 0.01 and result["null_sd"] > 0
     assert result["recall_top"] > result["null_mean"] + 5 * result["null_sd"]
     assert result["p_value"] < 0.01 and result["recall_bottom"] <= 0.1
+    assert result["p_floor"] <= result["p_value"]
     assert names[int(np.argsort(-similarity[0])[1])] in {"moa0-1", "moa0-2"}
+
+
+def test_a_map_too_small_to_reach_significance_says_so():
+    # 9 related treatments as in a small screen: 36 pairs, the top 5% is 2 of them. Even when both are same-MoA
+    # pairs the label shuffle gives p ~ 9/36 * 8/35 = 0.057, so p_floor is above 0.05 whatever the ranking.
+    names, labels, X = planted_map(seed=1, groups=3, members=3, null_groups=0)
+    result = known_relationship_recall(cosine_similarity(X), labels, permutations=2000, seed=0)
+    assert (result["n_pairs"], result["n_selected_pairs"], result["n_same_moa_pairs"]) == (36, 2, 9)
+    assert result["recall_top"] == pytest.approx(2 / 9)  # the two most similar pairs are same-MoA pairs
+    assert result["p_value"] == result["p_floor"] == pytest.approx(9 / 36 * 8 / 35, abs=0.015)
+    assert result["p_floor"] > 0.05
 
 
 def test_nulls_have_no_relationship_among_themselves():

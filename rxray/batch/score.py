@@ -72,7 +72,7 @@ PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tas
 SCORE_TABLE = "scores"
 # The benchmark numbers of each correction that go into the manifest summary (the JSON file has them all).
 MAP_SUMMARY_KEYS = ["n_treatments", "n_related", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top",
-                    "recall_bottom", "null_mean", "null_sd", "p_value", "mean_moa_map", "n_moas_consistent"]
+                    "recall_bottom", "null_mean", "null_sd", "p_value", "p_floor", "mean_moa_map", "n_moas_consistent"]
 COLUMNS = ["treatment", "correction", "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
            "n_treated", "n_control", "n_plates", "n_replicates", "map", "p_value", "q_value", "active", "status"]
 

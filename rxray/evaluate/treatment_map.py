@@ -151,6 +151,10 @@ def known_relationship_recall(similarity: np.ndarray, labels: Sequence[Any], fra
     ``labels`` holds one MoA per row of ``similarity`` (None: left out). Returns
     recall_top, recall_bottom, null_mean, null_sd (of the top recall under shuffled
     labels), p_value (one-sided, top recall), p_value_bottom, and the pair counts.
+    p_floor is the p-value the same ranking would get if every selected pair were a
+    same-MoA pair: the smallest this map's size allows. A small map has a tail of a few
+    pairs (9 related treatments: 36 pairs, the top 5% is 2), where no ranking can reach
+    p < 0.05; p_floor says so rather than leaving a large p to read as "no relationship".
     """
     labels = np.asarray(labels, dtype=object)
     rows = np.flatnonzero(np.array([label is not None for label in labels], dtype=bool))
@@ -167,7 +171,8 @@ def known_relationship_recall(similarity: np.ndarray, labels: Sequence[Any], fra
     nan = float("nan")
     if n_same == 0 or n_select == 0:
         return {**result, "recall_top": nan, "recall_bottom": nan, "null_mean": nan, "null_sd": nan,
-                "p_value": nan, "p_value_bottom": nan, "top_same_moa_pairs": 0, "bottom_same_moa_pairs": 0}
+                "p_value": nan, "p_value_bottom": nan, "p_floor": nan, "top_same_moa_pairs": 0,
+                "bottom_same_moa_pairs": 0}
     i, j = _pair_ranking(np.asarray(similarity, dtype=np.float64)[np.ix_(rows, rows)])
     top, bottom = slice(0, n_select), slice(n_pairs - n_select, n_pairs)
     observed_top = int((codes[i[top]] == codes[j[top]]).sum())
@@ -180,6 +185,7 @@ def known_relationship_recall(similarity: np.ndarray, labels: Sequence[Any], fra
             "null_mean": float(null_top.mean() / n_same), "null_sd": float(null_top.std() / n_same),
             "p_value": float((1 + (null_top >= observed_top).sum()) / (1 + permutations)),
             "p_value_bottom": float((1 + (null_bottom >= observed_bottom).sum()) / (1 + permutations)),
+            "p_floor": float((1 + (null_top >= min(n_select, n_same)).sum()) / (1 + permutations)),
             "top_same_moa_pairs": observed_top, "bottom_same_moa_pairs": observed_bottom}
 
 

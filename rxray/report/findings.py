@@ -31,6 +31,7 @@ from rxray.report.step_outputs import StepOutput, find_step_outputs
 HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
 CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no better than chance
+MAP_ALPHA = 0.05  # the treatment map recovers known relationships when its same-MoA recall has p at or below this
 SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
 
 
@@ -157,9 +158,14 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
             warnings.append(f"classifier {classifier['name']} is near chance on its test plates "
                             f"(ROC-AUC {classifier['roc_auc']})")
     benchmark = (treatment_map or {}).get("benchmark") or {}
-    p_value = benchmark.get("p_value")
-    if p_value is not None and p_value > 0.05:
-        warnings.append(f"the treatment map does not recover known MoA relationships (p = {p_value})")
+    p_value, p_floor = benchmark.get("p_value"), benchmark.get("p_floor")
+    if p_value is not None and p_value > MAP_ALPHA:
+        if p_floor is not None and p_floor > MAP_ALPHA:
+            warnings.append(f"the treatment map relates too few treatments to test known MoA relationships: its top 5% "
+                            f"holds {benchmark.get('n_selected_pairs')} of {benchmark.get('n_pairs')} pairs, where "
+                            f"even all same-MoA would give p = {p_floor} (relate more treatments: a larger screen)")
+        else:
+            warnings.append(f"the treatment map does not recover known MoA relationships (p = {p_value})")
     return {"activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
             "classifiers": classifiers, "warnings": warnings}
 

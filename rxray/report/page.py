@@ -68,7 +68,9 @@ def findings_html(findings: dict[str, Any]) -> str:
                          f"most similar pairs{related} {format_value(benchmark['recall_top'])} against a permutation "
                          f"null of "
                          f"{format_value(benchmark.get('null_mean'))} "
-                         f"(p = {format_value(benchmark.get('p_value'))}).</p>")
+                         f"(p = {format_value(benchmark.get('p_value'))}; with {benchmark.get('n_selected_pairs')} of "
+                         f"{benchmark.get('n_pairs')} pairs in that 5%, the smallest p possible is "
+                         f"{format_value(benchmark.get('p_floor'))}).</p>")
         if treatment_map.get("clusters"):
             items = "".join(f"<li>{escape(cluster_text(members))}</li>" for members in treatment_map["clusters"][:10])
             parts.append(f"<p>Clusters of similar treatments:</p><ul>{items}</ul>")
