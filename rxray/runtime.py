@@ -25,6 +25,11 @@ _CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING, "r
                    "ray._private.authentication": logging.ERROR, RAY_DATA_PROGRESS_LOGGER: logging.ERROR}
 
 
+def quiet_data_progress_notice() -> None:
+    """Keep Ray Data's "progress bars disabled" notice off the console of a worker that turned them off on purpose."""
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+
+
 def verbose() -> bool:
     """True when the user asked for Ray's full logs (RXRAY_VERBOSE set and not 0/false)."""
     return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
