@@ -315,12 +315,11 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
           f"{len(set(plate_groups(sample['experiment'], sample['plate'])))} plates; encoders: {', '.join(names)}",
           flush=True)
     with timer.time("embed"):
-        quiet = not verbose()
-        if quiet:  # read inside one task: its bar would print as text lines, not as a live bar
+        if not verbose():  # read inside one task: its bar would print as text lines, not as a live bar
             sites.context.enable_progress_bars = False
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.gpu else 0)(_embed_probe_sites)
         features, columns = ray.get(task.remote(checkpoint["uri"], sites, cfg.baseline_seeds, cfg.batch_size,
-                                                cfg.gpu, quiet))
+                                                cfg.gpu, not sites.context.enable_progress_bars))
     if len(columns.get("site_id", ())) != len(sample):
         raise RuntimeError(f"{len(sample)} probe sites chosen but {len(columns.get('site_id', ()))} read back")
 
@@ -345,13 +344,13 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
 
 
 def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_seeds: int, batch_size: int,
-                       gpu: bool, quiet: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                       gpu: bool, bars_off: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The Ray task of `rxray probe`: :func:`embed_probe_batches` of the probe sites, read inside the task."""
     from rxray.models.device import torch_device
     from rxray.models.checkpoints import load_checkpoint
     from rxray.runtime import quiet_data_progress_notice
 
-    if quiet:
+    if bars_off:
         quiet_data_progress_notice()
 
     device = torch_device(gpu, where="the probe task")
