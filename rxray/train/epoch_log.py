@@ -15,7 +15,8 @@ from rxray.train.worker import worker_print
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Per-epoch fields left out of the console line (they stay in metrics.jsonl and TensorBoard).
-CONSOLE_SKIP = frozenset({"epoch", "steps", "seconds", "data_wait_s", "val_f1_macro", "val_accuracy"})
+CONSOLE_SKIP = frozenset({"epoch", "steps", "seconds", "data_wait_s", "val_f1_macro", "val_accuracy", "val_pr_auc",
+                          "val_n", "stopped_early"})
 PROGRESS_EVERY_S = 30.0  # a line within an epoch this often: an RxRx2 epoch on a small cluster takes many minutes
 
 
