@@ -43,7 +43,7 @@ from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
 from rxray.layout import MOA_FILE
 from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, Rerun, read_manifest, rerun_decision
-from rxray.runtime import Timer, package_versions
+from rxray.runtime import Timer, package_versions, wait_for_a_free_cpu
 from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
 
 STEP_ORDER = PIPELINE_STEPS
@@ -368,6 +368,7 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
         statuses[step.key] = "complete"
         record.update(step.key, status="complete", seconds=timer.seconds[step.key], counts=_step_counts(step.out))
         _say(f"done {step.key} in {timer.seconds[step.key]:.1f} s")
+        wait_for_a_free_cpu()  # the next step reads once this one's workers have given their CPUs back
 
     report = find_report(plan.layout.out("report")) if "report" in plan.selected else None
     seconds = time.perf_counter() - started

@@ -21,6 +21,7 @@ VERBOSE_ENV = "RXRAY_VERBOSE"  # set (or `rxray --verbose`) to see Ray's own log
 # token-authentication notice every start prints at WARNING (authentication stays on; only the notice goes).
 # Ray Data's notice that progress bars are off (rxray turns them off for training passes) is one more.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+FREE_CPU_WAIT_S = 10.0  # how long the next step waits for the CPUs the step before is giving back
 _CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING, "ray.data": logging.WARNING,
                    "ray._private.authentication": logging.ERROR, RAY_DATA_PROGRESS_LOGGER: logging.ERROR}
 
@@ -28,6 +29,23 @@ _CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING, "r
 def quiet_data_progress_notice() -> None:
     """Keep Ray Data's "progress bars disabled" notice off the console of a worker that turned them off on purpose."""
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+
+
+def wait_for_a_free_cpu(timeout_s: float = FREE_CPU_WAIT_S) -> bool:
+    """Wait, at most ``timeout_s``, until Ray reports a free CPU (at once without Ray or CPUs); whether one is free.
+
+    A step's tasks and actors give their CPUs back a moment after they end (measured: ~0.1 s
+    after two tasks), and the next step's first dataset read in that moment makes Ray Data
+    warn that "the Dataset job will hang". A read that truly finds no CPU still warns.
+    """
+    if not ray.is_initialized() or not ray.cluster_resources().get("CPU"):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU"):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def verbose() -> bool:

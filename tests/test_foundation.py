@@ -130,3 +130,25 @@ def test_ray_data_logs_only_with_verbose_even_when_imported_first(ray_local):
     verbose, quiet = run.stderr.split("=== quiet ===")
     assert "Starting execution of Dataset" in verbose
     assert "Starting execution of Dataset" not in quiet and "INFO" not in quiet, quiet[-2000:]
+
+
+def test_the_next_step_waits_for_the_cpus_of_the_step_before(ray_local):
+    """A read started while the previous step still holds every CPU would make Ray Data warn of a hang."""
+    import threading
+    import time
+
+    from rxray.runtime import wait_for_a_free_cpu
+
+    @ray_local.remote
+    class Busy:
+        def ready(self) -> bool:
+            return True
+
+    assert wait_for_a_free_cpu(timeout_s=30)
+    busy = Busy.options(num_cpus=ray_local.available_resources()["CPU"]).remote()  # every CPU free now
+    ray_local.get(busy.ready.remote(), timeout=60)
+    assert not wait_for_a_free_cpu(timeout_s=0.5)  # every CPU held: it gives up after the timeout
+    threading.Timer(0.5, ray_local.kill, [busy]).start()
+    started = time.monotonic()
+    assert wait_for_a_free_cpu(timeout_s=30)
+    assert 0.4 < time.monotonic() - started < 20 and ray_local.available_resources().get("CPU")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rxray import storage
 from rxray.errors import ConfigError, StepFailed
 from rxray.outputs import CONFLICT, STALE, Rerun, rerun_decision
-from rxray.runtime import verbose
+from rxray.runtime import verbose, wait_for_a_free_cpu
 from rxray.train.worker import worker_share_name
 
 if TYPE_CHECKING:
@@ -196,6 +196,7 @@ def cache_datasets(datasets: dict[str, Any], rows: dict[str, int], image_bytes: 
         return datasets
     print(f"{step}: caching {needed / 2**30:.2f} GiB of images in Ray's object store "
           f"({store / 2**30:.2f} GiB) for all epochs", flush=True)
+    wait_for_a_free_cpu()  # the step's own planning tasks may still be giving theirs back
     for dataset in datasets.values():
         # Blocks in file order, whichever read task finishes first: the fixed worker shares depend on it.
         dataset.context.execution_options.preserve_order = True
