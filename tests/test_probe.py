@@ -126,6 +126,11 @@ def test_embed_batches_runs_the_encoder_in_eval_mode_and_keeps_row_order():
     with torch.no_grad():
         expected = encoder((torch.from_numpy(images).float() - 100.0) / 50.0).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+    # Blocks read in another order (Ray Data hands them over as they finish) give the same rows: by site_id.
+    shuffled, again = embed_batches(encoder, batches[::-1], mean=[100.0] * 6, std=[50.0] * 6,
+                                    device=torch.device("cpu"))
+    assert again["site_id"].tolist() == ["a", "b", "c", "d", "e"]
+    np.testing.assert_allclose(shuffled, features, rtol=1e-6, atol=1e-6)
 
 
 def test_plate_controls_top_up_every_plate_and_leave_out_plates_without_enough():

@@ -129,10 +129,8 @@ def _fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, c
     if len(present) == 1:  # a fold whose training plates hold one class can only predict that class
         proba[:, classes.index(present[0])] = 1.0
         return proba
-    if method == "logistic":
-        model = LogisticRegression(max_iter=2000, class_weight="balanced")
-    else:
-        model = KNeighborsClassifier(n_neighbors=min(neighbors, len(y_train)))
+    model = (LogisticRegression(max_iter=2000, class_weight="balanced") if method == "logistic"
+             else KNeighborsClassifier(n_neighbors=min(neighbors, len(y_train))))
     fitted = make_pipeline(StandardScaler(), model).fit(X_train, y_train)
     columns = [classes.index(c) for c in fitted.classes_]
     proba[:, columns] = fitted.predict_proba(X_test)
@@ -142,8 +140,7 @@ def _fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, c
 def select_probe_sites(meta: "pd.DataFrame", *, task: str, treatments: Sequence[str] | None = None,
                        max_sites: int = 1024, seed: int = 0, control: str = CONTROL,
                        plate_controls: int = 0) -> "pd.DataFrame":
-    """A seeded, class-stratified sample of about ``max_sites`` rows of ``meta`` (site_id, experiment, plate,
-    treatment) for a probe.
+    """A seeded, class-stratified sample of about ``max_sites`` probe sites (rows of ``meta``, PROBE_COLUMNS).
 
     ``treatments`` restricts the sites to those treatments (controls are always
     kept). Each probe class gets an equal share of the sites, drawn at random from
@@ -201,7 +198,7 @@ def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.nda
                   mean: Sequence[float], std: Sequence[float],
                   device: "torch.device") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Features (n, d) float32 of every image in numpy ``batches`` (``image`` (B, 6, H, W) uint8 + metadata),
-    and the batches' other columns concatenated in the same row order.
+    and the batches' other columns in the same row order (by site_id when they carry it).
 
     The encoder runs in eval mode without gradients (batch norm uses its running
     statistics), on inputs normalised like training inputs (six stains, no plate
@@ -217,7 +214,8 @@ def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.nda
 def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterable[dict[str, np.ndarray]], *,
                         recipe: "InputRecipe",
                         device: "torch.device") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """:func:`embed_batches` for several encoders in one pass over ``batches``: features per encoder name.
+    """:func:`embed_batches` for several encoders in one pass over ``batches``: features per encoder name, rows by
+    site_id whatever order the blocks came in (the probes' solvers then see one order and give one score).
 
     Inputs follow ``recipe`` (:mod:`rxray.models.inputs`): the stains the encoders read, and
     plate gains when the recipe has them (then batches carry ``experiment`` and ``plate``).
@@ -242,8 +240,10 @@ def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterabl
     if not any(features.values()):  # a worker whose share of the probe sites is empty
         return {name: np.zeros((0, getattr(encoder, "feature_dim", 0)), np.float32)
                 for name, encoder in encoders.items()}, {}
-    return ({name: np.concatenate(parts) for name, parts in features.items()},
-            {name: np.concatenate(parts) for name, parts in columns.items()})
+    rows = {name: np.concatenate(parts) for name, parts in columns.items()}
+    order = np.argsort(rows["site_id"], kind="stable") if "site_id" in rows else slice(None)
+    return ({name: np.concatenate(parts)[order] for name, parts in features.items()},
+            {name: values[order] for name, values in rows.items()})
 
 
 def probe_dataset(data: str, *, task: str, treatments: Sequence[str] | None, max_sites: int, seed: int,
