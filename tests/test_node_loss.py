@@ -36,7 +36,7 @@ from rxray import storage
 from rxray.batch.embed import EMBEDDING_COLUMN, embed
 from rxray.batch.score import score
 from rxray.bench.chaos import epoch_logged
-from rxray.bench.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller
+from rxray.bench.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller, process_tree
 from rxray.config import EmbedConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.synth import synthesize
 from rxray.outputs import read_manifest
@@ -77,6 +77,34 @@ def start_cluster(workdir: Path, nodes: int = WORKER_NODES) -> LocalCluster:
         cluster.stop()
         raise
     return cluster
+
+
+class DashboardThatNeverAnswers(LocalCluster):
+    """A cluster whose head starts but whose dashboard check fails (as when its port is taken), noting the pids."""
+
+    head_pids: list[int] = []
+
+    def _wait_for_dashboard(self, timeout_s: float = 0.0) -> None:
+        self.head_pids = process_tree(self.head.process.pid)
+        raise RuntimeError("the dashboard never answered")
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` is a live (not zombie) process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_cluster_whose_start_fails_leaves_no_process_running(tmp_path):
+    """`with LocalCluster(...)` never reaches __exit__ when start fails: start itself must stop the head."""
+    cluster = DashboardThatNeverAnswers(tmp_path / "cluster", dashboard=True)
+    with pytest.raises(RuntimeError, match="dashboard never answered"):
+        with cluster:
+            pass
+    assert len(cluster.head_pids) > 1, "the head's raylet and GCS should have been running"
+    assert cluster.head.killed and not [pid for pid in cluster.head_pids if running(pid)]
 
 
 def undisturbed_shard_images(source: str, size: int) -> dict[str, np.ndarray]:

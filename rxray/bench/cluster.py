@@ -165,7 +165,11 @@ class LocalCluster:
             head += ["--include-dashboard", "false"]
         self._start_node("head", self.head_cpus, {}, head)
         if self.dashboard:
-            self._wait_for_dashboard()
+            try:
+                self._wait_for_dashboard()
+            except BaseException:
+                self.stop()  # a `with` block whose start fails never reaches __exit__
+                raise
         return self
 
     def _wait_for_dashboard(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -211,7 +215,13 @@ class LocalCluster:
                                        start_new_session=True)
         node = Node(name, process, log, cpus, resources)
         self.nodes.append(node)
-        self._wait_started(node)
+        try:
+            self._wait_started(node)
+        except BaseException:  # a node that never joined is stopped here: no caller holds it to stop later
+            kill_tree(process.pid)
+            process.wait(timeout=30)
+            node.killed = True
+            raise
         return node
 
     def alive_nodes(self) -> list[Node]:
