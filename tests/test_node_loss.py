@@ -22,6 +22,7 @@ import io
 import json
 import secrets
 import subprocess
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,7 +105,11 @@ def test_a_cluster_whose_start_fails_leaves_no_process_running(tmp_path):
         with cluster:
             pass
     assert len(cluster.head_pids) > 1, "the head's raylet and GCS should have been running"
-    assert cluster.head.killed and not [pid for pid in cluster.head_pids if running(pid)]
+    assert cluster.head.killed
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: a process may take a moment to go
+    while [pid for pid in cluster.head_pids if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in cluster.head_pids if running(pid)]
 
 
 def undisturbed_shard_images(source: str, size: int) -> dict[str, np.ndarray]:
