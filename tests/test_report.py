@@ -352,6 +352,21 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
         warnings = collect_findings(find_step_outputs(weak))["warnings"]
         assert sum("treatment map" in w for w in warnings) == 1 and any(expected in w for w in warnings), warnings
 
+    summary["corrections"]["center"]["top_pairs"] = [  # the most similar pairs, as score writes them
+        {"treatment_a": "IFN-beta", "treatment_b": "isoproterenol", "cosine": 0.96, "moa_a": "interferon",
+         "moa_b": "GPCR", "same_moa": False},
+        {"treatment_a": "thapsigargin", "treatment_b": "tunicamycin", "cosine": 0.88, "moa_a": "ER stress",
+         "moa_b": "ER stress", "same_moa": True},
+        {"treatment_a": "IFN-gamma", "treatment_b": "cmpd-0009", "cosine": 0.7, "moa_a": "interferon",
+         "moa_b": None, "same_moa": None}]
+    storage.write_text(summary_uri, json.dumps(summary))
+    found = collect_findings(find_step_outputs(weak))
+    assert ("most similar treatments: IFN-beta ~ isoproterenol 0.96 (two MoAs), thapsigargin ~ tunicamycin 0.88 "
+            "(same MoA), IFN-gamma ~ cmpd-0009 0.70") in findings_lines(found)
+    _, page = read_page(report(load_config(ReportConfig, values={"run": weak, "out": str(tmp_path / "r2")}))["report"])
+    findings = section(page, "findings")
+    assert "Most similar pairs" in findings and "isoproterenol" in findings and "GPCR" in findings
+
 
 def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
     run = build_run(str(tmp_path / "run"), steps=("ingest", "score"))

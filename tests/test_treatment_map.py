@@ -248,6 +248,12 @@ def test_treatment_map_from_well_profiles():
     bench = result["benchmark"]
     assert bench["n_treatments"] == 10 and bench["n_annotated"] == 10 and sorted(bench["treatments"]) == sorted(names)
     assert bench["recall_top"] == pytest.approx(3 / 5)  # the 3 planted pairs are the top 3 = ceil(5% of 45)
+    pairs = bench["top_pairs"]  # what the recall summarises, pair by pair, with both MoAs
+    assert len(pairs) == 10 and [p["cosine"] for p in pairs] == sorted((p["cosine"] for p in pairs), reverse=True)
+    assert all(p["same_moa"] and p["moa_a"] == p["moa_b"] for p in pairs[:3])
+    assert all(p["same_moa"] == (p["moa_a"] == p["moa_b"]) for p in pairs)
+    similarity = pd.DataFrame(result["similarity"], index=result["names"], columns=result["names"])
+    assert pairs[0]["cosine"] == pytest.approx(similarity.loc[pairs[0]["treatment_a"], pairs[0]["treatment_b"]])
     no_moa = treatment_map(well_meta, np.asarray(profiles), ["EMPTY"], None)
     assert "recall_top" not in no_moa["benchmark"] and no_moa["moa"].empty
 
@@ -293,6 +299,8 @@ def test_score_writes_the_treatment_map(tmp_path, ray_local):
     center = detail["corrections"]["center"]
     assert center["n_treatments"] == 3 and center["n_related"] == len(active)
     assert center["n_same_moa_pairs"] == (1 if {"PLANTED", "NOISE"} <= active else 0)
+    assert len(center["top_pairs"]) == len(active) * (len(active) - 1) // 2  # fewer than 10 pairs: all of them
+    assert all({p["treatment_a"], p["treatment_b"]} <= active for p in center["top_pairs"])
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert set(manifest["summary"]["treatment_map"]) == {"none", "center"}
     assert summary["treatment_map"]["center"]["n_treatments"] == 3

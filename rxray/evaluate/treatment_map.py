@@ -40,6 +40,7 @@ from rxray.evaluate.profiles import benjamini_hochberg
 
 CONTROL_MOA = "control"  # the MoA class of controls in moa.csv: never part of the benchmark
 TOP_FRACTION = 0.05  # EFAAR's top and bottom 5% of pairs
+TOP_PAIRS = 10  # the most similar pairs listed with their MoAs
 # Average linkage cut: a cluster's members have mean cosine similarity of at least 1 - this.
 CLUSTER_DISTANCE = 0.5
 # What `rxray score` writes beside its score table (the report and the findings read them by these names).
@@ -189,6 +190,24 @@ def known_relationship_recall(similarity: np.ndarray, labels: Sequence[Any], fra
             "top_same_moa_pairs": observed_top, "bottom_same_moa_pairs": observed_bottom}
 
 
+def most_similar_pairs(names: Sequence[str], similarity: np.ndarray, labels: Sequence[Any],
+                       k: int = TOP_PAIRS) -> list[dict[str, Any]]:
+    """The ``k`` most similar pairs, each with both MoAs and whether they share one (None: one is unannotated).
+
+    A similar pair from two mechanisms is what a map is for ("unexpected similarities");
+    the benchmark counts it as a miss, so the list shows what the recall summarises.
+    """
+    i, j = _pair_ranking(np.asarray(similarity, dtype=np.float64))
+    labels = np.asarray(labels, dtype=object)
+    pairs = []
+    for a, b in zip(i[:k].tolist(), j[:k].tolist()):
+        known = labels[a] is not None and labels[b] is not None
+        pairs.append({"treatment_a": str(names[a]), "treatment_b": str(names[b]),
+                      "cosine": float(similarity[a, b]), "moa_a": labels[a], "moa_b": labels[b],
+                      "same_moa": bool(labels[a] == labels[b]) if known else None})
+    return pairs
+
+
 def average_precisions(positive: np.ndarray) -> np.ndarray:
     """Average precision of each row of a ranked boolean relevance matrix (NaN for a row without positives)."""
     positive = np.asarray(positive, dtype=bool)
@@ -285,6 +304,7 @@ def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Seque
         benchmark.update(known_relationship_recall(kept_similarity, labels, fraction, permutations, seed))
         per_moa = moa_consistency(kept_similarity, labels, permutations, seed)
         benchmark["treatments"] = [n for n, label in zip(kept_names, labels) if label is not None]
+        benchmark["top_pairs"] = most_similar_pairs(kept_names, kept_similarity, labels)
         benchmark["mean_moa_map"] = float(per_moa["map"].mean()) if len(per_moa) else float("nan")
         benchmark["n_moas_consistent"] = int((per_moa["q_value"] <= 0.05).sum()) if len(per_moa) else 0
     return dict(names=names, similarity=similarity, clusters=clusters.reset_index(drop=True),

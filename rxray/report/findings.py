@@ -187,6 +187,11 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         related = (f" among the {benchmark['n_related']} active treatments" if "n_related" in benchmark else "")
         lines.append(f"treatment map: same-MoA recall in the top 5% of pairs{related} {benchmark['recall_top']:.2f} "
                      f"(null {benchmark.get('null_mean', float('nan')):.2f}, p = {benchmark.get('p_value')})")
+    pairs = [f"{p['treatment_a']} ~ {p['treatment_b']} {p['cosine']:.2f}"
+             + ("" if p["same_moa"] is None else " (same MoA)" if p["same_moa"] else " (two MoAs)")
+             for p in (benchmark.get("top_pairs") or [])[:3]]
+    if pairs:
+        lines.append("most similar treatments: " + ", ".join(pairs))
     probe = findings.get("probe")
     if probe:
         best = max(probe["rows"], key=lambda r: r["margin"] if r["margin"] is not None else -1)

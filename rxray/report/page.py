@@ -36,6 +36,7 @@ from rxray.outputs import MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer
 
 REPORT_FILE = "report.html"
+TOP_PAIRS_SHOWN = 5  # the map's most similar pairs in the Findings
 
 
 def cluster_text(members: list[str], shown: int = 8) -> str:
@@ -71,6 +72,14 @@ def findings_html(findings: dict[str, Any]) -> str:
                          f"(p = {format_value(benchmark.get('p_value'))}; with {benchmark.get('n_selected_pairs')} of "
                          f"{benchmark.get('n_pairs')} pairs in that 5%, the smallest p possible is "
                          f"{format_value(benchmark.get('p_floor'))}).</p>")
+        pairs = benchmark.get("top_pairs")
+        if pairs:
+            shown = pd.DataFrame(pairs[:TOP_PAIRS_SHOWN]).fillna({"moa_a": "-", "moa_b": "-"})
+            shown["same_moa"] = shown["same_moa"].map({True: "yes", False: "no"}).fillna("-")
+            parts.append("<p>Most similar pairs (a pair from two mechanisms is an unexpected similarity, and a miss "
+                         "for the recall above):</p>")
+            parts.append(html_table(shown.rename(columns={"moa_a": "MoA a", "moa_b": "MoA b",
+                                                          "same_moa": "same MoA"})))
         if treatment_map.get("clusters"):
             items = "".join(f"<li>{escape(cluster_text(members))}</li>" for members in treatment_map["clusters"][:10])
             parts.append(f"<p>Clusters of similar treatments:</p><ul>{items}</ul>")
