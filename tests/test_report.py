@@ -352,6 +352,16 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
         warnings = collect_findings(find_step_outputs(weak))["warnings"]
         assert sum("treatment map" in w for w in warnings) == 1 and any(expected in w for w in warnings), warnings
 
+    missed = build_run(str(tmp_path / "missed"), steps=("finetune",))  # a good ranking, a cut above its positives
+    finetune_uri = storage.join(missed, "clf", "ifn-beta", "_manifest.json")
+    finetune_manifest = json.loads(storage.read_text(finetune_uri))
+    finetune_manifest.update(task="binary", test={"f1": 0.0, "roc_auc": 1.0, "threshold": 0.953, "n": 20})
+    storage.write_text(finetune_uri, json.dumps(finetune_manifest))
+    warnings = collect_findings(find_step_outputs(missed))["warnings"]
+    assert any("clf/ifn-beta ranks its test sites well (ROC-AUC 1.0) but its decision threshold (probability "
+               "0.953) calls few of its positives (F1 0.0)" in w for w in warnings), warnings
+    assert not any("clf/multi" in w for w in warnings)
+
     summary["corrections"]["center"]["top_pairs"] = [  # the most similar pairs, as score writes them
         {"treatment_a": "IFN-beta", "treatment_b": "isoproterenol", "cosine": 0.96, "moa_a": "interferon",
          "moa_b": "GPCR", "same_moa": False},

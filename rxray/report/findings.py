@@ -31,6 +31,8 @@ from rxray.report.step_outputs import StepOutput, find_step_outputs
 HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
 CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no better than chance
+# A binary classifier that ranks its test sites this well but scores F1 below LOW_F1 has a cut that misses them.
+GOOD_ROC_AUC, LOW_F1 = 0.9, 0.5
 MAP_ALPHA = 0.05  # the treatment map recovers known relationships when its same-MoA recall has p at or below this
 SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
 
@@ -121,7 +123,7 @@ def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
         test = output.manifest.get("test") or {}
         found.append({"name": output.label, "task": output.manifest.get("task"), "positive": config.get("positive"),
                       "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
-                      "n": test.get("n")})
+                      "n": test.get("n"), "threshold": _round(test.get("threshold"))})
     return found
 
 
@@ -157,6 +159,12 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
         if classifier["roc_auc"] is not None and classifier["roc_auc"] <= CHANCE_ROC_AUC:
             warnings.append(f"classifier {classifier['name']} is near chance on its test plates "
                             f"(ROC-AUC {classifier['roc_auc']})")
+        elif (classifier["task"] == "binary" and classifier["roc_auc"] is not None and classifier["f1"] is not None
+              and classifier["roc_auc"] >= GOOD_ROC_AUC and classifier["f1"] < LOW_F1):
+            warnings.append(f"classifier {classifier['name']} ranks its test sites well (ROC-AUC {classifier['roc_auc']}) "
+                            f"but its decision threshold (probability {classifier['threshold']}) calls few of its "
+                            f"positives (F1 {classifier['f1']}): weak doses on the test plate, or a cut to learn on "
+                            f"the validation plate (--threshold val-f1)")
     benchmark = (treatment_map or {}).get("benchmark") or {}
     p_value, p_floor = benchmark.get("p_value"), benchmark.get("p_floor")
     if p_value is not None and p_value > MAP_ALPHA:
