@@ -218,9 +218,7 @@ class LocalCluster:
         try:
             self._wait_started(node)
         except BaseException:  # a node that never joined is stopped here: no caller holds it to stop later
-            kill_tree(process.pid)
-            process.wait(timeout=30)
-            node.killed = True
+            self.kill_node(node)
             raise
         return node
 
@@ -266,9 +264,7 @@ class LocalCluster:
         """Stop every process this cluster started (workers first, then the head), and remove its temp dir."""
         for node in reversed(self.nodes):
             if not node.killed:
-                kill_tree(node.process.pid)
-                node.process.wait(timeout=30)
-                node.killed = True
+                self.kill_node(node)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
