@@ -37,7 +37,8 @@ from rxray import storage
 from rxray.batch.embed import EMBEDDING_COLUMN, embed
 from rxray.batch.score import score
 from rxray.bench.chaos import epoch_logged
-from rxray.bench.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller, process_tree
+from rxray.bench.cluster import (FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller, free_ports,
+                                 process_tree)
 from rxray.config import EmbedConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.synth import synthesize
 from rxray.outputs import read_manifest
@@ -110,6 +111,13 @@ def test_a_cluster_whose_start_fails_leaves_no_process_running(tmp_path):
     while [pid for pid in cluster.head_pids if running(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in cluster.head_pids if running(pid)]
+
+
+def test_ports_drawn_again_skip_the_ones_already_handed_out():
+    """A head's ports and its node ports are drawn apart; one port given twice made `ray start` refuse to run."""
+    first = free_ports(200)
+    again = free_ports(200, taken=first)
+    assert len(set(first)) == len(set(again)) == 200 and not set(first) & set(again)
 
 
 def undisturbed_shard_images(source: str, size: int) -> dict[str, np.ndarray]:

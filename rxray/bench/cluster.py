@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 RAY = str(Path(sys.executable).parent / "ray")
 WORKER_PORTS = 48  # worker processes one node may run at once (each needs a port of its own)
@@ -39,15 +39,21 @@ FAST_FAILURE_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_
 STARTED = "Ray runtime started."  # what `ray start` prints once its node is up
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
-    sockets = []
+def free_ports(count: int, taken: Collection[int] = ()) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now and that are not in ``taken``.
+
+    A port handed out earlier but not yet bound by its process is free again to the OS,
+    so a caller that draws ports several times passes the earlier ones as ``taken``.
+    """
+    sockets, ports = [], []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+            sockets.append(sock)  # held open until the end, so the OS hands out a new port each time
+            if sock.getsockname()[1] not in taken:
+                ports.append(sock.getsockname()[1])
+        return ports
     finally:
         for sock in sockets:
             sock.close()
@@ -125,6 +131,7 @@ class LocalCluster:
                     "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"}
         self.nodes: list[Node] = []
+        self.ports: set[int] = set()  # every port handed to a node of this cluster: never handed out twice
         self.gcs_port = 0
         self.dashboard_port = 0
 
@@ -153,7 +160,7 @@ class LocalCluster:
         """Start the head node and wait until it answers."""
         self.token_file.write_text(secrets.token_hex(32))
         self.token_file.chmod(0o600)
-        self.gcs_port, self.dashboard_port, client_port = free_ports(3)
+        self.gcs_port, self.dashboard_port, client_port = self._free_ports(3)
         head = ["--head", "--port", str(self.gcs_port), "--temp-dir", self.temp_dir,
                 "--ray-client-server-port", str(client_port)]
         if self.system_config:
@@ -191,6 +198,12 @@ class LocalCluster:
                 raise RuntimeError(f"the dashboard never answered:\n{self.head.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
+    def _free_ports(self, count: int) -> list[int]:
+        """``count`` free ports that no node of this cluster was given (its own may not be bound yet)."""
+        ports = free_ports(count, taken=self.ports)
+        self.ports.update(ports)
+        return ports
+
     def add_node(self, cpus: float, resources: dict[str, float] | None = None) -> Node:
         """Start one more worker node with ``cpus`` CPUs (and custom ``resources``); returns once it has joined."""
         # Every node on this machine writes its logs under the head's session folder, and each node's log monitor
@@ -199,7 +212,7 @@ class LocalCluster:
                                 ["--address", self.address, "--include-log-monitor", "false"])
 
     def _start_node(self, name: str, cpus: float, resources: dict[str, float], role: list[str]) -> Node:
-        ports = free_ports(6 + WORKER_PORTS)
+        ports = self._free_ports(6 + WORKER_PORTS)
         command = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", *role,
                    "--num-cpus", str(int(cpus)), "--object-store-memory", str(self.object_store_mib * 2**20),
                    "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
