@@ -459,3 +459,12 @@ def test_report_of_a_real_score_output(full_run, tmp_path, ray_local):
     assert_links_resolve(out, parser)
     assert any(os.path.basename(src).startswith("score-rf") for src in parser.images)
     assert "IFN-beta" in section(page, "score")
+
+
+def test_findings_lines_say_when_no_two_treatments_share_an_moa():
+    """A screen with no same-MoA pair has no recall (NaN, null in JSON): the summary says so instead of failing."""
+    from rxray.report.findings import findings_lines
+
+    benchmark = {"recall_top": None, "null_mean": None, "p_value": None, "n_annotated": 4, "top_pairs": []}
+    assert findings_lines({"treatment_map": {"benchmark": benchmark}}) == [
+        "treatment map: no two treatments share an MoA (4 annotated): nothing to benchmark"]
