@@ -468,3 +468,16 @@ def test_findings_lines_say_when_no_two_treatments_share_an_moa():
     benchmark = {"recall_top": None, "null_mean": None, "p_value": None, "n_annotated": 4, "top_pairs": []}
     assert findings_lines({"treatment_map": {"benchmark": benchmark}}) == [
         "treatment map: no two treatments share an MoA (4 annotated): nothing to benchmark"]
+
+
+def test_the_probe_line_names_the_method_that_decides_the_verdict():
+    """A tie by one method fails the verdict even where another wins: the console line shows the tie, not the win."""
+    from rxray.report.findings import findings_lines
+
+    rows = [{"method": "logistic", "trained": 0.6484, "random_init": [0.6484, 0.623], "margin": 0.0},
+            {"method": "knn", "trained": 0.6934, "random_init": [0.6406, 0.627], "margin": 0.0527}]
+    assert findings_lines({"probe": {"beats_random_init": False, "rows": rows}}) == [
+        "SimCLR encoder does NOT beat random init (treated vs control; weakest method logistic: 0.648 vs 0.648)"]
+    rows[0].update(trained=0.672, margin=0.024)
+    assert findings_lines({"probe": {"beats_random_init": True, "rows": rows}}) == [
+        "SimCLR encoder beats random init (treated vs control; weakest method logistic: 0.672 vs 0.648)"]

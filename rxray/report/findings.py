@@ -205,10 +205,11 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         lines.append("most similar treatments: " + ", ".join(pairs))
     probe = findings.get("probe")
     if probe:
-        best = max(probe["rows"], key=lambda r: r["margin"] if r["margin"] is not None else -1)
+        # The verdict is "beats every random-init encoder by every method": the weakest method decides it.
+        weakest = min(probe["rows"], key=lambda r: r["margin"] if r["margin"] is not None else float("-inf"))
         verdict = "beats" if probe["beats_random_init"] else "does NOT beat"
-        lines.append(f"SimCLR encoder {verdict} random init (treated vs control, {best['method']}: "
-                     f"{best['trained']:.3f} vs {max(best['random_init'], default=float('nan')):.3f})")
+        lines.append(f"SimCLR encoder {verdict} random init (treated vs control; weakest method {weakest['method']}: "
+                     f"{weakest['trained']:.3f} vs {max(weakest['random_init'], default=float('nan')):.3f})")
     for classifier in findings.get("classifiers") or []:
         lines.append(f"classifier {classifier['name']}: test F1 {classifier['f1']}, ROC-AUC {classifier['roc_auc']}")
     lines += [f"WARNING: {w}" for w in findings.get("warnings") or []]
