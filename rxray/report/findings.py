@@ -191,13 +191,15 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         if stains:
             lines.append("driving stain (explain): " + ", ".join(stains[:6]))
     benchmark = (findings.get("treatment_map") or {}).get("benchmark") or {}
-    if "recall_top" in benchmark and _round(benchmark["recall_top"]) is None:  # NaN, written to JSON as null
-        lines.append(f"treatment map: no two treatments share an MoA ({benchmark.get('n_annotated')} annotated): "
-                     f"nothing to benchmark")
-    elif "recall_top" in benchmark:
-        related = (f" among the {benchmark['n_related']} active treatments" if "n_related" in benchmark else "")
-        lines.append(f"treatment map: same-MoA recall in the top 5% of pairs{related} {benchmark['recall_top']:.2f} "
-                     f"(null {benchmark.get('null_mean', float('nan')):.2f}, p = {benchmark.get('p_value')})")
+    if "recall_top" in benchmark:
+        if _round(benchmark["recall_top"]) is None:  # NaN, written to JSON as null
+            lines.append(f"treatment map: no two treatments share an MoA ({benchmark.get('n_annotated')} annotated):"
+                         f" nothing to benchmark")
+        else:
+            related = f" among the {benchmark['n_related']} active treatments" if "n_related" in benchmark else ""
+            lines.append(f"treatment map: same-MoA recall in the top 5% of pairs{related} "
+                         f"{benchmark['recall_top']:.2f} (null {benchmark.get('null_mean', float('nan')):.2f}, "
+                         f"p = {benchmark.get('p_value')})")
     pairs = [f"{p['treatment_a']} ~ {p['treatment_b']} {p['cosine']:.2f}"
              + ("" if p["same_moa"] is None else " (same MoA)" if p["same_moa"] else " (two MoAs)")
              for p in (benchmark.get("top_pairs") or [])[:3]]
