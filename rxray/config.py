@@ -49,16 +49,16 @@ class SynthConfig:
     out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True, role="resource")
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
     plates: int = option(2, "plates per experiment", minimum=1)
-    wells: int = option(40, "wells per plate, controls included", minimum=2, maximum=1536)
+    wells: int = option(56, "wells per plate, controls included", minimum=2, maximum=1536)
     sites: int = option(2, "sites (fields of view) per well", minimum=1)
     size: int = option(128, "image side in pixels (the real data is 1024)", minimum=32, maximum=4096)
-    treatments: int = option(12, "number of non-control treatments (the first four are the interferons)",
+    treatments: int = option(16, "number of non-control treatments (the first four are the interferons)",
                              minimum=1)
     controls: int = option(8, "EMPTY control wells per plate", minimum=1)
     null_fraction: float = option(0.25, "fraction of non-interferon treatments planted with no effect",
                                   minimum=0.0, maximum=1.0)
     doses: int = option(3, "concentrations per treatment (a halving ladder; effects grow with dose)", minimum=1)
-    moa_share: float = option(0.65, "strength of the phenotype a compound shares with its mechanism-of-action "
+    moa_share: float = option(1.5, "strength of the phenotype a compound shares with its mechanism-of-action "
                                     "class, as a fraction of its own (0: no shared component)",
                               minimum=0.0, maximum=2.0)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",

@@ -17,8 +17,8 @@ from rxray.config import ConfigError, SynthConfig, load_config
 from rxray import layout
 from rxray.data import cells
 from rxray.data.synth import MOA_FILE, TRUTH_FILE, metadata_csv, synthesize
-from rxray.data.synth_design import (INTERFERON_EFFECTS, INTERFERON_STRENGTH, MOA_EFFECTS, RARE_MOA, build_sites,
-                                    build_treatments)
+from rxray.data.synth_design import (INTERFERON_EFFECTS, INTERFERON_MOA, INTERFERON_STRENGTH, MOA_EFFECTS,
+                                     RARE_MOA, build_sites, build_treatments)
 
 SITE_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}_\d+$")
 WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")
@@ -89,14 +89,16 @@ def test_layout_is_exact(small_dataset):
     assert set(truth["treatments"]) == set(meta["treatment"]) - {layout.CONTROL}
     assert os.path.exists(os.path.join(root, "_manifest.json"))
 
-    # Same-MoA compounds with a phenotype share their mechanism's component; nulls and interferons have none.
+    # Same-MoA treatments with a phenotype (interferons too) share their mechanism's component; nulls have none.
     by_moa: dict[str, set] = {}
     for planted in truth["treatments"].values():
-        if planted["null"] or planted["moa"] == "interferon":
-            assert planted["moa_kind"] == "none" and planted["moa_channel"] is None
+        if planted["null"]:
+            assert planted["moa_kind"] == "none" and planted["moa_channel"] is planted["leading_channel"] is None
             continue
-        assert planted["moa_kind"] == MOA_EFFECTS[planted["moa"]] and planted["moa_top_strength"] > 0
+        kind, direction = MOA_EFFECTS[planted["moa"]]
+        assert planted["moa_kind"] == kind and np.sign(planted["moa_top_strength"]) == direction
         assert planted["moa_channel"] == cells.effect_channel(planted["moa_kind"]) + 1
+        assert planted["leading_channel"] == planted["moa_channel"]  # at moa_share 1.5 the mechanism leads
         by_moa.setdefault(planted["moa"], set()).add(planted["moa_kind"])
     assert all(len(kinds) == 1 for kinds in by_moa.values()), by_moa
     assert any(sum(p["moa"] == moa and not p["null"] for p in truth["treatments"].values()) >= 2 for moa in by_moa)
@@ -120,7 +122,10 @@ def test_deterministic_for_a_seed_whatever_the_chunking(small_dataset, tmp_path)
 
 
 def test_planted_effects_are_measurable(tmp_path, ray_local):
-    """Well means away from the plate rim: interferons at top dose vs EMPTY, and a planted null."""
+    """Well means away from the plate rim: interferons at top dose vs EMPTY, and a planted null.
+
+    Every interferon moves its mechanism's stain (actin) most and its own stain as well.
+    """
     root = str(tmp_path / "effects")
     _synth(root, experiments=1, plates=1, wells=96, controls=24, sites=2, size=40, treatments=6, doses=2, seed=11)
     meta = pd.read_csv(os.path.join(root, layout.METADATA_FILE))
@@ -141,14 +146,15 @@ def test_planted_effects_are_measurable(tmp_path, ray_local):
     channels = set()
     for name in layout.TREATMENT_GROUPS["interferons"]:
         planted = truth[name]
-        primary = planted["channel_index"]
-        channels.add(primary)
+        shared, own = planted["moa_channel"] - 1, planted["channel_index"]
+        channels.add(own)
         ratio, t = shift(name, max(planted["concentrations"]))
-        assert ratio[primary] > 1.25 and t[primary] > 4, (name, ratio, t)
-        assert np.argmax(np.abs(np.log(ratio))) == primary, (name, ratio)  # the planted stain moves most
+        assert ratio[shared] > 1.25 and t[shared] > 4, (name, ratio, t)
+        assert np.argmax(np.abs(np.log(ratio))) == shared, (name, ratio)  # the mechanism's stain moves most
+        assert abs(np.log(ratio[own])) > 0.05 and abs(t[own]) > 3, (name, ratio, t)  # and its own stain
         low_ratio, _ = shift(name, min(planted["concentrations"]))
-        assert 1 < low_ratio[primary] < ratio[primary], (name, low_ratio, ratio)  # grows with dose
-    assert len(channels) == 4  # each interferon on its own stain
+        assert 1 < low_ratio[shared] < ratio[shared], (name, low_ratio, ratio)  # grows with dose
+    assert len(channels) == 4  # each interferon has a stain of its own besides the shared one
 
     nulls = [name for name, planted in truth.items() if planted["null"]]
     assert nulls
@@ -168,26 +174,40 @@ def test_each_effect_kind_moves_its_own_stain_most(kind):
     assert np.argmax(change) == cells.effect_channel(kind) and change.max() > 0.1, change
 
 
-def test_default_plan_has_shared_moa_components_and_untouched_interferons():
-    """No rendering: the default dataset's compounds form same-MoA groups; interferons stay one-stain."""
+def test_default_plan_gives_each_mechanism_a_shared_component_of_its_own():
+    """No rendering: every treatment with a phenotype carries its mechanism's component, interferons included."""
     treatments = build_treatments(SynthConfig(out="x"))
-    assert len(treatments) == 12
+    assert len(treatments) == 16
+    ifn_kind, ifn_direction = MOA_EFFECTS[INTERFERON_MOA]
     for t in treatments[:4]:
-        assert (t.kind, t.top_strength, t.moa_kind) == (INTERFERON_EFFECTS[t.name], INTERFERON_STRENGTH, "none")
-        assert t.effects(10.0) == [(t.kind, INTERFERON_STRENGTH)]  # one effect, on its own stain
+        assert (t.kind, t.top_strength, t.moa_kind) == (INTERFERON_EFFECTS[t.name], INTERFERON_STRENGTH, ifn_kind)
+        shared = ifn_direction * 1.5 * INTERFERON_STRENGTH
+        assert t.effects(10.0) == [(ifn_kind, pytest.approx(shared)), (t.kind, pytest.approx(INTERFERON_STRENGTH))]
     compounds = treatments[4:]
     assert compounds[0].moa == RARE_MOA and not compounds[0].null
     active = [t for t in compounds if not t.null]
     groups = pd.Series([t.moa for t in active]).value_counts()
     assert (groups >= 2).sum() >= 2, groups  # true same-MoA relationships to recover
     for t in active:
-        assert t.moa_kind == MOA_EFFECTS[t.moa] and t.moa_top_strength == pytest.approx(0.65 * abs(t.top_strength))
-        (moa_kind, moa_s), (kind, s) = t.effects(t.concentrations[-1])
-        assert moa_kind == t.moa_kind and moa_s > 0 and kind == t.kind and s == pytest.approx(t.top_strength)
+        kind, direction = MOA_EFFECTS[t.moa]
+        assert t.moa_kind == kind and t.moa_top_strength == pytest.approx(direction * 1.5 * abs(t.top_strength))
+        (moa_kind, moa_s), (own_kind, s) = t.effects(t.concentrations[-1])
+        assert moa_kind == kind and np.sign(moa_s) == direction and own_kind == t.kind
+        assert s == pytest.approx(t.top_strength)
+        if t.kind == kind:
+            assert np.sign(s) == direction  # a phenotype on the mechanism's own kind goes its way
     for t in compounds:
         if t.null:
             assert t.effects(t.concentrations[-1]) == [] and t.moa != RARE_MOA
     assert [t.null for t in build_treatments(SynthConfig(out="x", moa_share=0.0))] == [t.null for t in treatments]
+
+
+def test_mechanisms_that_differ_share_no_component():
+    """Two mechanisms never carry the same component; the one shared kind goes opposite ways (actin)."""
+    assert len(set(MOA_EFFECTS.values())) == len(MOA_EFFECTS)
+    by_kind = pd.DataFrame([(moa, kind, d) for moa, (kind, d) in MOA_EFFECTS.items()], columns=["moa", "kind", "d"])
+    for kind, group in by_kind.groupby("kind"):
+        assert len(group) == 1 or (len(group) == 2 and group["d"].sum() == 0), group
 
 
 def test_effects_compose_and_a_compound_moves_both_its_stains():

@@ -257,7 +257,9 @@ def _planted_channels(cfg: ExplainConfig) -> tuple[dict[str, int | None] | None,
     elif not storage.exists(uri):
         raise ConfigError("explain.truth", f"file not found: {uri}")
     truth = json.loads(storage.read_text(uri))
-    return {name: entry.get("channel") for name, entry in truth.get("treatments", {}).items()}, uri
+    # The stain of the stronger planted component (truth files before leading_channel: the individual one).
+    return {name: entry.get("leading_channel", entry.get("channel"))
+            for name, entry in truth.get("treatments", {}).items()}, uri
 
 
 def _read_explanations(uri: str) -> "pd.DataFrame":

@@ -71,6 +71,8 @@ EFFECTS = {
                                               mito_spread=m.mito_spread * math.exp(-0.8 * s))),
     "golgi": (GOLGI, lambda m, s: dict(golgi_brightness=m.golgi_brightness * math.exp(0.6 * s),
                                        golgi_size=m.golgi_size * math.exp(0.3 * s))),
+    "rna_content": (RNA, lambda m, s: dict(rna_brightness=m.rna_brightness * math.exp(0.6 * s))),
+    "membrane": (GOLGI, lambda m, s: dict(membrane_brightness=m.membrane_brightness * math.exp(1.0 * s))),
 }
 
 

@@ -21,37 +21,39 @@ from rxray.data import cells
 
 RARE_MOA = "GPCR"
 RARE_EVERY = 30  # one compound in 30 is a GPCR ligand: a few percent of sites, as in the MoA study
-# Each interferon on a different stain, strongly, so channel attribution (Grad-CAM) can find it.
+INTERFERON_MOA = "interferon"
+# Each interferon's own phenotype, on a different stain each (IFN-beta's on actin, its mechanism's stain).
 INTERFERON_EFFECTS = dict(zip(layout.TREATMENT_GROUPS["interferons"],
                               ["nuclear_size", "actin_fibres", "mito_clumping", "golgi"]))
-INTERFERON_STRENGTH = 1.25
+INTERFERON_STRENGTH = 0.7  # the individual part; the shared interferon response adds moa_share x this on actin
 INTERFERON_TOP_CONC = 10.0
 GPCR_LIGANDS = ["isoproterenol", "histamine", "carbachol", "clozapine", "haloperidol", "propranolol",
                 "loratadine", "salbutamol", "sumatriptan", "losartan", "metoprolol", "risperidone",
                 "olanzapine", "quetiapine", "ranitidine"]
-GPCR_EFFECT = "actin_fibres"  # GPCR -> Rho signalling -> stress fibres
-# Each mechanism's shared phenotype: every compound of a MoA carries this component (at
-# SynthConfig.moa_share of its own strength) on top of its individual `kind`, as drugs with one
-# mechanism share a morphological signature, so a treatment map has true relationships to find.
-# Nine mechanisms share eight kinds: cytoskeleton and GPCR meet on actin, and proteasome inhibitors
-# meet ER stressors on the ER, as they do in real screens. Interferons carry no shared component.
+GPCR_EFFECT = "membrane"  # GPCR activation -> membrane ruffling and receptor internalisation (WGA)
+# Each mechanism's shared phenotype, (kind, direction): every treatment of a MoA carries it, at
+# SynthConfig.moa_share of its own strength, on top of its individual `kind`, as drugs with one
+# mechanism share a morphological signature. Each mechanism has a kind of its own, so treatments that
+# share no mechanism share no component (cytoskeleton drugs take F-actin away where interferons add
+# stress fibres: the one pair of mechanisms on one kind, in opposite directions).
 MOA_EFFECTS = {
-    "DNA damage": "nuclear_size",  # arrest in G2 after DNA damage: enlarged nuclei
-    "HDAC inhibitor": "nuclear_intensity",  # chromatin decondensation changes the Hoechst signal
-    "kinase inhibitor": "cell_count",  # broad kinase inhibition stops proliferation
-    "ER stress": "er_texture",  # unfolded-protein response: swollen, coarse ER
-    "proteasome inhibitor": "er_texture",  # misfolded proteins back up in the ER (UPR)
-    "transcription inhibitor": "nucleoli",  # RNA polymerase I/II block: nucleolar segregation
-    "mitochondrial": "mito_clumping",  # depolarised mitochondria fragment and cluster by the nucleus
-    "protein trafficking": "golgi",  # ER-Golgi transport block: Golgi disperses and swells
-    "cytoskeleton": "actin_fibres",  # actin/tubulin drugs remodel stress fibres
-    RARE_MOA: GPCR_EFFECT,
+    INTERFERON_MOA: ("actin_fibres", 1.0),  # JAK-STAT signalling remodels endothelial actin: stress fibres
+    "DNA damage": ("nuclear_size", 1.0),  # arrest in G2 after DNA damage: enlarged nuclei
+    "HDAC inhibitor": ("nuclear_intensity", 1.0),  # chromatin decondensation changes the Hoechst signal
+    "kinase inhibitor": ("cell_count", -1.0),  # broad kinase inhibition stops proliferation: fewer cells
+    "ER stress": ("er_texture", 1.0),  # unfolded-protein response: swollen, coarse ER
+    "proteasome inhibitor": ("nucleoli", 1.0),  # ubiquitinated proteins collect in nucleoli (nucleolar aggresomes)
+    "transcription inhibitor": ("rna_content", -1.0),  # RNA polymerase block: less RNA (SYTO14) everywhere
+    "mitochondrial": ("mito_clumping", 1.0),  # depolarised mitochondria fragment and cluster by the nucleus
+    "protein trafficking": ("golgi", 1.0),  # ER-Golgi transport block: Golgi disperses and swells
+    "cytoskeleton": ("actin_fibres", -1.0),  # actin depolymerisers (cytochalasin, latrunculin): F-actin lost
+    RARE_MOA: (GPCR_EFFECT, 1.0),
 }
 # (name, mechanism, individual phenotype kind) for the other compounds; past the list, names are
-# cmpd-NNNN and mechanisms cycle. The first seven (the default dataset's compounds after one GPCR
-# ligand) form mechanism groups on stains the interferons leave free: 3 ER stress, 2 HDAC, 2
-# transcription; with seed 0 the two HDAC inhibitors are the planted nulls, an annotated pair with no
-# phenotype to recover. Further on, some compounds' own kind differs from their mechanism's.
+# cmpd-NNNN and mechanisms cycle. The first eleven (the default dataset's compounds after one GPCR
+# ligand) form mechanism groups: 3 ER stress, 2 HDAC, 2 transcription, 2 kinase, 2 DNA damage; which of
+# them are the planted nulls depends on the seed. Some compounds' own kind differs from their mechanism's
+# (transcription inhibitors: nucleoli; dasatinib: actin), as drugs have effects besides their mechanism.
 COMPOUNDS = [
     ("tunicamycin", "ER stress", "er_texture"), ("thapsigargin", "ER stress", "er_texture"),
     ("dithiothreitol", "ER stress", "er_texture"), ("vorinostat", "HDAC inhibitor", "nuclear_intensity"),
@@ -93,8 +95,8 @@ class Treatment:
     kind: str  # a cells.EFFECTS kind: the treatment's individual phenotype
     top_strength: float  # signed strength at the top concentration; 0 for a planted null
     concentrations: tuple[float, ...]  # ascending
-    moa_kind: str = "none"  # the mechanism's shared phenotype (MOA_EFFECTS); "none" for interferons, nulls
-    moa_top_strength: float = 0.0  # its strength at the top concentration (always >= 0)
+    moa_kind: str = "none"  # the mechanism's shared phenotype (MOA_EFFECTS); "none" for a planted null
+    moa_top_strength: float = 0.0  # its signed strength at the top concentration (the mechanism's direction)
 
     @property
     def null(self) -> bool:
@@ -127,13 +129,15 @@ def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
 def build_treatments(cfg: SynthConfig) -> list[Treatment]:
     """The interferons first, then named compounds (one in RARE_EVERY a GPCR ligand); some planted null.
 
-    A compound's phenotype is its mechanism's shared component (MOA_EFFECTS, strength
-    cfg.moa_share x its own, always in the mechanism's direction) plus its individual
-    kind, whose sign may be negative unless it is the mechanism's own kind.
+    A treatment's phenotype is its mechanism's shared component (MOA_EFFECTS, strength
+    cfg.moa_share x its own, in the mechanism's direction) plus its individual kind, whose
+    sign may be negative unless it is the mechanism's own kind.
     """
     rng = stable_rng(cfg.seed, "treatments")
-    treatments = [Treatment(name, "interferon", INTERFERON_EFFECTS[name], INTERFERON_STRENGTH,
-                            _dose_ladder(INTERFERON_TOP_CONC, cfg.doses))
+    ifn_kind, ifn_direction = MOA_EFFECTS[INTERFERON_MOA]
+    treatments = [Treatment(name, INTERFERON_MOA, INTERFERON_EFFECTS[name], INTERFERON_STRENGTH,
+                            _dose_ladder(INTERFERON_TOP_CONC, cfg.doses), ifn_kind,
+                            ifn_direction * cfg.moa_share * INTERFERON_STRENGTH)
                   for name in layout.TREATMENT_GROUPS["interferons"][:cfg.treatments]]
     others = []
     for i in range(cfg.treatments - len(treatments)):
@@ -142,13 +146,14 @@ def build_treatments(cfg: SynthConfig) -> list[Treatment]:
         j = i // RARE_EVERY if rare else i - i // RARE_EVERY - 1
         name = pool[j][0] if j < len(pool) else f"cmpd-{i + 1:04d}"
         _, moa, kind = pool[j % len(pool)]
+        moa_kind, direction = MOA_EFFECTS[moa]
         sign = 1.0 if rare or rng.random() < 0.7 else -1.0
-        if kind == MOA_EFFECTS[moa]:
-            sign = 1.0  # a phenotype on the mechanism's own kind goes the mechanism's way
+        if kind == moa_kind:
+            sign = direction  # a phenotype on the mechanism's own kind goes the mechanism's way
         top = float(rng.choice([1.0, 3.0, 10.0]))
         strength = float(rng.uniform(0.3, 0.8))
         others.append(Treatment(name, moa, kind, sign * strength, _dose_ladder(top, cfg.doses),
-                                MOA_EFFECTS[moa], cfg.moa_share * strength))
+                                moa_kind, direction * cfg.moa_share * strength))
     # Nulls among the non-rare compounds only, so the rare class always has a phenotype to learn.
     candidates = [i for i, t in enumerate(others) if t.moa != RARE_MOA]
     n_null = min(len(candidates), math.ceil(cfg.null_fraction * len(others)))
