@@ -133,8 +133,8 @@ def _fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, c
     fitted = make_pipeline(StandardScaler(), model).fit(X_train, y_train)
     columns = [classes.index(c) for c in fitted.classes_]
     votes = fitted.predict_proba(X_test)
-    if method == "knn":  # a 14 % control class is rarely 3 of 5 neighbours: weigh votes by 1 / class share, as
-        votes = votes / np.array([(y_train == c).mean() for c in fitted.classes_])  # class_weight="balanced" does
+    if method == "knn":  # 14 % controls are rarely 3 of 5 neighbours: votes / class share, as class_weight="balanced"
+        votes = votes / np.array([(y_train == c).mean() for c in fitted.classes_])
     proba[:, columns] = votes / votes.sum(axis=1, keepdims=True)
     return proba
 
