@@ -97,14 +97,15 @@ def _truth(cfg: SynthConfig, treatments: list[Treatment], batch: dict[str, Any])
     table = {}
     for t in treatments:
         channel = None if t.null else cells.effect_channel(t.kind)
+        own_channel = None if channel is None else channel + 1
         moa_channel = None if t.moa_kind == "none" else cells.effect_channel(t.moa_kind) + 1
         mechanism_leads = moa_channel is not None and abs(t.moa_top_strength) > abs(t.top_strength)
-        leading_channel = moa_channel if mechanism_leads else None if channel is None else channel + 1
         table[t.name] = dict(kind="none" if t.null else t.kind, null=t.null, moa=t.moa,
-                             channel_index=channel, channel=None if channel is None else channel + 1,
+                             channel_index=channel, channel=own_channel,
                              channel_name=None if channel is None else layout.CHANNEL_NAMES[channel],
                              strength_per_conc=round(t.strength_per_conc, 6), top_strength=round(t.top_strength, 6),
-                             moa_kind=t.moa_kind, moa_channel=moa_channel, leading_channel=leading_channel,
+                             moa_kind=t.moa_kind, moa_channel=moa_channel,
+                             leading_channel=moa_channel if mechanism_leads else own_channel,
                              moa_strength_per_conc=round(t.moa_strength_per_conc, 6),
                              moa_top_strength=round(t.moa_top_strength, 6),
                              concentrations=list(t.concentrations))
