@@ -35,7 +35,7 @@ FDR, MIN_INTERFERONS, MIN_F1, MAP_ALPHA = 0.05, 3, 0.9, 0.05
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo run, as `make demo` starts it (relative run and source, its own local Ray); yields its paths."""
+    """The demo run as `make demo` starts it (relative paths, its own local Ray): its run, truth and findings."""
     work = tmp_path_factory.mktemp("demo")
     command = [sys.executable, "-m", "rxray.cli", "pipeline", "--config", str(DEMO_CONFIG), "--run", "demo/run",
                "--source", "demo/rxrx2-synth"]
