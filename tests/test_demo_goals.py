@@ -35,27 +35,26 @@ FDR, MIN_INTERFERONS, MIN_F1, MAP_ALPHA = 0.05, 3, 0.9, 0.05
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo run as `make demo` starts it (relative paths, its own local Ray): its run, truth and findings."""
+    """The demo run as `make demo` starts it (relative paths, its own local Ray): run, truth, nulls, findings."""
     work = tmp_path_factory.mktemp("demo")
     command = [sys.executable, "-m", "rxray.cli", "pipeline", "--config", str(DEMO_CONFIG), "--run", "demo/run",
                "--source", "demo/rxrx2-synth"]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     run = work / "demo" / "run"
-    return {"run": run, "truth": json.loads((work / "demo" / "rxrx2-synth" / "truth.json").read_text()),
+    truth = json.loads((work / "demo" / "rxrx2-synth" / "truth.json").read_text())
+    return {"run": run, "truth": truth, "nulls": {name for name, t in truth["treatments"].items() if t["null"]},
             "findings": collect_findings(find_step_outputs(str(run))), "console": result.stdout + result.stderr}
 
 
 def test_the_interferons_are_active_and_no_planted_null_is(demo):
     activity = demo["findings"]["activity"]
     assert activity["correction"] == "center" and activity["fdr"] == FDR
-    truth = demo["truth"]["treatments"]
-    interferons = [name for name, t in truth.items() if t["moa"] == "interferon"]
-    nulls = [name for name, t in truth.items() if t["null"]]
-    assert len(interferons) == 4 and nulls
+    interferons = {name for name, t in demo["truth"]["treatments"].items() if t["moa"] == "interferon"}
+    assert len(interferons) == 4 and demo["nulls"]
     active = set(activity["active"])
-    assert len(active & set(interferons)) >= MIN_INTERFERONS, activity["ranked"]
-    assert not active & set(nulls), activity["ranked"]
+    assert len(active & interferons) >= MIN_INTERFERONS, activity["ranked"]
+    assert not active & demo["nulls"], activity["ranked"]
 
 
 def test_the_ifn_beta_classifier_reaches_f1_09_on_its_held_out_plate(demo):
@@ -78,10 +77,9 @@ def test_explain_ranks_ifn_betas_planted_stain_first(demo):
 def test_the_treatment_map_recovers_shared_moas_and_relates_no_nulls(demo):
     benchmark = demo["findings"]["treatment_map"]["benchmark"]
     assert benchmark["p_value"] < MAP_ALPHA and benchmark["recall_top"] > benchmark["null_mean"], benchmark
-    nulls = {name for name, t in demo["truth"]["treatments"].items() if t["null"]}
     clusters = read_table(str(demo["run"] / "score" / MAP_FILES["clusters"]))
     related = clusters[(clusters["correction"] == "center") & (clusters["cluster"] > 0)]
-    assert not set(related["treatment"]) & nulls, related
+    assert not set(related["treatment"]) & demo["nulls"], related
 
 
 def test_the_console_ends_with_the_findings_and_the_report(demo):
