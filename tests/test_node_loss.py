@@ -156,6 +156,8 @@ def bad_day(s3_server, ray_local, tmp_path_factory):
         ])
     finally:
         first.stop()
+    left_by_first = {"record": json.loads(storage.read_text(f"{run}/_pipeline.json")),
+                     "pretrain": read_manifest(f"{run}/pretrain")}
     second = start_cluster(work / "second", nodes=2)  # embed and score: one node to lose, one to go on
     try:
         second_rc, second_killer = submit(second, config, work / "second.log", [
@@ -171,7 +173,7 @@ def bad_day(s3_server, ray_local, tmp_path_factory):
                                            "out": references["embed"]}))
     score(load_config(ScoreConfig, values={**SECTIONS["score"], "embeddings": f"{run}/embed",
                                            "out": references["score"]}))
-    yield {"run": run, "source": source, "references": references, "cluster": second,
+    yield {"run": run, "source": source, "references": references, "cluster": second, "left_by_first": left_by_first,
            "logs": {"first": (work / "first.log").read_text(), "second": (work / "second.log").read_text()},
            "returncodes": {"first": first_rc, "second": second_rc},
            "kills": {kill.label: kill for kill in [*first_killer.kills, *second_killer.kills]},
@@ -227,8 +229,12 @@ def test_a_lost_head_loses_the_job_and_the_resubmitted_job_resumes_from_what_was
     for step in ("ingest", "pretrain"):  # committed by the first job: not run again
         assert f"pipeline: skip {step}" in second, second[-3000:]
     assert "pipeline: complete" in second
+    left = bad_day["left_by_first"]
+    assert left["record"]["status"] == "running", "the lost job never got to finish its record"
     record = json.loads(storage.read_text(f"{bad_day['run']}/_pipeline.json"))
-    assert record["status"] == "complete" and set(record["steps"]) == set(SECTIONS)
+    assert record["status"] == "complete" and record["attempt"] == 2 and set(record["steps"]) == set(SECTIONS)
+    assert [record["steps"][step]["status"] for step in SECTIONS] == ["skipped", "skipped", "complete", "complete"]
+    assert read_manifest(f"{bad_day['run']}/pretrain") == left["pretrain"], "the committed step was not redone"
 
 
 def test_embedding_that_loses_a_worker_node_gives_the_undisturbed_embeddings(bad_day):
