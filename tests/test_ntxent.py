@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -109,11 +110,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         mine = slice(rank * PER_WORKER_BATCH, (rank + 1) * PER_WORKER_BATCH)
         # Both views in one forward pass, as a training step does (DDP expects one forward per backward).
         z1, z2 = ddp(torch.cat([view1[mine], view2[mine]])).chunk(2)
-        loss = nt_xent_loss(z1, z2, TEMPERATURE, gather=True)
-        loss.backward()  # DDP all-reduces (averages) the parameter gradients here
+        with warnings.catch_warnings(record=True) as caught:  # printed by every worker at every step otherwise
+            warnings.simplefilter("always")
+            loss = nt_xent_loss(z1, z2, TEMPERATURE, gather=True)
+            loss.backward()  # DDP all-reduces (averages) the parameter gradients here
         local_only = nt_xent_loss(z1.detach(), z2.detach(), TEMPERATURE, gather=False)
-        torch.save({"loss": loss.detach(), "local_only": local_only,
-                    "weight_grad": model.weight.grad, "bias_grad": model.bias.grad},
+        torch.save({"loss": loss.detach(), "local_only": local_only, "weight_grad": model.weight.grad,
+                    "bias_grad": model.bias.grad, "warnings": [str(w.message) for w in caught]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -135,6 +138,7 @@ def test_two_process_gathered_loss_equals_single_process_loss(tmp_path):
     single.backward()
 
     for rank, result in enumerate(results):
+        assert result["warnings"] == []  # e.g. torch.distributed.nn's all_gather is deprecated
         torch.testing.assert_close(result["loss"], single.detach())
         torch.testing.assert_close(result["weight_grad"], model.weight.grad)
         torch.testing.assert_close(result["bias_grad"], model.bias.grad)

@@ -12,6 +12,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _GatherViews(torch.autograd.Function):
+    """All-gather of (2, B, D) view projections into (2, W*B, D), in rank order, that passes gradients back.
+
+    dist.all_gather has no gradient, and torch.distributed.nn's autograd all_gather (and its private successors)
+    are deprecated: the gradient of the summed workers' losses with respect to this worker's rows is the sum
+    over workers of their gradients for those rows, an all-reduce of the gathered gradient, then this slice.
+    """
+
+    @staticmethod
+    def forward(ctx, views: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(views) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, views.contiguous())
+        ctx.rows = views.shape[1]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[:, start:start + ctx.rows]
+
+
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
     """Mean NT-Xent loss of two views' projections z1, z2 (B, D); the positive of z1[i] is z2[i].
 
@@ -32,9 +55,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, g
 
     world = _world_size() if gather else 1
     if world > 1:
-        from torch.distributed.nn.functional import all_gather  # autograd-aware, unlike dist.all_gather
-
-        columns = torch.cat([*all_gather(z1), *all_gather(z2)])  # (2WB, D): first views, then second views
+        views = _GatherViews.apply(torch.stack([z1, z2]))  # (2, WB, D)
+        columns = views.reshape(2 * world * batch, -1)  # (2WB, D): first views, then second views
         offset = dist.get_rank() * batch
     else:
         columns, offset = rows, 0
