@@ -286,6 +286,26 @@ def test_multiclass_finetuning_with_concentration_trains_the_encoder(labelled_sh
     assert not torch.equal(state["encoder"]["backbone.conv1.weight"], initial["backbone.conv1.weight"])
 
 
+def test_a_split_scan_reads_only_the_task_rows_of_its_groups(labelled_shards, tmp_path):
+    # Filtered after the scan, other treatments' images were read, and a batch of them came out of label_batch
+    # empty, which Ray stores as a column of pickled objects (with a warning on the console).
+    from rxray.data.shards import read_shards
+    from rxray.train.tasks import split_filter
+
+    cfg = _config(labelled_shards, str(tmp_path / "out"), positive="IFN-beta")
+    meta = read_metadata(cfg)
+    plan = plan_task(cfg, meta[cfg.label_col].tolist())
+    meta["class"] = plan.class_indices(meta[cfg.label_col])
+    splits = make_splits(cfg, meta[meta["class"] >= 0].reset_index(drop=True), plan)
+    columns = ["experiment", "plate", "treatment"]
+    for split in ("train", "test"):
+        rows = read_shards(labelled_shards, columns=columns).filter(expr=split_filter(cfg, plan, splits, split))
+        rows = rows.to_pandas()
+        assert sorted(set(rows["treatment"])) == ["EMPTY", "IFN-beta"]
+        assert set(zip(rows["experiment"], rows["plate"])) == set(map(tuple, splits["members"][split]))
+        assert len(rows) == splits["counts"][split]["sites"]
+
+
 def test_moa_gpcr_vs_rest_reads_its_labels_from_the_shards(labelled_shards, tmp_path):
     # A MoA task is a binary task on another label column: the training path is the binary run's above, so
     # this checks what differs, the plan and the splits from the shards' `moa` column (no 25 s training run).

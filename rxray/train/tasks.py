@@ -22,6 +22,7 @@ from rxray.layout import CONTROL, row_gains
 if TYPE_CHECKING:
     import pandas as pd
     import ray.data
+    from ray.data.expressions import Expr
 
 GAIN_COLUMN = "gain"  # per-row stain gains (6,) that plate normalisation multiplies images by
 REST = "rest"  # --negative rest: every label value but the positive one
@@ -165,18 +166,30 @@ def make_splits(cfg: FinetuneConfig, meta: "pd.DataFrame", plan: TaskPlan) -> di
         members[assignment[group]].append((str(experiment), plate.item() if hasattr(plate, "item") else plate))
     counts = split_counts(groups, assignment, names)
     document = {"by": cfg.split_by, "seed": cfg.seed, "groups": assignment}
+    # The task's label values as the shards store them: the Parquet filter keeps only the task's rows.
+    labels = [value.item() if hasattr(value, "item") else value for value in meta[plan.label_col].unique()]
     return {"assignment": assignment, "members": members, "counts": counts, "document": document,
-            "sites_per_group": groups.value_counts().to_dict()}
+            "sites_per_group": groups.value_counts().to_dict(), "label_values": labels}
 
 
 def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str],
                   keep: Sequence[str] = (), gains: dict[str, list[float]] | None = None) -> "ray.data.Dataset":
-    """The task's rows of one split (or several) as a lazy Ray Dataset: the group filter runs inside the Parquet scan."""
-    from ray.data.expressions import col
-
+    """The task's rows of one split (or several) as a lazy Ray Dataset, filtered inside the Parquet scan."""
     from rxray.data.shards import read_shards
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "treatment_conc", plan.label_col, *keep]))
+    return read_shards(cfg.data, columns=columns).filter(expr=split_filter(cfg, plan, splits, split)).map_batches(
+        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy")
+
+
+def split_filter(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str]) -> "Expr":
+    """The rows of the split's groups that carry one of the task's labels, as a Ray Data expression.
+
+    Filtering on the label in the scan reads no other treatment's images, and no batch of other rows reaches
+    `label_batch` to come out empty (Ray stores an empty image column as pickled objects, with a warning).
+    """
+    from ray.data.expressions import col
+
     members = [member for name in ([split] if isinstance(split, str) else split) for member in splits["members"][name]]
     if cfg.split_by == "experiment":
         predicate = col("experiment").is_in(sorted({experiment for experiment, _ in members}))
@@ -185,8 +198,8 @@ def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], s
         for experiment, plate in members:
             term = (col("experiment") == experiment) & (col("plate") == plate)
             predicate = term if predicate is None else predicate | term
-    return read_shards(cfg.data, columns=columns).filter(expr=predicate).map_batches(
-        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy")
+    labelled = col(plan.label_col).is_in(splits["label_values"])
+    return labelled if predicate is None else predicate & labelled
 
 
 def write_split_files(cfg: FinetuneConfig, splits: dict[str, Any]) -> None:
