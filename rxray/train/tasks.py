@@ -185,8 +185,9 @@ def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], s
 def split_filter(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str]) -> "Expr":
     """The rows of the split's groups that carry one of the task's labels, as a Ray Data expression.
 
-    Filtering on the label in the scan reads no other treatment's images, and no batch of other rows reaches
-    `label_batch` to come out empty (Ray stores an empty image column as pickled objects, with a warning).
+    Filtering on the label in the scan passes no other treatment's images on to Ray (Parquet still reads the row
+    groups they share with the task's rows), and no batch of other rows reaches `label_batch` to come out empty
+    (Ray stores an empty image column as pickled objects, with a warning).
     """
     from ray.data.expressions import col
 
