@@ -286,17 +286,22 @@ def test_multiclass_finetuning_with_concentration_trains_the_encoder(labelled_sh
     assert not torch.equal(state["encoder"]["backbone.conv1.weight"], initial["backbone.conv1.weight"])
 
 
+def _plan_and_splits(cfg: FinetuneConfig) -> tuple:
+    """The task plan and the splits of ``cfg``'s shards, as `rxray finetune` works them out before training."""
+    meta = read_metadata(cfg)
+    plan = plan_task(cfg, meta[cfg.label_col].tolist())
+    meta["class"] = plan.class_indices(meta[cfg.label_col])
+    return plan, make_splits(cfg, meta[meta["class"] >= 0].reset_index(drop=True), plan)
+
+
 def test_a_split_scan_reads_only_the_task_rows_of_its_groups(labelled_shards, tmp_path):
-    # Filtered after the scan, other treatments' images were read, and a batch of them came out of label_batch
-    # empty, which Ray stores as a column of pickled objects (with a warning on the console).
+    # Filtered only after the scan, other treatments' images went through Ray, and a batch of them came out of
+    # label_batch empty, which Ray stores as a column of pickled objects (with a warning on the console).
     from rxray.data.shards import read_shards
     from rxray.train.tasks import split_filter
 
     cfg = _config(labelled_shards, str(tmp_path / "out"), positive="IFN-beta")
-    meta = read_metadata(cfg)
-    plan = plan_task(cfg, meta[cfg.label_col].tolist())
-    meta["class"] = plan.class_indices(meta[cfg.label_col])
-    splits = make_splits(cfg, meta[meta["class"] >= 0].reset_index(drop=True), plan)
+    plan, splits = _plan_and_splits(cfg)
     columns = ["experiment", "plate", "treatment"]
     for split in ("train", "test"):
         rows = read_shards(labelled_shards, columns=columns).filter(expr=split_filter(cfg, plan, splits, split))
@@ -310,11 +315,9 @@ def test_moa_gpcr_vs_rest_reads_its_labels_from_the_shards(labelled_shards, tmp_
     # A MoA task is a binary task on another label column: the training path is the binary run's above, so
     # this checks what differs, the plan and the splits from the shards' `moa` column (no 25 s training run).
     cfg = _config(labelled_shards, str(tmp_path / "moa"), label_col="moa", positive="GPCR")
-    meta = read_metadata(cfg)
-    plan = plan_task(cfg, meta[cfg.label_col].tolist())
+    plan, splits = _plan_and_splits(cfg)
     assert plan.classes == ["other", "GPCR"] and plan.negative_classes == ["control", "interferon"]
-    meta["class"] = plan.class_indices(meta[cfg.label_col])
-    counts = make_splits(cfg, meta[meta["class"] >= 0].reset_index(drop=True), plan)["counts"]
+    counts = splits["counts"]
     assert counts["train"]["classes"] == {"GPCR": 16, "other": 32}
     test = counts["test"]["classes"]
     assert test["GPCR"] / (test["GPCR"] + test["other"]) == pytest.approx(1 / 3)
