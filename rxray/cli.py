@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rxray: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a storage error that escaped the check before the step (e.g. a write refused later)
+        from rxray.storage_check import storage_error_cause
+
+        cause = storage_error_cause(exc)
+        if cause is None:
+            raise
+        print(f"rxray: error: storage: {cause}", file=sys.stderr)
+        return 2
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -45,6 +45,7 @@ from rxray.layout import MOA_FILE
 from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, Rerun, read_manifest, rerun_decision
 from rxray.runtime import Timer, package_versions, wait_for_a_free_cpu
 from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
+from rxray.storage_check import check_plan, check_reachable
 
 STEP_ORDER = PIPELINE_STEPS
 RUN_RECORD = "_pipeline.json"
@@ -375,18 +376,20 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
     record.finish("complete", seconds, report=report)
     from rxray.report.findings import run_findings  # pandas and the report: only once the steps are done
 
-    findings = run_findings(plan.layout.run)
-    for line in findings:
-        _say(line)
     _say(f"complete in {seconds:.1f} s ({len(ran)} steps run, {len(statuses) - len(ran)} skipped); "
          f"record: {record.uri}" + (f"; report: {report}" if report else ""))
+    findings = run_findings(plan.layout.run)
+    print("\nFindings" + (f" (the report opens with them: {report})" if report else "") + ":", file=sys.stderr)
+    for line in findings:
+        print(f"  {line}", file=sys.stderr, flush=True)
     return {"run": plan.layout.run, "status": "complete", "steps": statuses, "seconds": round(seconds, 3),
             "record": record.uri, "report": report, "findings": findings}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Validate every section of the pipeline file, then run the selected steps; returns the summary."""
-    return execute(plan_pipeline(cfg))
+    """Validate every section of the pipeline file and check its storage, then run the selected steps; the summary."""
+    check_reachable(cfg)  # before planning reads the source: an endpoint where nothing listens fails in seconds
+    return execute(check_plan(plan_pipeline(cfg)))
 
 
 __all__ = ["PipelineConfig", "Plan", "PlannedStep", "RunLayout", "STEP_ORDER", "execute", "find_report",

@@ -33,7 +33,11 @@ class Step:
         return resolve(self.config)
 
     def run(self, cfg: Any) -> Any:
-        """Run the step's function on a validated config."""
+        """Check every storage location of a validated config (one line for a mistake), then run the step on it."""
+        from rxray.storage_check import check_config  # imports storage, which `rxray --help` does not need
+
+        if self.name != "pipeline":  # the pipeline checks its file's URIs itself, knowing which of them it writes
+            check_config(cfg)
         return resolve(self.function)(cfg)
 
 

@@ -36,6 +36,11 @@ S3_MAX_ATTEMPTS = 10
 TRANSIENT_ARROW_ERROR = re.compile(r"AWS Error (INTERNAL_FAILURE|NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE"
                                    r"|UNKNOWN \(HTTP status 5\d\d\))")
 RETRY_BACKOFF_S, RETRY_MAX_BACKOFF_S = 0.05, 5.0
+# The storage check before a step (rxray/storage_check.py) must answer in seconds: an endpoint where nothing
+# listens is refused again on every attempt, and S3_MAX_ATTEMPTS of backoff made that a 65-71 s wait before a
+# traceback. Three attempts still ride out one 503 or reset; an endpoint that takes 5 s to accept a connection
+# is not one a step can work with.
+CHECK_MAX_ATTEMPTS, CHECK_CONNECT_TIMEOUT_S, CHECK_READ_TIMEOUT_S = 3, 5.0, 20.0
 Result = TypeVar("Result")
 
 
@@ -113,7 +118,8 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _s3_region() -> str:
+def s3_region() -> str:
+    """The region both S3 clients sign for: AWS_REGION, AWS_DEFAULT_REGION, else us-east-1."""
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
@@ -126,7 +132,7 @@ def _fsspec_filesystem(scheme: str, endpoint: str | None) -> fsspec.AbstractFile
             import s3fs  # noqa: F401
         except ImportError as exc:  # pragma: no cover - s3fs is a hard dependency
             raise StorageError("s3:// needs the s3fs package") from exc
-        client_kwargs: dict[str, Any] = {"region_name": _s3_region()}
+        client_kwargs: dict[str, Any] = {"region_name": s3_region()}
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
         return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False,
@@ -144,8 +150,19 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return _fsspec_filesystem(scheme, s3_endpoint() if scheme == "s3" else None), strip_scheme(uri)
 
 
+def s3_check_client() -> Any:
+    """A botocore S3 client for the storage check: the steps' endpoint, region and credentials, few short tries."""
+    import botocore.session
+    from botocore.config import Config
+
+    config = Config(connect_timeout=CHECK_CONNECT_TIMEOUT_S, read_timeout=CHECK_READ_TIMEOUT_S,
+                    retries={"max_attempts": CHECK_MAX_ATTEMPTS, "mode": "standard"})
+    return botocore.session.get_session().create_client("s3", region_name=s3_region(), endpoint_url=s3_endpoint(),
+                                                        config=config)
+
+
 def _arrow_s3_kwargs() -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"region": _s3_region(),
+    kwargs: dict[str, Any] = {"region": s3_region(),
                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     endpoint = s3_endpoint()
     if endpoint:
