@@ -84,8 +84,8 @@ def test_layout_is_exact(small_dataset):
 
     moa = pd.read_csv(os.path.join(root, MOA_FILE))
     assert list(moa.columns) == ["treatment", "moa"] and moa["treatment"].is_unique
-    assert set(meta["treatment"]) <= set(moa["treatment"]) and RARE_MOA in set(moa["moa"])
     truth = json.load(open(os.path.join(root, TRUTH_FILE)))
+    assert set(meta["treatment"]) - set(truth["unannotated"]) == set(moa["treatment"]) and RARE_MOA in set(moa["moa"])
     assert set(truth["treatments"]) == set(meta["treatment"]) - {layout.CONTROL}
     assert os.path.exists(os.path.join(root, "_manifest.json"))
 
@@ -98,7 +98,9 @@ def test_layout_is_exact(small_dataset):
         kind, direction = MOA_EFFECTS[planted["moa"]]
         assert planted["moa_kind"] == kind and np.sign(planted["moa_top_strength"]) == direction
         assert planted["moa_channel"] == cells.effect_channel(planted["moa_kind"]) + 1
-        assert planted["leading_channel"] == planted["moa_channel"]  # at moa_share 1.5 the mechanism leads
+        own_leading = abs(planted["own_parts"][0][1]) if planted["own_parts"] else 1.0  # interferons: one kind
+        mechanism_leads = abs(planted["moa_top_strength"]) > own_leading * abs(planted["top_strength"])
+        assert planted["leading_channel"] == (planted["moa_channel"] if mechanism_leads else planted["channel"])
         by_moa.setdefault(planted["moa"], set()).add(planted["moa_kind"])
     assert all(len(kinds) == 1 for kinds in by_moa.values()), by_moa
     assert any(sum(p["moa"] == moa and not p["null"] for p in truth["treatments"].values()) >= 2 for moa in by_moa)
@@ -177,29 +179,49 @@ def test_each_effect_kind_moves_its_own_stain_most(kind):
 def test_default_plan_gives_each_mechanism_a_shared_component_of_its_own():
     """No rendering: every treatment with a phenotype carries its mechanism's component, interferons included."""
     treatments = build_treatments(SynthConfig(out="x"))
-    assert len(treatments) == 16
+    assert len(treatments) == 24
     ifn_kind, ifn_direction = MOA_EFFECTS[INTERFERON_MOA]
     for t in treatments[:4]:
         assert (t.kind, t.top_strength, t.moa_kind) == (INTERFERON_EFFECTS[t.name], INTERFERON_STRENGTH, ifn_kind)
-        shared = ifn_direction * 1.5 * INTERFERON_STRENGTH
+        shared = ifn_direction * 1.0 * INTERFERON_STRENGTH  # moa_share 1: as strong as its own
         assert t.effects(10.0) == [(ifn_kind, pytest.approx(shared)), (t.kind, pytest.approx(INTERFERON_STRENGTH))]
     compounds = treatments[4:]
     assert compounds[0].moa == RARE_MOA and not compounds[0].null
     active = [t for t in compounds if not t.null]
     groups = pd.Series([t.moa for t in active]).value_counts()
-    assert (groups >= 2).sum() >= 2, groups  # true same-MoA relationships to recover
+    assert (groups >= 3).sum() >= 5, groups  # five mechanisms of three or more active compounds
     for t in active:
         kind, direction = MOA_EFFECTS[t.moa]
-        assert t.moa_kind == kind and t.moa_top_strength == pytest.approx(direction * 1.5 * abs(t.top_strength))
-        (moa_kind, moa_s), (own_kind, s) = t.effects(t.concentrations[-1])
-        assert moa_kind == kind and np.sign(moa_s) == direction and own_kind == t.kind
-        assert s == pytest.approx(t.top_strength)
-        if t.kind == kind:
-            assert np.sign(s) == direction  # a phenotype on the mechanism's own kind goes its way
+        assert t.moa_kind == kind and t.moa_top_strength == pytest.approx(direction * 1.0 * abs(t.top_strength))
+        (moa_kind, moa_s), *own = t.effects(t.concentrations[-1])
+        assert moa_kind == kind and np.sign(moa_s) == direction
+        # The individual phenotype: never the mechanism's kind, led by the listed kind, unit weights.
+        assert kind not in [k for k, _ in own] and own[0][0] == t.kind and len(own) == 3
+        assert np.sqrt(sum(w * w for _, w in t.own_parts)) == pytest.approx(1.0, abs=1e-4)
+        assert np.sqrt(sum(s_ * s_ for _, s_ in own)) == pytest.approx(abs(t.top_strength), abs=1e-4)
+    # The nulls are the last compounds, so the groups before them stay whole whatever the seed.
+    nulls = [i for i, t in enumerate(compounds) if t.null]
+    assert nulls == list(range(len(compounds) - len(nulls), len(compounds))) and len(nulls) == 3
     for t in compounds:
         if t.null:
             assert t.effects(t.concentrations[-1]) == [] and t.moa != RARE_MOA
+    # One active compound is left out of moa.csv: from a mechanism that keeps three annotated members.
+    (unannotated,) = [t for t in treatments if not t.annotated]
+    assert not unannotated.null and groups[unannotated.moa] >= 4
+    for seed in range(5):  # the same design on every draw; only which member goes unannotated moves
+        draw = build_treatments(SynthConfig(out="x", seed=seed))
+        assert [(t.name, t.moa, t.null) for t in draw] == [(t.name, t.moa, t.null) for t in treatments]
+        assert sum(not t.annotated for t in draw) == 1
     assert [t.null for t in build_treatments(SynthConfig(out="x", moa_share=0.0))] == [t.null for t in treatments]
+
+
+def test_compounds_past_the_named_ones_cycle_mechanisms_and_draw_their_own_kind():
+    treatments = build_treatments(SynthConfig(out="x", treatments=80, null_fraction=0.0))
+    generated = [t for t in treatments if t.name.startswith("cmpd-")]
+    assert generated and {t.moa for t in generated} > {"ER stress", "HDAC inhibitor"}
+    for t in generated:
+        assert t.kind != MOA_EFFECTS[t.moa][0] and t.kind in cells.EFFECTS
+    assert sum(t.moa == RARE_MOA for t in treatments) == 3  # one in RARE_EVERY = 30 of the 76 compounds
 
 
 def test_mechanisms_that_differ_share_no_component():

@@ -81,25 +81,29 @@ def metadata_csv(sites: list[Site]) -> str:
 
 
 def _moa_csv(treatments: list[Treatment]) -> str:
-    """moa.csv text: every treatment (controls included) and its mechanism class."""
+    """moa.csv text: every annotated treatment (controls included) and its mechanism class."""
     lines = ["treatment,moa", f"{layout.CONTROL},{CONTROL_MOA}"]
-    lines += [f"{t.name},{t.moa}" for t in treatments]
+    lines += [f"{t.name},{t.moa}" for t in treatments if t.annotated]
     return "\n".join(lines) + "\n"
 
 
 def _truth(cfg: SynthConfig, treatments: list[Treatment], batch: dict[str, Any]) -> dict[str, Any]:
     """The planted answers: each treatment's phenotype and channel, and the batch effects.
 
-    ``kind``/``channel`` are the individual phenotype and its stain; ``moa_kind``/``moa_channel``
+    ``kind``/``channel`` are the leading kind of the individual phenotype and its stain
+    (``own_parts`` all its kinds with their unit-length weights); ``moa_kind``/``moa_channel``
     the mechanism's shared component ("none"/None where absent); ``leading_channel`` the stain
-    of the stronger of the two, the one an attribution method should rank first.
+    of the stronger of the two, the one an attribution method should rank first. ``annotated``
+    is False for a compound left out of moa.csv (``unannotated`` lists them): its ``moa`` is the
+    answer a mechanism prediction should give.
     """
     table = {}
     for t in treatments:
         channel = None if t.null else cells.effect_channel(t.kind)
         own_channel = None if channel is None else channel + 1
         moa_channel = None if t.moa_kind == "none" else cells.effect_channel(t.moa_kind) + 1
-        mechanism_leads = moa_channel is not None and abs(t.moa_top_strength) > abs(t.top_strength)
+        leading_weight = abs(t.own_parts[0][1]) if t.own_parts else 1.0
+        mechanism_leads = moa_channel is not None and abs(t.moa_top_strength) > leading_weight * abs(t.top_strength)
         table[t.name] = dict(kind="none" if t.null else t.kind, null=t.null, moa=t.moa,
                              channel_index=channel, channel=own_channel,
                              channel_name=None if channel is None else layout.CHANNEL_NAMES[channel],
@@ -108,8 +112,10 @@ def _truth(cfg: SynthConfig, treatments: list[Treatment], batch: dict[str, Any])
                              leading_channel=moa_channel if mechanism_leads else own_channel,
                              moa_strength_per_conc=round(t.moa_strength_per_conc, 6),
                              moa_top_strength=round(t.moa_top_strength, 6),
-                             concentrations=list(t.concentrations))
+                             concentrations=list(t.concentrations), annotated=t.annotated,
+                             own_parts=[list(part) for part in t.own_parts])
     return dict(seed=cfg.seed, controls=[layout.CONTROL], rare_moa=RARE_MOA,
+                unannotated=[t.name for t in treatments if not t.annotated],
                 channels=[f"w{i + 1} {name} ({target})" for i, (name, target)
                           in enumerate(zip(layout.CHANNEL_NAMES, layout.CHANNEL_TARGETS))],
                 treatments=table, batch=batch)

@@ -22,11 +22,15 @@ from rxray.data import cells
 RARE_MOA = "GPCR"
 RARE_EVERY = 30  # one compound in 30 is a GPCR ligand: a few percent of sites, as in the MoA study
 INTERFERON_MOA = "interferon"
-# Each interferon's own phenotype, on a different stain each (IFN-beta's on actin, its mechanism's stain).
+# Each interferon's own phenotype, on a stain of its own (IFN-beta's on actin, its mechanism's stain); the others
+# sit on kinds that no mechanism of the default screen shares, as cytokines act through one pathway.
 INTERFERON_EFFECTS = dict(zip(layout.TREATMENT_GROUPS["interferons"],
-                              ["nuclear_size", "actin_fibres", "mito_clumping", "golgi"]))
-INTERFERON_STRENGTH = 0.7  # the individual part; the shared interferon response adds moa_share x this on actin
+                              ["cell_count", "actin_fibres", "nucleoli", "membrane"]))
+INTERFERON_STRENGTH = 0.85  # the individual part; the shared interferon response adds moa_share x this on actin
 INTERFERON_TOP_CONC = 10.0
+# A compound's own phenotype strength at its top dose, drawn uniformly (the shared part is moa_share x this). At the
+# default moa_share of 1 no single component exceeds 1.0, below the 1.2 the generator planted at moa_share 1.5.
+COMPOUND_STRENGTH = (0.6, 1.0)
 GPCR_LIGANDS = ["isoproterenol", "histamine", "carbachol", "clozapine", "haloperidol", "propranolol",
                 "loratadine", "salbutamol", "sumatriptan", "losartan", "metoprolol", "risperidone",
                 "olanzapine", "quetiapine", "ranitidine"]
@@ -49,28 +53,37 @@ MOA_EFFECTS = {
     "cytoskeleton": ("actin_fibres", -1.0),  # actin depolymerisers (cytochalasin, latrunculin): F-actin lost
     RARE_MOA: (GPCR_EFFECT, 1.0),
 }
-# (name, mechanism, individual phenotype kind) for the other compounds; past the list, names are
-# cmpd-NNNN and mechanisms cycle. The first eleven (the default dataset's compounds after one GPCR
-# ligand) form mechanism groups: 3 ER stress, 2 HDAC, 2 transcription, 2 kinase, 2 DNA damage; which of
-# them are the planted nulls depends on the seed. Some compounds' own kind differs from their mechanism's
-# (transcription inhibitors: nucleoli; dasatinib: actin), as drugs have effects besides their mechanism.
+# (name, mechanism, individual phenotype kind) of the other compounds, in mechanism groups of three or more, so
+# any screen that takes the first N holds whole groups (the default: ER stress, HDAC, DNA damage, mitochondrial
+# (four) and protein trafficking, after one GPCR ligand). A compound's own kind is never its mechanism's: it is
+# what sets compounds of one mechanism apart (off-target effects), and at moa_share 1 it is as strong as what
+# they share. Within a mechanism the own kinds differ, and no kind leads more than two of the default screen's
+# compounds, so no two mechanisms are pulled together by a kind their members happen to pile onto; some own
+# kinds are another mechanism's (doxorubicin's Hoechst quenching, brefeldin-A's ER, trichostatin-A's nuclear
+# swelling), as real compounds look partly like another class. Past the list, names are cmpd-NNNN, mechanisms
+# cycle and the own kind is drawn with the seed (never the mechanism's).
 COMPOUNDS = [
-    ("tunicamycin", "ER stress", "er_texture"), ("thapsigargin", "ER stress", "er_texture"),
-    ("dithiothreitol", "ER stress", "er_texture"), ("vorinostat", "HDAC inhibitor", "nuclear_intensity"),
-    ("trichostatin-A", "HDAC inhibitor", "nuclear_intensity"), ("actinomycin-D", "transcription inhibitor", "nucleoli"),
-    ("CX-5461", "transcription inhibitor", "nucleoli"), ("dasatinib", "kinase inhibitor", "actin_fibres"),
-    ("staurosporine", "kinase inhibitor", "cell_count"), ("etoposide", "DNA damage", "nuclear_size"),
-    ("doxorubicin", "DNA damage", "nuclear_size"), ("camptothecin", "DNA damage", "nuclear_intensity"),
-    ("rotenone", "mitochondrial", "mito_clumping"), ("FCCP", "mitochondrial", "mito_clumping"),
-    ("oligomycin", "mitochondrial", "mito_clumping"), ("bortezomib", "proteasome inhibitor", "cell_count"),
-    ("MG-132", "proteasome inhibitor", "cell_count"), ("brefeldin-A", "protein trafficking", "golgi"),
-    ("monensin", "protein trafficking", "golgi"), ("panobinostat", "HDAC inhibitor", "nuclear_intensity"),
-    ("BMH-21", "transcription inhibitor", "nucleoli"), ("cytochalasin-D", "cytoskeleton", "actin_fibres"),
-    ("latrunculin-B", "cytoskeleton", "actin_fibres"), ("nocodazole", "cytoskeleton", "nuclear_size"),
-    ("antimycin-A", "mitochondrial", "mito_clumping"), ("imatinib", "kinase inhibitor", "cell_count"),
-    ("golgicide-A", "protein trafficking", "golgi"), ("jasplakinolide", "cytoskeleton", "actin_fibres"),
-    ("exo1", "protein trafficking", "golgi"),
+    ("tunicamycin", "ER stress", "golgi"), ("thapsigargin", "ER stress", "mito_clumping"),
+    ("dithiothreitol", "ER stress", "nucleoli"),
+    ("vorinostat", "HDAC inhibitor", "rna_content"), ("trichostatin-A", "HDAC inhibitor", "nuclear_size"),
+    ("panobinostat", "HDAC inhibitor", "cell_count"),
+    ("etoposide", "DNA damage", "nucleoli"), ("doxorubicin", "DNA damage", "nuclear_intensity"),
+    ("camptothecin", "DNA damage", "rna_content"),
+    ("rotenone", "mitochondrial", "cell_count"), ("FCCP", "mitochondrial", "membrane"),
+    ("oligomycin", "mitochondrial", "er_texture"), ("antimycin-A", "mitochondrial", "actin_fibres"),
+    ("brefeldin-A", "protein trafficking", "er_texture"), ("monensin", "protein trafficking", "membrane"),
+    ("golgicide-A", "protein trafficking", "nuclear_size"),
+    ("dasatinib", "kinase inhibitor", "actin_fibres"), ("staurosporine", "kinase inhibitor", "nuclear_size"),
+    ("imatinib", "kinase inhibitor", "mito_clumping"),
+    ("actinomycin-D", "transcription inhibitor", "nucleoli"), ("CX-5461", "transcription inhibitor", "nuclear_size"),
+    ("BMH-21", "transcription inhibitor", "cell_count"),
+    ("bortezomib", "proteasome inhibitor", "cell_count"), ("MG-132", "proteasome inhibitor", "er_texture"),
+    ("carfilzomib", "proteasome inhibitor", "mito_clumping"),
+    ("cytochalasin-D", "cytoskeleton", "cell_count"), ("latrunculin-B", "cytoskeleton", "membrane"),
+    ("nocodazole", "cytoskeleton", "nuclear_size"), ("jasplakinolide", "cytoskeleton", "golgi"),
+    ("exo1", "protein trafficking", "nucleoli"), ("sunitinib", "kinase inhibitor", "golgi"),
 ]
+MECHANISM_CYCLE = [m for m in dict.fromkeys(moa for _, moa, _ in COMPOUNDS)]
 
 # Batch effects at batch_effects=1 (log-normal sd of gains, sd of offsets in grey levels): visible
 # and plate-structured, yet below the interferons' planted effects (exp(0.35..0.6) at the top dose).
@@ -92,11 +105,15 @@ class Treatment:
 
     name: str
     moa: str
-    kind: str  # a cells.EFFECTS kind: the treatment's individual phenotype
-    top_strength: float  # signed strength at the top concentration; 0 for a planted null
+    kind: str  # a cells.EFFECTS kind: the leading kind of the treatment's individual phenotype
+    top_strength: float  # signed strength of the individual phenotype at the top concentration; 0 for a planted null
     concentrations: tuple[float, ...]  # ascending
     moa_kind: str = "none"  # the mechanism's shared phenotype (MOA_EFFECTS); "none" for a planted null
     moa_top_strength: float = 0.0  # its signed strength at the top concentration (the mechanism's direction)
+    # The individual phenotype as (kind, weight) parts, weights of unit length (the leading `kind` first, with
+    # its sign); one part (kind, 1.0) when it sits on one kind.
+    own_parts: tuple[tuple[str, float], ...] = ()
+    annotated: bool = True  # False: left out of moa.csv (its mechanism is known only to truth.json)
 
     @property
     def null(self) -> bool:
@@ -118,7 +135,8 @@ class Treatment:
         if self.null:
             return []
         shared = [] if self.moa_kind == "none" else [(self.moa_kind, self.moa_strength_per_conc * conc)]
-        return shared + [(self.kind, self.strength_per_conc * conc)]
+        parts = self.own_parts or ((self.kind, math.copysign(1.0, self.top_strength)),)
+        return shared + [(kind, weight * abs(self.strength_per_conc) * conc) for kind, weight in parts]
 
 
 def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
@@ -126,12 +144,43 @@ def _dose_ladder(top: float, doses: int) -> tuple[float, ...]:
     return tuple(float(f"{top / 2 ** (doses - 1 - d):.6g}") for d in range(doses))
 
 
+# The individual phenotype of a compound spreads over this many kinds, the listed one leading: two compounds of
+# different mechanisms rarely share all of it, as two real compounds rarely share their off-target effects.
+OWN_PARTS = 3
+OWN_LEADING_WEIGHT = 0.75  # the listed kind's share (unit-length weights); the others split the rest at random
+
+
+def _own_parts(rng: np.random.Generator, leading: str, moa_kind: str, sign: float) -> tuple[tuple[str, float], ...]:
+    """A compound's individual phenotype: its leading kind plus OWN_PARTS - 1 others (never the mechanism's)."""
+    others = [k for k in sorted(cells.EFFECTS) if k not in (leading, moa_kind)]
+    extra = [others[i] for i in rng.choice(len(others), OWN_PARTS - 1, replace=False)]
+    rest = rng.dirichlet(np.ones(OWN_PARTS - 1)) * (1.0 - OWN_LEADING_WEIGHT ** 2)
+    weights = [sign * OWN_LEADING_WEIGHT] + [float(np.sqrt(w)) * rng.choice([-1.0, 1.0]) for w in rest]
+    return tuple((kind, round(float(w), 6)) for kind, w in zip([leading, *extra], weights))
+
+
+def _compound(rng: np.random.Generator, seed: int, index: int, rare: bool) -> tuple[str, str, str]:
+    """(name, mechanism, leading own kind) of the index-th non-interferon compound (see COMPOUNDS)."""
+    if rare:
+        name = GPCR_LIGANDS[index // RARE_EVERY] if index // RARE_EVERY < len(GPCR_LIGANDS) else f"cmpd-{index + 1:04d}"
+        moa = RARE_MOA
+    else:
+        j = index - index // RARE_EVERY - 1
+        if j < len(COMPOUNDS):
+            return COMPOUNDS[j]
+        name, moa = f"cmpd-{index + 1:04d}", MECHANISM_CYCLE[j % len(MECHANISM_CYCLE)]
+    kinds = [k for k in sorted(cells.EFFECTS) if k != MOA_EFFECTS[moa][0]]
+    return name, moa, kinds[int(stable_rng(seed, "own kind", name).integers(len(kinds)))]
+
+
 def build_treatments(cfg: SynthConfig) -> list[Treatment]:
-    """The interferons first, then named compounds (one in RARE_EVERY a GPCR ligand); some planted null.
+    """The interferons first, then compounds in mechanism groups (one in RARE_EVERY a GPCR ligand).
 
     A treatment's phenotype is its mechanism's shared component (MOA_EFFECTS, strength
-    cfg.moa_share x its own, in the mechanism's direction) plus its individual kind, whose
-    sign may be negative unless it is the mechanism's own kind.
+    cfg.moa_share x its own, in the mechanism's direction) plus its individual phenotype
+    (:func:`_own_parts`; a single kind for the interferons). The last ``null_fraction`` of the
+    compounds that are not GPCR ligands are planted nulls, so the groups at the front stay
+    whole whatever the seed; then ``cfg.unannotated`` active compounds are left out of moa.csv.
     """
     rng = stable_rng(cfg.seed, "treatments")
     ifn_kind, ifn_direction = MOA_EFFECTS[INTERFERON_MOA]
@@ -142,24 +191,38 @@ def build_treatments(cfg: SynthConfig) -> list[Treatment]:
     others = []
     for i in range(cfg.treatments - len(treatments)):
         rare = i % RARE_EVERY == 0
-        pool = [(n, RARE_MOA, GPCR_EFFECT) for n in GPCR_LIGANDS] if rare else COMPOUNDS
-        j = i // RARE_EVERY if rare else i - i // RARE_EVERY - 1
-        name = pool[j][0] if j < len(pool) else f"cmpd-{i + 1:04d}"
-        _, moa, kind = pool[j % len(pool)]
+        name, moa, kind = _compound(rng, cfg.seed, i, rare)
         moa_kind, direction = MOA_EFFECTS[moa]
-        sign = 1.0 if rare or rng.random() < 0.7 else -1.0
-        if kind == moa_kind:
-            sign = direction  # a phenotype on the mechanism's own kind goes the mechanism's way
+        sign = 1.0 if rng.random() < 0.7 else -1.0
         top = float(rng.choice([1.0, 3.0, 10.0]))
-        strength = float(rng.uniform(0.3, 0.8))
-        others.append(Treatment(name, moa, kind, sign * strength, _dose_ladder(top, cfg.doses),
-                                moa_kind, direction * cfg.moa_share * strength))
-    # Nulls among the non-rare compounds only, so the rare class always has a phenotype to learn.
+        strength = float(rng.uniform(*COMPOUND_STRENGTH))
+        parts = _own_parts(stable_rng(cfg.seed, "own parts", name), kind, moa_kind, sign)
+        others.append(Treatment(name, moa, kind, sign * strength, _dose_ladder(top, cfg.doses), moa_kind,
+                                direction * cfg.moa_share * strength, parts))
+    # Nulls among the compounds that are not GPCR ligands, from the end, so the rare class always has a phenotype.
     candidates = [i for i, t in enumerate(others) if t.moa != RARE_MOA]
-    n_null = min(len(candidates), math.ceil(cfg.null_fraction * len(others)))
-    for i in rng.permutation(candidates)[:n_null]:
-        others[i] = dataclasses.replace(others[i], top_strength=0.0, moa_kind="none", moa_top_strength=0.0)
-    return treatments + others
+    n_null = min(len(candidates), math.ceil(round(cfg.null_fraction * len(others), 9)))
+    for i in candidates[len(candidates) - n_null:]:
+        others[i] = dataclasses.replace(others[i], top_strength=0.0, moa_kind="none", moa_top_strength=0.0,
+                                        own_parts=())
+    return treatments + _leave_unannotated(cfg, others)
+
+
+def _leave_unannotated(cfg: SynthConfig, compounds: list[Treatment]) -> list[Treatment]:
+    """Up to ``cfg.unannotated`` active compounds marked unannotated: one per mechanism, largest mechanisms first.
+
+    Only a mechanism with three or more active compounds gives one up, so at least two
+    annotated ones remain for a leave-one-out prediction to name it; which member goes
+    is drawn with the seed.
+    """
+    groups: dict[str, list[str]] = {}
+    for t in compounds:
+        if not t.null and t.moa != RARE_MOA:
+            groups.setdefault(t.moa, []).append(t.name)
+    eligible = sorted((moa for moa, names in groups.items() if len(names) >= 3), key=lambda m: (-len(groups[m]), m))
+    rng = stable_rng(cfg.seed, "unannotated")
+    chosen = {groups[moa][int(rng.integers(len(groups[moa])))] for moa in eligible[:cfg.unannotated]}
+    return [dataclasses.replace(t, annotated=False) if t.name in chosen else t for t in compounds]
 
 
 @dataclass(frozen=True)
