@@ -49,18 +49,22 @@ class SynthConfig:
     out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True, role="resource")
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
     plates: int = option(2, "plates per experiment", minimum=1)
-    wells: int = option(56, "wells per plate, controls included", minimum=2, maximum=1536)
+    wells: int = option(80, "wells per plate, controls included", minimum=2, maximum=1536)
     sites: int = option(2, "sites (fields of view) per well", minimum=1)
     size: int = option(128, "image side in pixels (the real data is 1024)", minimum=32, maximum=4096)
-    treatments: int = option(16, "number of non-control treatments (the first four are the interferons)",
-                             minimum=1)
+    treatments: int = option(24, "number of non-control treatments (the first four are the interferons, then "
+                                 "compounds in mechanism groups of three or more)", minimum=1)
     controls: int = option(8, "EMPTY control wells per plate", minimum=1)
-    null_fraction: float = option(0.25, "fraction of non-interferon treatments planted with no effect",
+    null_fraction: float = option(0.15, "fraction of non-interferon compounds planted with no effect (the last "
+                                        "ones, so the mechanism groups before them stay whole)",
                                   minimum=0.0, maximum=1.0)
     doses: int = option(3, "concentrations per treatment (a halving ladder; effects grow with dose)", minimum=1)
-    moa_share: float = option(1.5, "strength of the phenotype a compound shares with its mechanism-of-action "
-                                    "class, as a fraction of its own (0: no shared component)",
-                              minimum=0.0, maximum=2.0)
+    moa_share: float = option(1.0, "strength of the phenotype a compound shares with its mechanism-of-action "
+                                    "class, as a fraction of its own (0: no shared component; 1: as strong as its "
+                                    "own)", minimum=0.0, maximum=2.0)
+    unannotated: int = option(1, "active compounds left out of moa.csv, one per mechanism of three or more "
+                                 "(truth.json keeps their mechanism): the compounds whose mechanism a screen "
+                                 "is run to find", minimum=0)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
                                   minimum=0.0, maximum=5.0)
     chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
@@ -221,11 +225,16 @@ class ScoreConfig:
     permutations: int = option(1000, "label permutations for mAP p-values", minimum=10)
     fdr: float = option(0.05, "false-discovery rate for calling a treatment active", minimum=0.0, maximum=1.0)
     seed: int = option(0, "random seed for forests, folds and permutations")
-    moa: Optional[str] = option(None, "moa.csv (treatment,moa) to benchmark the treatment similarity map against "
-                                      "(default: no benchmark; the map is still built)", uri=True)
+    moa: Optional[str] = option(None, "moa.csv (treatment,moa): benchmarks the treatment map and predicts the "
+                                      "mechanism of every active treatment, leave-one-compound-out for annotated "
+                                      "ones (default: the moa.csv beside the dataset the embeddings came from, if "
+                                      "any; else no prediction, the map is still built)", uri=True)
     map_neighbors: int = option(5, "nearest treatments listed per treatment in the similarity map", minimum=1)
     map_permutations: int = option(1000, "MoA-label permutations for the similarity map's benchmark p-values",
                                    minimum=10)
+    moa_neighbours: int = option(3, "nearest annotated active treatments whose similarity-weighted vote predicts "
+                                    "each active treatment's mechanism (3: a mechanism of three compounds keeps two "
+                                    "voters when one is held out)", minimum=1)
 
 
 @dataclass
@@ -302,8 +311,11 @@ class FinetuneConfig:
     channels: list[int] = option([1, 2, 3, 4, 5, 6], "1-based stains to train on, e.g. 1,3,5",
                                  minimum=1, maximum=6, role="identity")
     class_weights: str = option("auto", "auto: loss weights inverse to class frequency; none", choices=["auto", "none"])
-    split_by: str = option("plate", "group for train/val/test splits (never by image)", choices=["plate", "experiment"],
-                           role="identity")
+    split_by: str = option("plate", "group for train/val/test splits, never by image: plate or experiment (does it "
+                                    "generalise to a new batch?), or treatment (every dose and replicate of a "
+                                    "compound in one split, each class's compounds dealt to every split: what does "
+                                    "it say of a compound it has never seen?)",
+                           choices=["plate", "experiment", "treatment"], role="identity")
     val_frac: float = option(0.2, "fraction of groups for validation", minimum=0.0, maximum=0.5, role="identity")
     test_frac: float = option(0.2, "fraction of groups for test", minimum=0.0, maximum=0.5, role="identity")
     epochs: int = option(10, "training epochs", minimum=1, role="extent")
