@@ -14,7 +14,8 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from rxray import storage
-from rxray.batch.score import plate_folds, plate_matched_controls, score
+from rxray.batch.forest import plate_folds, plate_matched_controls
+from rxray.batch.score import score
 from rxray.cli import main
 from rxray.config import ScoreConfig, load_config
 from rxray import layout

@@ -35,10 +35,10 @@ from rxray.batch.attribution import (IMPORTANCE_METHOD, channel_importance, grad
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
 from rxray.config import ConfigError, ExplainConfig, config_to_dict
 from rxray.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
-from rxray.data.shards import IMAGE_COLUMN, read_shards
+from rxray.data.shards import IMAGE_COLUMN, read_shards, source_file
 from rxray.errors import StepFailed
 from rxray.models.checkpoints import CLASSIFIER_KEYS, model_provenance, require_checkpoint
-from rxray.outputs import MANIFEST_FILE, read_manifest, write_manifest
+from rxray.outputs import MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer, ensure_ray
 
 if TYPE_CHECKING:
@@ -249,10 +249,8 @@ def _planted_channels(cfg: ExplainConfig) -> tuple[dict[str, int | None] | None,
 
     uri = cfg.truth
     if uri is None:
-        manifest = read_manifest(cfg.data) or {}
-        source = (manifest.get("config") or {}).get("source")
-        uri = storage.join(source, TRUTH_FILE) if source else None
-        if uri is None or not storage.exists(uri):
+        uri = source_file(cfg.data, TRUTH_FILE)
+        if uri is None:
             return None, None
     elif not storage.exists(uri):
         raise ConfigError("explain.truth", f"file not found: {uri}")

@@ -118,6 +118,13 @@ def shard_manifest(uri: str) -> dict[str, Any]:
     return manifest
 
 
+def source_file(shards: str, name: str) -> str | None:
+    """A file (e.g. moa.csv, truth.json) beside the dataset the shards were ingested from, if it exists there."""
+    source = ((read_manifest(shards) or {}).get("config") or {}).get("source")
+    uri = storage.join(source, name) if source else None
+    return uri if uri is not None and storage.exists(uri) else None
+
+
 def channel_stats(uri: str) -> tuple[list[float], list[float]]:
     """Per-channel intensity mean and std (uint8 units) recorded by ingest, for normalisation."""
     manifest = shard_manifest(uri)

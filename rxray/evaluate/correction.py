@@ -120,6 +120,19 @@ def _correct(X: np.ndarray, plates: np.ndarray, reference: np.ndarray, method: s
     return np.ascontiguousarray(corrected, dtype=np.float32)
 
 
+def sphere(profiles: np.ndarray) -> np.ndarray:
+    """Profiles whitened on themselves (Ledoit-Wolf-shrunk PCA whitening fitted on every row), float32.
+
+    For relating treatments to each other after a correction (the treatment map), as
+    pycytominer's ``spherize`` does with its default ``samples="all"``: the few directions
+    along which every treatment moves (a generic "perturbed" axis, cell density) would
+    otherwise dominate every cosine and make all active treatments look alike.
+    """
+    with threadpool_limits(limits=1):  # as correct(): the same numbers whatever the driver's thread count
+        mean, whitening = fit_whitening(profiles)
+        return np.ascontiguousarray((np.asarray(profiles, dtype=np.float64) - mean) @ whitening, dtype=np.float32)
+
+
 def split_controls(well_ids: pd.Series, plates: pd.Series, is_control: np.ndarray, seed: int) -> np.ndarray:
     """Per plate, a seeded half (rounded up) of the control wells: True = reference (fits), False = comparison.
 

@@ -36,16 +36,23 @@ import pandas as pd
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
+from rxray.evaluate.moa_prediction import (DEFAULT_NEIGHBOURS, PREDICTION_FILE, leave_one_out_benchmark,
+                                          moa_retrieval, predict_mechanisms)
 from rxray.evaluate.profiles import benjamini_hochberg
 
 CONTROL_MOA = "control"  # the MoA class of controls in moa.csv: never part of the benchmark
 TOP_FRACTION = 0.05  # EFAAR's top and bottom 5% of pairs
 TOP_PAIRS = 10  # the most similar pairs listed with their MoAs
+# The recall test is reported only with at least this many same-MoA pairs among the related treatments (and a tail
+# long enough for p <= 0.05 to be possible, p_floor): with fewer, the recall moves in steps of 25% or more, and the
+# handful of pairs in the top 5% makes its p-value a coin toss rather than a finding.
+MIN_SAME_MOA_PAIRS = 5
 # Average linkage cut: a cluster's members have mean cosine similarity of at least 1 - this.
 CLUSTER_DISTANCE = 0.5
 # What `rxray score` writes beside its score table (the report and the findings read them by these names).
 MAP_FILES = {"similarity": "treatment_similarity.parquet", "clusters": "treatment_clusters.csv",
-             "neighbors": "treatment_neighbors.csv", "doses": "treatment_doses.csv", "summary": "treatment_map.json"}
+             "neighbors": "treatment_neighbors.csv", "doses": "treatment_doses.csv", "summary": "treatment_map.json",
+             "mechanisms": PREDICTION_FILE}
 
 
 # --------------------------------------------------------------------------- the map
@@ -264,7 +271,8 @@ def moa_consistency(similarity: np.ndarray, labels: Sequence[Any], permutations:
 def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Sequence[str] = ("EMPTY",),
                   moa: pd.DataFrame | dict | None = None, neighbors: int = 5, permutations: int = 1000,
                   seed: int = 0, fraction: float = TOP_FRACTION,
-                  active: Collection[str] | None = None) -> dict[str, Any]:
+                  active: Collection[str] | None = None, moa_neighbours: int = DEFAULT_NEIGHBOURS,
+                  mechanism_profiles: np.ndarray | None = None) -> dict[str, Any]:
     """The whole map of one set of well profiles: tables (similarity, clusters, neighbors, doses) and benchmark.
 
     With ``active`` (the treatments called active under this correction), only those are
@@ -274,7 +282,11 @@ def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Seque
     nothing about their mechanisms, and two inactive compounds of one class would count as a
     recovered relationship. Such a treatment keeps its row in the similarity matrix, is
     listed in the clusters table with cluster 0 after the clustered ones, and has no
-    neighbours; the benchmark counts the related treatments only.
+    neighbours; the benchmark counts the related treatments only. With ``moa``, every related
+    treatment also gets a predicted mechanism from its ``moa_neighbours`` nearest annotated
+    ones (``mechanisms``; :mod:`rxray.evaluate.moa_prediction`), benchmarked leave-one-compound-out
+    and as MoA retrieval (``benchmark["moa_prediction"]``, ``benchmark["moa_retrieval"]``), on
+    ``mechanism_profiles`` (well rows as ``profiles``; default: ``profiles`` themselves).
     """
     table, consensus = consensus_profiles(well_meta, profiles, controls)
     names = table["treatment"].astype(str).tolist()
@@ -300,6 +312,7 @@ def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Seque
     benchmark: dict[str, Any] = {"n_treatments": len(names), "n_related": len(kept),
                                  "n_clusters": int(len(np.unique(kept_cluster)))}
     per_moa = pd.DataFrame(columns=["moa", "n_treatments", "map", "null_mean", "p_value", "q_value"])
+    mechanisms = None
     if moa is not None:
         benchmark.update(known_relationship_recall(kept_similarity, labels, fraction, permutations, seed))
         per_moa = moa_consistency(kept_similarity, labels, permutations, seed)
@@ -307,6 +320,21 @@ def treatment_map(well_meta: pd.DataFrame, profiles: np.ndarray, controls: Seque
         benchmark["top_pairs"] = most_similar_pairs(kept_names, kept_similarity, labels)
         benchmark["mean_moa_map"] = float(per_moa["map"].mean()) if len(per_moa) else float("nan")
         benchmark["n_moas_consistent"] = int((per_moa["q_value"] <= 0.05).sum()) if len(per_moa) else 0
+        mechanism_wells = profiles if mechanism_profiles is None else mechanism_profiles
+        mechanism_table, mechanism_consensus = consensus_profiles(well_meta, mechanism_wells, controls)
+        order = pd.Index(mechanism_table["treatment"].astype(str)).get_indexer(names)
+        mechanism_similarity = cosine_similarity(mechanism_consensus)[np.ix_(order, order)]
+        mechanisms = predict_mechanisms(names, mechanism_similarity, annotate(names, moa, controls), related,
+                                        moa_neighbours)
+        rows = [k for k, label in zip(kept, labels) if label is not None]  # the annotated active treatments
+        reference = {names[k]: label for k, label in zip(kept, labels) if label is not None}
+        benchmark["moa_prediction"] = leave_one_out_benchmark(mechanism_similarity[np.ix_(rows, rows)],
+                                                              list(reference.values()), moa_neighbours,
+                                                              permutations, seed)
+        batches = ("experiment",) if "experiment" in well_meta.columns else ()  # a batch: RxRx2's experiment
+        batch_table, batch_profiles = consensus_profiles(well_meta, mechanism_wells, controls,
+                                                         by=("treatment", "treatment_conc", *batches))
+        benchmark["moa_retrieval"] = moa_retrieval(batch_table, batch_profiles, reference, permutations, seed)
     return dict(names=names, similarity=similarity, clusters=clusters.reset_index(drop=True),
                 neighbors=nearest_neighbors(kept_names, kept_similarity, neighbors), doses=dose_table,
-                benchmark=benchmark, moa=per_moa)
+                benchmark=benchmark, moa=per_moa, mechanisms=mechanisms)
