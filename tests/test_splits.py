@@ -96,3 +96,54 @@ def test_counts_and_files_round_trip(tmp_path):
     assert dict(zip(table["group"], table["split"])) == assignment and table["sites"].tolist() == [6] * 4
     json.dumps(document)  # strict JSON
     assert read_splits(str(tmp_path / "nothing")) is None
+
+
+def _compound_screen() -> pd.DataFrame:
+    """Sites of 4 mechanisms x 3-5 compounds on 4 plates, every compound on every plate, plus control wells."""
+    rows = []
+    mechanisms = {"ER": 3, "HDAC": 4, "DNA": 3, "mito": 5}
+    for plate in range(1, 5):
+        for moa, n in mechanisms.items():
+            for c in range(n):
+                for site in (1, 2):
+                    rows.append({"experiment": "HUVEC-1", "plate": plate, "well_id": f"HUVEC-1_{plate}_{moa}{c}",
+                                 "treatment": f"{moa}-{c}", "moa": moa, "site": site})
+        for well in range(6):
+            rows.append({"experiment": "HUVEC-1", "plate": plate, "well_id": f"HUVEC-1_{plate}_E{well}",
+                         "treatment": "EMPTY", "moa": "control", "site": 1})
+    return pd.DataFrame(rows)
+
+
+def test_a_compound_split_keeps_every_compound_in_one_split_and_every_mechanism_in_each():
+    from rxray.data.splits import assign_compound_splits
+
+    sites = _compound_screen()
+    groups = group_keys(sites, "treatment")
+    treated = sites["treatment"] != "EMPTY"
+    compounds = sites[treated].groupby("treatment")["moa"].first().to_dict()
+    assignment = assign_compound_splits(compounds, groups[~treated].unique(), 0.2, 0.2, seed=0)
+    split_of_site = groups.map(assignment)
+    assert split_of_site.notna().all()
+    for compound, rows in sites[treated].groupby("treatment"):
+        assert split_of_site[rows.index].nunique() == 1, compound  # all doses, plates and sites together
+    for moa in ("ER", "HDAC", "DNA", "mito"):
+        splits = set(split_of_site[sites["moa"] == moa])
+        assert splits == {"train", "val", "test"}, (moa, splits)
+    control_wells = sites[~treated].groupby("well_id").apply(lambda rows: split_of_site[rows.index].nunique())
+    assert (control_wells == 1).all() and set(split_of_site[~treated]) == {"train", "val", "test"}
+    assert assignment == assign_compound_splits(dict(reversed(list(compounds.items()))),
+                                                groups[~treated].unique()[::-1], 0.2, 0.2, seed=0)  # deterministic
+
+
+def test_a_mechanism_with_too_few_compounds_is_named_in_one_line():
+    from rxray.data.splits import assign_compound_splits
+
+    compounds = {"a": "ER", "b": "ER", "c": "ER", "d": "GPCR", "e": "kinase", "f": "kinase"}
+    with pytest.raises(ValueError) as error:
+        assign_compound_splits(compounds, [], 0.2, 0.2, seed=0)
+    message = str(error.value)
+    assert "\n" not in message and "at least 3 compounds per class" in message
+    assert "GPCR (1)" in message and "kinase (2)" in message and "ER" not in message.split("too few:")[1]
+    # Without a validation split two compounds are enough.
+    assert set(assign_compound_splits({k: v for k, v in compounds.items() if v != "GPCR"}, [], 0.0, 0.3,
+                                      seed=0).values()) == {"train", "test"}

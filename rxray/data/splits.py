@@ -1,4 +1,4 @@
-"""Train/validation/test splits by group (plate or experiment), never by image.
+"""Train/validation/test splits by group (plate, experiment or compound), never by image.
 
 Sites of one well are near-duplicates and plates carry their own batch effects, so
 a split that puts sites of one plate on both sides leaks. Whole groups are dealt to
@@ -10,6 +10,13 @@ fewest (split, class) pairs.
 
 A plate group is ``<experiment>_<plate>`` (RxRx2 numbers plates 1..12 within each
 experiment, so the plate number alone would merge plates of different experiments).
+
+By compound (``treatment``) asks what a classifier says of a compound it has never seen:
+every treatment, all its doses and replicates, goes to one split, and each class's
+compounds are dealt separately (:func:`assign_compound_splits`), so every class with
+enough compounds has one in validation and test and the rest in training. Control
+(EMPTY) sites are no compound: their wells are dealt like plates, so every split holds
+controls and no control well spans two splits.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import numpy as np
 import pandas as pd
 
 from rxray import storage
+from rxray.layout import CONTROL
 
 SPLITS = ("train", "val", "test")
-GROUP_BY = ("plate", "experiment")
+GROUP_BY = ("plate", "experiment", "treatment")
+CONTROL_WELL_PREFIX = CONTROL + "@"  # the split group of a control well under a compound split
 SPLITS_CSV = "splits.csv"
 SPLITS_JSON = "splits.json"
 # Seeded shuffles tried in search of one with every class in validation and test; cheap
@@ -34,9 +43,14 @@ SHUFFLES_TRIED = 64
 
 
 def group_keys(frame: pd.DataFrame, by: str) -> pd.Series:
-    """The split group of every row: ``<experiment>_<plate>`` for plate, the experiment name for experiment."""
+    """The split group of every row: ``<experiment>_<plate>`` for plate, the experiment name for experiment,
+    the treatment for treatment (``EMPTY@<well_id>`` for a control site)."""
     if by not in GROUP_BY:
         raise ValueError(f"unknown split group {by!r}; choose one of {', '.join(GROUP_BY)}")
+    if by == "treatment":
+        treatment = frame["treatment"].astype(str)
+        control = treatment == CONTROL
+        return treatment.where(~control, CONTROL_WELL_PREFIX + frame["well_id"].astype(str)).rename("group")
     experiment = frame["experiment"].astype(str)
     if by == "experiment":
         return experiment.rename("group")
@@ -79,6 +93,39 @@ def assign_splits(groups: Iterable[str], val_frac: float, test_frac: float, seed
         if missing == 0:
             break
     return dict(sorted(best.items()))
+
+
+def assign_compound_splits(class_of_compound: Mapping[str, str], control_wells: Iterable[str], val_frac: float,
+                           test_frac: float, seed: int) -> dict[str, str]:
+    """Compound (and control-well group) -> split: each class's compounds dealt on their own, with the seed.
+
+    Every class gets at least one compound in each split with a non-zero fraction and one
+    in training; ValueError names the classes with too few compounds for that.
+    """
+    needed = 1 + (val_frac > 0) + (test_frac > 0)
+    by_class: dict[str, list[str]] = {}
+    for compound, label in sorted(class_of_compound.items()):
+        by_class.setdefault(str(label), []).append(str(compound))
+    short = {label: len(compounds) for label, compounds in by_class.items() if len(compounds) < needed}
+    if short:
+        listed = ", ".join(f"{label} ({n})" for label, n in sorted(short.items()))
+        raise ValueError(f"a split by compound needs at least {needed} compounds per class (one for each of "
+                         f"train{', val' if val_frac > 0 else ''}{', test' if test_frac > 0 else ''}); too few: "
+                         f"{listed}: leave them out with --classes, or lower --val-frac to 0")
+    assignment: dict[str, str] = {}
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_class):
+        compounds = by_class[label]
+        sizes = split_sizes(len(compounds), val_frac, test_frac)
+        assignment.update(_deal([compounds[i] for i in rng.permutation(len(compounds))], sizes))
+    wells = sorted(set(map(str, control_wells)))
+    if wells:
+        try:
+            sizes = split_sizes(len(wells), val_frac, test_frac)
+        except ValueError:  # too few control wells to deal: they all train
+            sizes = (len(wells), 0, 0)
+        assignment.update(_deal([wells[i] for i in rng.permutation(len(wells))], sizes))
+    return dict(sorted(assignment.items()))
 
 
 def _deal(order: Sequence[str], sizes: tuple[int, int, int]) -> dict[str, str]:

@@ -37,12 +37,15 @@ from rxray.train.epoch_log import read_metrics
 from rxray.train.epochs import RunSettings
 from rxray.train.loop import cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
 from rxray.train.plate_norm import plate_gains
-from rxray.train.predictions import FIGURES, PREDICTION_COLUMNS, plate_control_zscores, predict, write_evaluation
+from rxray.train.predictions import (FIGURES, PREDICTION_COLUMNS, UNLABELLED_FILE, WORKER_PREDICTIONS_FILE,
+                                     compound_predictions, plate_control_zscores, predict, read_worker_predictions,
+                                     write_evaluation)
 from rxray.train.tasks import (TaskPlan, class_weights, make_splits, plan_task, read_metadata, split_dataset,
-                               write_split_files)
+                               unlabelled_dataset, unlabelled_treatments, write_split_files)
 
 if TYPE_CHECKING:
     import pandas as pd
+    import ray.data
 
 RUN_NAME = "classifier"
 MODEL_FILE = CHECKPOINT_FILE  # <out>/checkpoint.pt: the selected (best validation) model
@@ -63,13 +66,14 @@ class _Run:
     done: int
     resume_from: str | None
     stopped: bool
+    unlabelled: list[str] = dataclasses.field(default_factory=list)  # treated compounds without a label
+    unlabelled_sites: int = 0
     gains: dict[str, list[float]] | None = None  # plate group -> stain gains, once measured
 
     def plate_gains(self, cfg: FinetuneConfig) -> dict[str, list[float]]:
         """The plate gains of the task's plates ({} with --no-plate-norm), measured on first use."""
         if self.gains is None:
-            plates = [g for members in self.splits["members"].values() if members
-                      for g in plate_groups(*zip(*members))]
+            plates = plate_groups(*zip(*self.splits["plates"]))
             self.gains = plate_gains(cfg.data, plates) if cfg.plate_norm else {}
         return self.gains
 
@@ -122,6 +126,8 @@ def _prepare(cfg: FinetuneConfig) -> _Run:
     start = _starting_point(cfg)
     meta = read_metadata(cfg)
     plan = plan_task(cfg, meta[cfg.label_col].tolist())
+    unlabelled = unlabelled_treatments(meta, cfg.label_col)
+    unlabelled_sites = int(meta["treatment"].isin(unlabelled).sum())
     meta["class"] = plan.class_indices(meta[cfg.label_col])
     meta = meta[meta["class"] >= 0].reset_index(drop=True)
     controls = meta["treatment"] == CONTROL
@@ -131,7 +137,7 @@ def _prepare(cfg: FinetuneConfig) -> _Run:
     splits = make_splits(cfg, meta, plan)
     _check_rerun(cfg, splits)
     done, resume_from, stopped = _training_state(cfg)
-    return _Run(mean, std, start, plan, splits, done, resume_from, stopped)
+    return _Run(mean, std, start, plan, splits, done, resume_from, stopped, unlabelled, unlabelled_sites)
 
 
 def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
@@ -148,16 +154,22 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
     datasets = {"train": split_dataset(cfg, run.plan, run.splits, "train", gains=gains)}
     if run.splits["counts"]["val"]["sites"]:
         datasets["val"] = split_dataset(cfg, run.plan, run.splits, "val", gains=gains)
+    rows = {name: run.splits["counts"][name]["sites"] for name in datasets}
+    if run.splits["counts"]["test"]["sites"]:  # what evaluation scores: predicted by the trained worker itself
+        splits = _evaluated_splits(cfg, run)
+        datasets["predict"] = _prediction_dataset(cfg, run, splits)
+        rows["predict"] = sum(run.splits["counts"][split]["sites"] for split in splits) + run.unlabelled_sites
     image_side = shard_image_side(cfg.data)
-    datasets = cache_datasets(datasets, {name: run.splits["counts"][name]["sites"] for name in datasets},
-                              N_CHANNELS * image_side ** 2, cfg.cache, "finetune")
+    datasets = cache_datasets(datasets, rows, N_CHANNELS * image_side ** 2, cfg.cache, "finetune")
     settings = RunSettings(step="finetune", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs,
                            batch_size=cfg.batch_size, seed=cfg.seed, image_side=image_side,
                            channel_mean=list(run.channel_mean), channel_std=list(run.channel_std),
                            cpus_per_worker=cpus, threads=cfg.threads, resume_from=run.resume_from,
                            stall_timeout_s=cfg.stall_timeout, train_rows=run.splits["counts"]["train"]["sites"])
     step = ClassifierStep(cfg, settings, run.plan, run.start, class_weights(run.train_sites, cfg.class_weights),
-                          plate_gains=gains, has_val="val" in datasets)
+                          plate_gains=gains, has_val="val" in datasets,
+                          predictions_uri=storage.join(cfg.out, WORKER_PREDICTIONS_FILE) if "predict" in datasets
+                          else None)
     with timer.time("fit"):
         fit(step, workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
             what="fine-tuning")
@@ -170,10 +182,10 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, timer: Timer
         return None
     ensure_ray()
     with timer.time("evaluate"):
-        needs_val = _threshold_needs_validation(cfg, run)
-        predicted = _split_predictions(cfg, run, selected, ["val", "test"] if needs_val else ["test"])
+        predicted = _split_predictions(cfg, run, selected, _evaluated_splits(cfg, run))
         threshold = _validation_threshold(cfg, run, predicted.get("val"))
         metrics = write_evaluation(cfg.out, predicted["test"], run.plan, threshold)
+        metrics["unlabelled"] = _unlabelled_calls(cfg, run, predicted["unlabelled"], threshold)
         metrics.update(task=run.plan.task, label_col=run.plan.label_col, classes=run.plan.classes,
                        positive=run.plan.positive, negative_classes=run.plan.negative_classes, split="test",
                        best_epoch=selected.epoch, selection_metric=selected.selection_metric)
@@ -181,26 +193,61 @@ def _evaluate(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, timer: Timer
     return metrics
 
 
+def _evaluated_splits(cfg: FinetuneConfig, run: _Run) -> list[str]:
+    """The splits evaluation predicts: test, and validation when the decision threshold is learnt there."""
+    return ["val", "test"] if _threshold_needs_validation(cfg, run) else ["test"]
+
+
+def _prediction_dataset(cfg: FinetuneConfig, run: _Run, splits: list[str]) -> "ray.data.Dataset":
+    """The rows evaluation predicts: the splits' task rows and the compounds without a label (labelled -1)."""
+    gains = run.plate_gains(cfg)
+    dataset = split_dataset(cfg, run.plan, run.splits, splits, keep=PREDICTION_COLUMNS, gains=gains)
+    if run.unlabelled:
+        dataset = dataset.union(unlabelled_dataset(cfg, run.plan, keep=PREDICTION_COLUMNS, gains=gains))
+    return dataset
+
+
 def _split_predictions(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, splits: list[str]) -> dict[str, Any]:
-    """The selected model's predictions on each of ``splits``, from one pass of one inference pool.
+    """The selected model's predictions on each of ``splits`` and, as ``unlabelled``, on the compounds without a
+    label: the ones the training worker wrote after its last epoch, else from one pass of one inference pool.
 
     Plate control z-scores with --plate-scores: a plate belongs to one split, so scoring the
-    splits together gives each plate the scores it would get alone.
+    splits together gives each plate the scores it would get alone. Unlabelled compounds keep
+    plain scores (their plates' controls may be in no split scored here).
     """
     from rxray.data.splits import group_keys
 
-    cpus = worker_cpus(cfg.workers, cfg.gpu, None)
-    batches = math.ceil(sum(run.splits["counts"][split]["sites"] for split in splits) / cfg.batch_size)
-    # The training workers' share of the cluster, so prediction fits wherever training did; never more actors
-    # than batches (each actor loads torch and the model before its first batch).
-    pool = PoolPlan(actors=max(1, min(cfg.workers, batches)), threads=max(1, math.floor(cpus)), gpu=cfg.gpu,
-                    cpus_per_actor=cpus)
-    dataset = split_dataset(cfg, run.plan, run.splits, splits, keep=PREDICTION_COLUMNS, gains=run.plate_gains(cfg))
-    predictions = predict(dataset, selected.uri, batch_size=cfg.batch_size, pool=pool)
+    predictions = read_worker_predictions(storage.join(cfg.out, WORKER_PREDICTIONS_FILE), selected.epoch)
+    if predictions is None:  # a run trained before (or cut off between training and evaluation)
+        cpus = worker_cpus(cfg.workers, cfg.gpu, None)
+        batches = math.ceil(sum(run.splits["counts"][split]["sites"] for split in splits) / cfg.batch_size)
+        # The training workers' share of the cluster, so prediction fits wherever training did; never more actors
+        # than batches (each actor loads torch and the model before its first batch).
+        pool = PoolPlan(actors=max(1, min(cfg.workers, batches)), threads=max(1, math.floor(cpus)), gpu=cfg.gpu,
+                        cpus_per_actor=cpus)
+        predictions = predict(_prediction_dataset(cfg, run, splits), selected.uri, batch_size=cfg.batch_size,
+                              pool=pool)
+    unlabelled = (predictions["label"] < 0).to_numpy()
+    labelled = predictions[~unlabelled].reset_index(drop=True)
     if cfg.plate_scores:
-        predictions = plate_control_zscores(predictions, run.plan)
-    split_of_row = group_keys(predictions, cfg.split_by).map(run.splits["assignment"])
-    return {split: predictions[split_of_row == split].reset_index(drop=True) for split in splits}
+        labelled = plate_control_zscores(labelled, run.plan)
+    split_of_row = group_keys(labelled, cfg.split_by).map(run.splits["assignment"])
+    return {**{split: labelled[split_of_row == split].reset_index(drop=True) for split in splits},
+            "unlabelled": predictions[unlabelled].reset_index(drop=True)}
+
+
+def _unlabelled_calls(cfg: FinetuneConfig, run: _Run, predictions: "pd.DataFrame",
+                      threshold: float | None) -> list[dict[str, Any]]:
+    """Each compound without a label and the class its mean probability calls, written as unlabelled.csv; [] when
+    every compound has one."""
+    if not run.unlabelled:
+        return []
+    # Plain scores (see _split_predictions): a binary call takes the class of the higher mean probability.
+    compounds = compound_predictions(predictions, run.plan, None if cfg.plate_scores else threshold)
+    storage.write_text(storage.join(cfg.out, UNLABELLED_FILE), compounds.to_csv(index=False))
+    print("finetune: compounds without a label: " + ", ".join(
+        f"{r.treatment} -> {r.predicted} ({r.probability:.2f})" for r in compounds.itertuples()), flush=True)
+    return compounds[["treatment", "n_sites", "predicted", "probability"]].to_dict("records")
 
 
 def decision_rule(cfg: FinetuneConfig) -> str:
@@ -328,7 +375,8 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The test metrics a summary shows."""
     if metrics is None:
         return None
-    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n")
+    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n",
+            "compounds", "unlabelled")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -336,5 +384,5 @@ def _summary(cfg: FinetuneConfig, status: str) -> dict[str, Any]:
     """The summary the CLI prints: the manifest's status, counts, test metrics, and the per-epoch history."""
     manifest = read_manifest(cfg.out) or {}
     keep = ("task", "classes", "checkpoint", "best_epoch", "epochs_completed", "resumed_from", "stopped_early",
-            "counts", "test", "figures", "seconds")
+            "counts", "test", "figures", "timings")
     return {"out": cfg.out, **{k: manifest.get(k) for k in keep}, "status": status, "history": read_metrics(cfg.out)}

@@ -98,6 +98,9 @@ class TrainingStep(ABC):
         """True when the run should stop before its last epoch (early stopping)."""
         return False
 
+    def after_training(self, model: nn.Module) -> None:
+        """Work the trained workers do once the epochs are over, on every worker (e.g. predicting a held-out split)."""
+
     @abstractmethod
     def checkpoint_fields(self) -> dict[str, Any]:
         """The checkpoint's fields besides weights, optimizer, epoch, metrics and starts (Checkpoint's names)."""
@@ -145,6 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.write(history)
     if log is not None:
         log.close()
+    step.after_training(model)
 
 
 def quiet_worker_logs() -> None:

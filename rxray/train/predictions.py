@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import ray.data
 
 PREDICTIONS_FILE = "predictions.parquet"
+COMPOUNDS_FILE = "compounds.csv"  # the test split's compounds: label, sites, call (mean probability over sites)
+UNLABELLED_FILE = "unlabelled.csv"  # the calls for compounds without a label
 FIGURES = ("confusion_matrix.png", "pr_curve.png", "roc_curve.png")
 # Columns of the test predictions besides the class: metadata and the dose as recorded (NaN for controls).
 PREDICTION_COLUMNS = (*SITE_COLUMNS, "treatment_conc")
@@ -73,6 +75,40 @@ def predict(dataset: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int
     return pd.concat(parts, ignore_index=True).sort_values("site_id", ignore_index=True)
 
 
+WORKER_PREDICTIONS_FILE = "_predictions.parquet"  # the training worker's predictions (rxray.train.classifier_step)
+
+
+def write_worker_predictions(uri: str, shares: list["pd.DataFrame"], best_epoch: int) -> None:
+    """A training worker's predictions (batches of :func:`predict`'s rows) as one table, with the epoch whose weights
+    made them."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = pd.concat(shares, ignore_index=True) if shares else pd.DataFrame()
+    probs = np.stack(frame.pop("probs").to_numpy()).astype(np.float32) if len(frame) else np.zeros((0, 0), np.float32)
+    table = pa.Table.from_pandas(frame, preserve_index=False).append_column(
+        "probs", pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), max(probs.shape[1], 1)))
+    table = table.replace_schema_metadata({"best_epoch": str(best_epoch)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def read_worker_predictions(uri: str, best_epoch: int | None) -> "pd.DataFrame | None":
+    """The training workers' predictions at ``uri`` if they were made with ``best_epoch``'s weights, else None."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(uri):
+        return None
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    if (table.schema.metadata or {}).get(b"best_epoch") != str(best_epoch).encode():
+        return None
+    frame = table.drop(["probs"]).to_pandas()
+    frame["probs"] = list(np.asarray(table.column("probs").combine_chunks().flatten()).reshape(len(frame), -1))
+    return frame.sort_values("site_id", ignore_index=True)
+
+
 def plate_control_zscores(predictions: "pd.DataFrame", plan: TaskPlan) -> "pd.DataFrame":
     """Binary predictions with each plate's positive-class logits as robust z-scores against its control sites.
 
@@ -105,6 +141,33 @@ def plate_control_zscores(predictions: "pd.DataFrame", plan: TaskPlan) -> "pd.Da
     return centred
 
 
+COMPOUND_COLUMNS = ["treatment", "label", "n_sites", "predicted", "probability", "correct"]
+
+
+def compound_predictions(predictions: "pd.DataFrame", plan: TaskPlan, threshold: float | None = None
+                         ) -> "pd.DataFrame":
+    """One row per treated compound: its label, sites, and the class its mean probabilities call.
+
+    A compound's call is the class of highest mean probability over its sites (binary
+    tasks: the positive class when its mean probability reaches ``threshold``); controls
+    are no compound. ``label`` and ``correct`` are empty for unlabelled compounds (label -1).
+    """
+    import pandas as pd
+
+    from rxray.evaluate.metrics import predicted_classes
+
+    treated = predictions[predictions["treatment"] != CONTROL]
+    rows = []
+    for treatment, group in treated.groupby("treatment", sort=True):
+        mean = np.stack(group["probs"].to_numpy()).astype(np.float64).mean(axis=0)
+        call = int(predicted_classes(mean[None, :], threshold)[0])
+        label = int(group["label"].iloc[0])
+        rows.append({"treatment": str(treatment), "label": plan.classes[label] if label >= 0 else None,
+                     "n_sites": int(len(group)), "predicted": plan.classes[call], "probability": float(mean[call]),
+                     "correct": bool(call == label) if label >= 0 else None})
+    return pd.DataFrame(rows, columns=COMPOUND_COLUMNS)
+
+
 def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
                      threshold: float | None = None) -> dict[str, Any]:
     """Test metrics (metrics.json), predictions.parquet and the three plots; returns the metrics.
@@ -130,6 +193,10 @@ def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
     plot_pr_curve(y, probs, storage.join(out, FIGURES[1]), labels=plan.classes)
     plot_roc_curve(y, probs, storage.join(out, FIGURES[2]), labels=plan.classes)
     storage.write_bytes(storage.join(out, PREDICTIONS_FILE), _predictions_parquet(predictions, plan, threshold))
+    compounds = compound_predictions(predictions, plan, threshold)
+    storage.write_text(storage.join(out, COMPOUNDS_FILE), compounds.to_csv(index=False))
+    metrics["compounds"] = {"n": int(len(compounds)),
+                            "accuracy": float(compounds["correct"].mean()) if len(compounds) else None}
     return metrics
 
 

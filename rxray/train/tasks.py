@@ -28,7 +28,7 @@ GAIN_COLUMN = "gain"  # per-row stain gains (6,) that plate normalisation multip
 REST = "rest"  # --negative rest: every label value but the positive one
 OTHER_CLASS = "other"  # name of a negative class made of several label values
 # Metadata read for planning the task and the splits, and kept with every test prediction.
-SITE_COLUMNS = ("site_id", "experiment", "plate", "treatment")
+SITE_COLUMNS = ("site_id", "well_id", "well", "experiment", "plate", "treatment")
 
 
 @dataclass
@@ -94,17 +94,18 @@ def plan_task(cfg: FinetuneConfig, values: Sequence[str]) -> TaskPlan:
 
 
 def label_batch(batch: dict[str, np.ndarray], *, plan: TaskPlan, keep: Sequence[str] = (),
-                gains: dict[str, list[float]] | None = None) -> dict[str, np.ndarray]:
+                gains: dict[str, list[float]] | None = None, unlabelled: bool = False) -> dict[str, np.ndarray]:
     """Ray Data batch function: the task's rows as ``image``, ``label`` (class index), ``conc``, ``gain`` and ``keep``.
 
-    Rows outside the task (other label values, no label) are dropped. Concentration
+    Rows outside the task (other label values, no label) are dropped; with ``unlabelled``
+    the rows without a label are the ones kept (label -1), to be predicted. Concentration
     is 0 where missing (controls carry none). ``gain`` is the row's plate gain per
     stain from ``gains`` (keyed by plate group), 1 without.
     """
     index = plan.class_indices(batch[plan.label_col])
-    rows = index >= 0
+    rows = index < 0 if unlabelled else index >= 0
     conc = np.nan_to_num(np.asarray(batch["treatment_conc"], dtype=np.float32)[rows], nan=0.0)
-    gain = row_gains(gains, batch["experiment"][rows], batch["plate"][rows])
+    gain = row_gains(gains, batch["experiment"][rows], batch["plate"][rows], batch["well"][rows])
     out = {"image": np.ascontiguousarray(batch["image"][rows]), "label": index[rows], "conc": conc,
            GAIN_COLUMN: gain}
     out.update({name: batch[name][rows] for name in keep})
@@ -150,26 +151,38 @@ def read_metadata(cfg: FinetuneConfig) -> "pd.DataFrame":
 
 def make_splits(cfg: FinetuneConfig, meta: "pd.DataFrame", plan: TaskPlan) -> dict[str, Any]:
     """Group -> split for the task's rows, the filter values of each split, and per-split counts."""
-    from rxray.data.splits import assign_splits, group_keys, split_counts
+    from rxray.data.splits import assign_compound_splits, assign_splits, group_keys, split_counts
 
     groups = group_keys(meta, cfg.split_by)
     names = meta["class"].map(dict(enumerate(plan.classes)))
-    classes_by_group = names.groupby(groups).agg(lambda s: set(s)).to_dict()
     try:
-        assignment = assign_splits(groups.unique(), cfg.val_frac, cfg.test_frac, cfg.seed, classes_by_group)
+        if cfg.split_by == "treatment":
+            treated = (meta["treatment"] != CONTROL).to_numpy()
+            class_of_compound = names[treated].groupby(meta["treatment"][treated]).first().to_dict()
+            assignment = assign_compound_splits(class_of_compound, groups[~treated].unique(), cfg.val_frac,
+                                                cfg.test_frac, cfg.seed)
+        else:
+            classes_by_group = names.groupby(groups).agg(lambda s: set(s)).to_dict()
+            assignment = assign_splits(groups.unique(), cfg.val_frac, cfg.test_frac, cfg.seed, classes_by_group)
     except ValueError as exc:
         raise ConfigError("finetune.split_by", str(exc)) from None
-    # The (experiment, plate) pairs of each split: the values its Parquet filter matches.
-    plates = meta[["experiment", "plate"]].drop_duplicates().sort_values(["experiment", "plate"])
-    members: dict[str, list[tuple[str, Any]]] = {split: [] for split in ("train", "val", "test")}
-    for (experiment, plate), group in zip(plates.itertuples(index=False), group_keys(plates, cfg.split_by)):
-        members[assignment[group]].append((str(experiment), plate.item() if hasattr(plate, "item") else plate))
+    # The values each split's Parquet filter matches: (experiment, plate) pairs, experiments, or treatments and
+    # control wells.
+    members: dict[str, list[Any]] = {split: [] for split in ("train", "val", "test")}
+    if cfg.split_by == "treatment":
+        for group, split in assignment.items():
+            members[split].append(group)
+    else:
+        plates = meta[["experiment", "plate"]].drop_duplicates().sort_values(["experiment", "plate"])
+        for (experiment, plate), group in zip(plates.itertuples(index=False), group_keys(plates, cfg.split_by)):
+            members[assignment[group]].append((str(experiment), plate.item() if hasattr(plate, "item") else plate))
     counts = split_counts(groups, assignment, names)
     document = {"by": cfg.split_by, "seed": cfg.seed, "groups": assignment}
     # The task's label values as the shards store them: the Parquet filter keeps only the task's rows.
     labels = [value.item() if hasattr(value, "item") else value for value in meta[plan.label_col].unique()]
+    plates = sorted({(str(e), p.item() if hasattr(p, "item") else p) for e, p in zip(meta["experiment"], meta["plate"])})
     return {"assignment": assignment, "members": members, "counts": counts, "document": document,
-            "sites_per_group": groups.value_counts().to_dict(), "label_values": labels}
+            "sites_per_group": groups.value_counts().to_dict(), "label_values": labels, "plates": plates}
 
 
 def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str],
@@ -177,9 +190,32 @@ def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], s
     """The task's rows of one split (or several) as a lazy Ray Dataset, filtered inside the Parquet scan."""
     from rxray.data.shards import read_shards
 
-    columns = list(dict.fromkeys(["image", "experiment", "plate", "treatment_conc", plan.label_col, *keep]))
+    columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
+                                  plan.label_col, *keep]))
     return read_shards(cfg.data, columns=columns).filter(expr=split_filter(cfg, plan, splits, split)).map_batches(
         label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy")
+
+
+def unlabelled_dataset(cfg: FinetuneConfig, plan: TaskPlan, keep: Sequence[str] = (),
+                       gains: dict[str, list[float]] | None = None) -> "ray.data.Dataset":
+    """The treated sites whose label is missing (compounds without an annotation), as a lazy Ray Dataset."""
+    from ray.data.expressions import col
+
+    from rxray.data.shards import read_shards
+
+    columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
+                                  plan.label_col, *keep]))
+    missing = col(plan.label_col).is_null() & (col("treatment") != CONTROL)
+    return read_shards(cfg.data, columns=columns).filter(expr=missing).map_batches(
+        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains, "unlabelled": True},
+        batch_format="numpy")
+
+
+def unlabelled_treatments(meta: "pd.DataFrame", label_col: str) -> list[str]:
+    """The treated compounds (not controls) whose sites carry no value in the label column."""
+    values = meta[label_col]
+    missing = values.isna() | (values.astype(str).str.strip() == "")
+    return sorted(set(meta.loc[missing & (meta["treatment"] != CONTROL), "treatment"].astype(str)))
 
 
 def split_filter(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str]) -> "Expr":
@@ -192,7 +228,14 @@ def split_filter(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], sp
     from ray.data.expressions import col
 
     members = [member for name in ([split] if isinstance(split, str) else split) for member in splits["members"][name]]
-    if cfg.split_by == "experiment":
+    if cfg.split_by == "treatment":
+        from rxray.data.splits import CONTROL_WELL_PREFIX
+
+        wells = [m[len(CONTROL_WELL_PREFIX):] for m in members if m.startswith(CONTROL_WELL_PREFIX)]
+        predicate = col("treatment").is_in([m for m in members if not m.startswith(CONTROL_WELL_PREFIX)])
+        if wells:
+            predicate = predicate | col("well_id").is_in(wells)
+    elif cfg.split_by == "experiment":
         predicate = col("experiment").is_in(sorted({experiment for experiment, _ in members}))
     else:
         predicate = None
