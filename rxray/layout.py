@@ -80,13 +80,23 @@ def plate_groups(experiments: Iterable[Any], plates: Iterable[Any]) -> np.ndarra
     return np.asarray([f"{experiment}_{plate}" for experiment, plate in zip(experiments, plates)], dtype=object)
 
 
+RIM_GAIN_KEY = "@rim"  # in a gains mapping: the extra gain of rim wells over the plate's interior, per stain
+
+
 def row_gains(gains: Mapping[str, Sequence[float]] | None, experiments: Sequence[Any],
-              plates: Sequence[Any]) -> np.ndarray:
-    """Each row's plate gain per stain (n, 6) float32 from ``gains`` (keyed by plate group); 1 where none is known."""
+              plates: Sequence[Any], wells: Sequence[Any] | None = None) -> np.ndarray:
+    """Each row's plate gain per stain (n, 6) float32 from ``gains`` (keyed by plate group); 1 where none is known.
+
+    With ``wells`` and a ``RIM_GAIN_KEY`` entry, rim wells also take that gain (evaporation at the plate's
+    outer ring brightens every stain there).
+    """
     gain = np.ones((len(experiments), N_CHANNELS), dtype=np.float32)
     if gains:
         for i, group in enumerate(plate_groups(experiments, plates)):
             gain[i] = gains.get(group, 1.0)
+        if wells is not None and RIM_GAIN_KEY in gains:
+            rim = np.fromiter((is_edge_well(str(w)) for w in wells), dtype=bool, count=len(gain))
+            gain[rim] *= np.asarray(gains[RIM_GAIN_KEY], dtype=np.float32)
     return gain
 
 

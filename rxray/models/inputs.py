@@ -105,10 +105,11 @@ class InputRecipe:
         return [c - 1 for c in self.channels]
 
     def batch_gains(self, batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
-        """Plate gains (B, 6) of a shard batch's rows (its ``experiment`` and ``plate``), None without gains."""
+        """Plate gains (B, 6) of a shard batch's rows (its ``experiment``, ``plate`` and, for the rim, ``well``),
+        None without gains."""
         if not self.plate_gains:
             return None
-        return row_gains(self.plate_gains, batch["experiment"], batch["plate"])
+        return row_gains(self.plate_gains, batch["experiment"], batch["plate"], batch.get("well"))
 
     def scaled_images(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """A shard batch's images (B, 6, H, W) in uint8 units as the model saw them before normalising.
