@@ -8,6 +8,7 @@ when they fit (:func:`cache_datasets`) and then split once into fixed worker sha
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from rxray import storage
@@ -30,8 +31,17 @@ WORKER_GROUP_START_ATTEMPTS = 10
 # so every epoch after the first skips the Parquet read and Ray Data's per-epoch start (~1.5 s, more when
 # busy); above it the images stream from storage every epoch, as they must at full RxRx2 scale on a small cluster.
 CACHE_STORE_FRACTION = 0.4
+# Datasets a training step reads whole on one worker after training (a classifier's held-out splits to predict).
+WHOLE_DATASETS = ("predict",)
 # Per-row bytes beyond the image: metadata columns and Arrow overhead, rounded up.
 ROW_OVERHEAD_BYTES = 1024
+# How often Ray Train's controller polls its workers. It collects each epoch's report when it polls, and a worker's
+# next report waits until the last one is collected, so at Ray's default (2 s) every epoch shorter than that waited
+# for the poll: 1.7 s of the 2.0 s an epoch of the demo's IFN-beta classifier took (py-spy: 78% of the worker's
+# time in `ray.train.report`). Polling four times a second also notices a dead worker sooner. A value the user
+# sets in RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins; Ray Train passes it on to the controller.
+CONTROLLER_POLL_INTERVAL_S = 0.25
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def worker_cpus(workers: int, gpu: bool, requested: float | None) -> float:
@@ -64,6 +74,7 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
 
     from rxray.train.epochs import train_loop_per_worker
 
+    os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_INTERVAL_S))
     run = step.run
     filesystem, path = storage.pyarrow_filesystem(run.out)
     run_config = RunConfig(
@@ -139,13 +150,16 @@ def fixed_worker_shares(datasets: dict[str, Any], workers: int) -> tuple[dict[st
     in file order) dataset is split here instead, deterministically and into equal shares
     (``Dataset.split``): each worker sees the same images in the same order every run. A
     dataset too large to cache streams as before. With :func:`ordered_ingest_options` (batches
-    kept in that order) the same seed gives bitwise the same weights.
+    kept in that order) the same seed gives bitwise the same weights. WHOLE_DATASETS are
+    passed on whole, to be read by one worker.
     """
     from ray.data.dataset import MaterializedDataset
 
     fixed, streamed = {}, []
     for name, dataset in datasets.items():
-        if isinstance(dataset, MaterializedDataset):
+        if name in WHOLE_DATASETS:  # read whole by one worker: neither split nor dropped to equal shares
+            fixed[name] = dataset
+        elif isinstance(dataset, MaterializedDataset):
             shares = dataset.split(workers, equal=True) if workers > 1 else [dataset]
             fixed.update({worker_share_name(name, rank): share for rank, share in enumerate(shares)})
         else:
