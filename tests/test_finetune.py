@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -149,19 +150,29 @@ def test_label_batch_keeps_the_task_rows_with_class_and_concentration():
     batch = {"treatment": np.array(["EMPTY", "IFN-gamma", "IFN-beta"], dtype=object),
              "treatment_conc": np.array([np.nan, 1.0, 2.5]), "image": np.arange(3 * 6 * 4).reshape(3, 6, 2, 2),
              "site_id": np.array(["a", "b", "c"], dtype=object), "experiment": np.array(["E1", "E1", "E2"]),
-             "plate": np.array([1, 1, 3])}
+             "plate": np.array([1, 1, 3]), "well": np.array(["B02", "B03", "C04"])}
     out = label_batch(batch, plan=plan, keep=["site_id"], gains={"E2_3": [2.0] * 6})
     assert out["label"].tolist() == [0, 1] and out["conc"].tolist() == [0.0, 2.5]
     assert out["site_id"].tolist() == ["a", "c"] and out["image"].shape == (2, 6, 2, 2)
     assert out["gain"].tolist() == [[1.0] * 6, [2.0] * 6]  # a plate without a gain keeps 1
 
 
+def test_rim_wells_take_the_rim_gain_on_top_of_their_plates():
+    from rxray.layout import RIM_GAIN_KEY, row_gains
+
+    gains = {"E1_1": [2.0] * 6, RIM_GAIN_KEY: [0.8] * 6}
+    rows = row_gains(gains, ["E1", "E1", "E1"], [1, 1, 2], ["A05", "C07", "AF10"])  # A and AF: the rim rows
+    assert rows[:, 0].tolist() == pytest.approx([1.6, 2.0, 0.8])
+    assert row_gains(gains, ["E1"], [1])[:, 0].tolist() == [2.0]  # without wells: plate gains only
+
+
 def test_plate_gains_from_control_sums():
     images = np.full((4, 6, 2, 2), 50, dtype=np.uint8)
     images[2:] = 100  # the second plate's controls are twice as bright
-    sums = control_sums({"image": images, "experiment": np.array(["E"] * 4), "plate": np.array([1, 1, 2, 2])})
-    assert sums["group"].tolist() == ["E_1", "E_2"] and sums["sites"].tolist() == [2, 2]
-    assert np.allclose(sums["sums"], [[100.0] * 6, [200.0] * 6])
+    sums = control_sums({"image": images, "experiment": np.array(["E"] * 4), "plate": np.array([1, 1, 2, 2]),
+                         "well": np.array(["B02", "C03", "D04", "A01"])})  # A01: a rim well
+    assert sums["group"].tolist() == ["E_1", "E_2", "E_2@rim"] and sums["sites"].tolist() == [2, 1, 1]
+    assert np.allclose(sums["sums"], [[100.0] * 6, [100.0] * 6, [100.0] * 6])
 
 
 def test_with_conc_and_channels_change_the_model_inputs():
@@ -335,3 +346,51 @@ def test_bad_inputs_are_config_errors_before_training(labelled_shards, tmp_path)
             finetune(_config(labelled_shards, out, **values))
         assert "\n" not in str(caught.value)
     assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------- compounds never seen
+
+MECHANISMS = {"A": 0, "B": 2, "C": 4}  # each brightens its own stain in all its compounds
+OWN_STAINS = [1, 3, 5]  # a compound's own phenotype: another stain, different in each compound of a mechanism
+
+
+def _compound_rows(seed: int = 0) -> list[dict]:
+    """4 plates x (EMPTY + 3 mechanisms x 3 compounds + one unannotated compound of B) x 2 sites of 32 px."""
+    rng = np.random.default_rng(seed)
+    compounds = [(f"{moa}{c}", moa, stain, OWN_STAINS[c]) for moa, stain in MECHANISMS.items() for c in range(3)]
+    compounds += [("mystery", None, MECHANISMS["B"], 5), ("EMPTY", "control", None, None)]
+    rows = []
+    for experiment, plate in PLATES:
+        for t, (name, moa, stain, own) in enumerate(compounds):
+            for site in (1, 2):
+                image = rng.normal(60, 12, (6, SIZE, SIZE))
+                if stain is not None:
+                    image[stain] += 45
+                    image[own] += 30
+                well = f"{'ABCDEFGHIJKL'[t]}01"
+                rows.append(shard_row(experiment, plate, well, site, name, None if moa == "control" else 1.0,
+                                      np.clip(image, 0, 255).astype(np.uint8), moa=moa))
+    return rows
+
+
+@pytest.mark.slow
+def test_a_compound_split_holds_whole_compounds_out_and_predicts_the_unlabelled_one(write_shards, tmp_path):
+    shards = write_shards(str(tmp_path / "compounds"), _compound_rows())
+    cfg = _config(shards, str(tmp_path / "moa"), task="multiclass", label_col="moa", classes=["A", "B", "C"],
+                  split_by="treatment", val_frac=0.0, test_frac=0.3, epochs=4, batch_size=8, lr=1e-2)
+    summary = finetune(cfg)
+    splits = json.loads(storage.read_text(storage.join(cfg.out, "splits.json")))
+    held_out = {g for g, s in splits["groups"].items() if s == "test"}
+    assert held_out == {name for name in held_out if name[0] in MECHANISMS} and len(held_out) == 3  # one each
+    assert {name[0] for name in held_out} == set(MECHANISMS)
+    predictions = pq.read_table(storage.join(cfg.out, "predictions.parquet")).to_pandas()
+    assert set(predictions["treatment"]) == held_out  # never a training compound, never a control
+    metrics = json.loads(storage.read_text(storage.join(cfg.out, "metrics.json")))
+    assert metrics["compounds"]["n"] == 3
+    # It learnt the mechanisms, not the compounds: the held-out compounds are named by what they share.
+    assert metrics["compounds"]["accuracy"] == 1.0 and metrics["accuracy"] >= 0.8, metrics
+    compounds = pd.read_csv(storage.join(cfg.out, "compounds.csv"))
+    assert set(compounds["treatment"]) == held_out and compounds["correct"].all()
+    unlabelled = pd.read_csv(storage.join(cfg.out, "unlabelled.csv"))
+    assert unlabelled[["treatment", "predicted"]].values.tolist() == [["mystery", "B"]]
+    assert summary["test"]["unlabelled"][0]["treatment"] == "mystery"
