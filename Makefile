@@ -18,10 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The whole pipeline on the default synthetic dataset (rayjobs/configs/demo.yaml); rerunning skips the
-# steps that are complete.
+# steps that are complete. Its output ends with the findings, headed by the path of the HTML report.
 demo: setup
 	$(BIN)/rxray pipeline --config rayjobs/configs/demo.yaml --run $(DEMO_DIR)/run --source $(DEMO_DIR)/rxrx2-synth
-	@echo "HTML report: $(abspath $(DEMO_DIR))/run/report/report.html"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rxray", description="Cell-microscopy deep learning on Ray.")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray's own logs and progress bars (the same as RXRAY_VERBOSE=1)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the command's result as JSON at the end (steps do without asking; the pipeline, "
+                             "whose findings close its output, only with this)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for step in STEPS:
         _add_step(sub, step)
@@ -77,7 +80,10 @@ def _add_step(subparsers: Any, step: Step) -> None:
 
 def run(argv: list[str] | None = None) -> Any:
     """Parse argv, validate the config and run the step; returns the step's result."""
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> Any:
     if args.verbose:
         from rxray.runtime import VERBOSE_ENV  # imports Ray: only when asked for
 
@@ -88,8 +94,9 @@ def run(argv: list[str] | None = None) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 0 on success, 2 on bad input, 1 on a failed step."""
+    args = build_parser().parse_args(argv)
     try:
-        result = run(argv)
+        result = _run(args)
     except ConfigError as exc:
         print(f"rxray: error: {exc}", file=sys.stderr)
         return 2
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rxray: error: storage: {cause}", file=sys.stderr)
         return 2
-    if isinstance(result, dict):
+    if isinstance(result, dict) and (args.json or args._step.name != "pipeline"):
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -194,11 +194,13 @@ def _wiring(step: str, name: str | None, values: dict[str, Any], layout: RunLayo
     if step == "report":
         wired["run"] = layout.run
         needs.extend(s.key for s in planned)
-    if step == "score" and "moa" not in values:
-        # The dataset's mechanism-of-action table, when it has one, benchmarks the treatment map.
+    label_field = {"ingest": "labels", "score": "moa"}.get(step)
+    if label_field and label_field not in values:
+        # The dataset's mechanism-of-action table, when it has one: joined to the shards (a classifier's labels) and
+        # scored against (the map's benchmark, the predicted mechanisms).
         moa = storage.join(layout.source, MOA_FILE)
         if "synth" in configured or storage.exists(moa):
-            wired["moa"] = moa
+            wired[label_field] = moa
     for field, producer in get_step(step).inputs.items():
         if field in values or producer not in configured:
             continue  # the section names its own input, or no step of this pipeline produces it

@@ -345,9 +345,12 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
     summary_uri = storage.join(weak, "rf", MAP_FILES["summary"])  # a score step's map summary, as it writes it
     summary = {"corrections": {"center": {"n_related": 9, "n_pairs": 36, "n_selected_pairs": 2, "recall_top": 0.1,
                                           "null_mean": 0.05}}}
-    for p_floor, expected in ((0.001, "does not recover known MoA relationships (p = 0.3)"),
-                              (0.06, "relates too few treatments to test known MoA relationships")):
-        summary["corrections"]["center"].update(p_value=0.3, p_floor=p_floor)
+    for p_floor, pairs, expected in (
+            (0.001, 6, "does not recover known MoA relationships (p = 0.3, 6 same-MoA pairs)"),
+            (0.06, 6, "too few related treatments to test the treatment map: its top 5% holds 2 of 36 pairs"),
+            (0.001, 3, "too few related treatments to test the treatment map: 3 same-MoA pair(s) among the 9 active "
+                       "treatments, fewer than the 5 the recall test needs")):
+        summary["corrections"]["center"].update(p_value=0.3, p_floor=p_floor, n_same_moa_pairs=pairs)
         storage.write_text(summary_uri, json.dumps(summary))
         warnings = collect_findings(find_step_outputs(weak))["warnings"]
         assert sum("treatment map" in w for w in warnings) == 1 and any(expected in w for w in warnings), warnings
@@ -362,6 +365,7 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
                "0.953) calls few of its positives (F1 0.0)" in w for w in warnings), warnings
     assert not any("clf/multi" in w for w in warnings)
 
+    summary["corrections"]["center"].update(n_same_moa_pairs=6)
     summary["corrections"]["center"]["top_pairs"] = [  # the most similar pairs, as score writes them
         {"treatment_a": "IFN-beta", "treatment_b": "isoproterenol", "cosine": 0.96, "moa_a": "interferon",
          "moa_b": "GPCR", "same_moa": False},
@@ -481,3 +485,26 @@ def test_the_probe_line_names_the_method_that_decides_the_verdict():
     rows[0].update(trained=0.672, margin=0.024)
     assert findings_lines({"probe": {"beats_random_init": True, "rows": rows}}) == [
         "SimCLR encoder beats random init (treated vs control; weakest method logistic: 0.672 vs 0.648)"]
+
+
+def test_findings_lines_open_with_the_mechanisms_of_the_unannotated_compounds():
+    """The mechanism of each unannotated active compound comes first, then how often the vote is right."""
+    from rxray.report.findings import findings_lines
+
+    mechanisms = {"unannotated": [
+        {"treatment": "oligomycin", "predicted_moa": "mitochondrial", "confidence": 0.71, "nearest_similarity": 0.53,
+         "neighbours": "rotenone (mitochondrial, 0.53); FCCP (mitochondrial, 0.40); tunicamycin (ER stress, 0.20)",
+         "status": "predicted"},
+        {"treatment": "cmpd-0031", "predicted_moa": None, "confidence": None, "nearest_similarity": None,
+         "neighbours": "", "status": "no similar annotated treatment"}],
+        "inactive_unannotated": ["cmpd-0040"], "testable": True,
+        "benchmark": {"top1": 0.8, "top3": 0.95, "n_evaluable": 20, "null_mean": 0.18, "p_value": 0.001},
+        "retrieval": {"not_same_compound": 0.61, "not_same_compound_or_batch": 0.52}}
+    lines = findings_lines({"mechanisms": mechanisms, "probe": None})
+    assert lines == [
+        "mechanism of oligomycin (unannotated): mitochondrial (vote share 0.71; nearest annotated, sphered cosine: "
+        "rotenone 0.53, FCCP 0.40, tunicamycin 0.20)",
+        "mechanism of cmpd-0031 (unannotated): none predicted (no similar annotated treatment)",
+        "unannotated without a phenotype (no mechanism predicted): cmpd-0040",
+        "MoA prediction, each annotated compound left out in turn: top-1 0.80, top-3 0.95 of 20 compounds (shuffled "
+        "labels 0.18, p = 0.001); MoA mAP, not same compound 0.61; not same compound or batch 0.52"]

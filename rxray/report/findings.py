@@ -4,13 +4,19 @@
 images or site tables) and returns a plain dict; the report renders it at the top of
 the page and the pipeline prints it as a few lines at the end of a run:
 
+- mechanisms: the predicted mechanism of every active compound that moa.csv does not
+  annotate (with its confidence and nearest annotated neighbours), and how often the
+  same prediction names the right mechanism for the annotated ones, each left out in
+  turn, against a label-shuffle null;
 - activity: how many treatments are active at the score step's FDR under the headline
-  correction (plate centring when it was run), and the ranked table (mAP, q, RF
+  correction (TVN when it was run, else plate centring), and the ranked table (mAP, q, RF
   ROC-AUC) with the stain that drives each treatment where explain measured it;
 - the treatment map: its clusters and the known-relationship benchmark (same-MoA
   recall against its permutation null);
 - the probe's verdict on the SimCLR encoder against random-init encoders;
-- each classifier's test F1 and ROC-AUC on held-out plates;
+- each classifier's test F1 and ROC-AUC on held-out plates (or compounds), per-compound
+  accuracy, and a plate split beside a compound split of the same labels, so the leak of
+  a plate split (a compound's own phenotype learnt, not its mechanism) shows;
 - warnings, whenever a check fails (no active treatment, an encoder that does not
   beat random init, a classifier at chance), so a weak run never reads as a good one.
 """
@@ -25,15 +31,22 @@ from typing import Any, Iterable
 import pandas as pd
 
 from rxray import storage
-from rxray.evaluate.treatment_map import MAP_FILES
+from rxray.evaluate.treatment_map import MAP_FILES, MIN_SAME_MOA_PAIRS
 from rxray.report.step_outputs import StepOutput, find_step_outputs
 
-HEADLINE_CORRECTIONS = ("center", "tvn", "none")  # the first one that was run heads the findings
+# The first correction run heads the findings. TVN first: whitening the controls' typical variation keeps a learnt
+# embedding's large nuisance directions from drowning the phenotypes in every cosine (EFAAR's Align step). On the
+# default screen's SimCLR embeddings (seed 0): 21 of 21 planted treatments active and leave-one-compound-out MoA
+# top-1 0.74 with TVN, 17 of 21 and 0.33 with plate centring alone (docs/science-checks.md).
+HEADLINE_CORRECTIONS = ("tvn", "center", "none")
 TOP_TREATMENTS = 20  # rows of the ranked table in the findings (the full table is linked)
 CHANCE_ROC_AUC = 0.6  # a classifier at or below this on held-out plates is no better than chance
 # A binary classifier that ranks its test sites this well but scores F1 below LOW_F1 has a cut that misses them.
 GOOD_ROC_AUC, LOW_F1 = 0.9, 0.5
 MAP_ALPHA = 0.05  # the treatment map recovers known relationships when its same-MoA recall has p at or below this
+# The leave-one-compound-out MoA accuracy needs this many annotated active compounds whose mechanism has another
+# member before it is read as a finding: with fewer, one compound moves it by 20% or more.
+MIN_EVALUABLE_COMPOUNDS = 5
 SCORE_TABLE_FILES = ("scores.parquet", "scores.csv")
 
 
@@ -102,6 +115,26 @@ def map_findings(score: StepOutput, correction: str) -> dict[str, Any] | None:
     return {"correction": correction, "benchmark": benchmark, "clusters": clusters}
 
 
+def mechanism_findings(score: StepOutput, correction: str) -> dict[str, Any] | None:
+    """Predicted mechanisms of the unannotated active compounds and the leave-one-compound-out benchmark."""
+    if MAP_FILES["mechanisms"] not in score.files or MAP_FILES["summary"] not in score.files:
+        return None
+    document = json.loads(storage.read_text(storage.join(score.uri, MAP_FILES["summary"])))
+    benchmark = (document["corrections"].get(correction) or {})
+    table = read_table(storage.join(score.uri, MAP_FILES["mechanisms"]))
+    table = table[table["correction"] == correction]
+    unannotated = table[~table["annotated"].astype(bool) & table["active"].astype(bool)]
+    keep = ["treatment", "predicted_moa", "confidence", "nearest_similarity", "neighbours", "status"]
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in unannotated[keep].to_dict("records")]
+    prediction = benchmark.get("moa_prediction") or {}
+    retrieval = {rule: (values or {}).get("mean_map") for rule, values in (benchmark.get("moa_retrieval") or {}).items()}
+    return {"correction": correction, "unannotated": rows, "benchmark": prediction, "retrieval": retrieval,
+            "testable": (prediction.get("n_evaluable") or 0) >= MIN_EVALUABLE_COMPOUNDS,
+            "inactive_unannotated": sorted(table.loc[~table["annotated"].astype(bool)
+                                                     & ~table["active"].astype(bool), "treatment"].tolist())}
+
+
 def probe_findings(probe: StepOutput) -> dict[str, Any] | None:
     """The probe's treated-vs-control comparison: does the trained encoder beat every random-init one?"""
     rows = [r for r in probe.manifest.get("comparison") or [] if r.get("task") == "control"]
@@ -121,10 +154,42 @@ def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
             continue
         config = output.manifest.get("config") or {}
         test = output.manifest.get("test") or {}
+        compounds = test.get("compounds") or {}
         found.append({"name": output.label, "task": output.manifest.get("task"), "positive": config.get("positive"),
+                      "label_col": config.get("label_col"), "split_by": config.get("split_by"),
                       "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
-                      "n": test.get("n"), "threshold": _round(test.get("threshold"))})
+                      "accuracy": _round(test.get("accuracy")), "compound_accuracy": _round(compounds.get("accuracy")),
+                      "n_compounds": compounds.get("n"), "n": test.get("n"), "threshold": _round(test.get("threshold")),
+                      "unlabelled": test.get("unlabelled") or []})
     return found
+
+
+def split_leaks(classifiers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Classifier runs of one task and label trained on two kinds of split, side by side (plate beside compound).
+
+    A plate split keeps every compound of the test plates in training, so its accuracy
+    includes what a classifier learnt of each compound's own phenotype; a compound split
+    cannot. The difference is how much of the plate split's accuracy would not carry over
+    to a new compound.
+    """
+    by_task: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for classifier in classifiers:
+        key = (classifier["task"], classifier["label_col"], classifier["positive"])
+        by_task.setdefault(key, {})[classifier["split_by"]] = classifier
+    leaks = []
+    for (task, label_col, positive), runs in by_task.items():
+        if "treatment" not in runs or len(runs) < 2:
+            continue
+        compound = runs["treatment"]
+        for split_by, other in runs.items():
+            if split_by == "treatment":
+                continue
+            leaks.append({"task": task, "label": label_col if positive is None else f"{label_col}={positive}",
+                          "split": split_by, "run": other["name"], "compound_run": compound["name"],
+                          "site_accuracy": other["accuracy"], "compound_split_site_accuracy": compound["accuracy"],
+                          "compound_accuracy": other["compound_accuracy"],
+                          "compound_split_compound_accuracy": compound["compound_accuracy"]})
+    return leaks
 
 
 def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
@@ -147,6 +212,7 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
     score, probe = _first(outputs, "score"), _first(outputs, "probe")
     activity = part("score", activity_findings, score, top_stain) if score else None
     treatment_map = part("score", map_findings, score, activity["correction"]) if score and activity else None
+    mechanisms = part("score", mechanism_findings, score, activity["correction"]) if score and activity else None
     probe_verdict = part("probe", probe_findings, probe) if probe else None
     classifiers = part("finetune", classifier_findings, outputs) or []
 
@@ -166,21 +232,73 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
                             f"positives (F1 {classifier['f1']}): weak doses on the test plate, or a cut to learn on "
                             f"the validation plate (--threshold val-f1)")
     benchmark = (treatment_map or {}).get("benchmark") or {}
-    p_value, p_floor = benchmark.get("p_value"), benchmark.get("p_floor")
-    if p_value is not None and p_value > MAP_ALPHA:
-        if p_floor is not None and p_floor > MAP_ALPHA:
-            warnings.append(f"the treatment map relates too few treatments to test known MoA relationships: its top 5% "
-                            f"holds {benchmark.get('n_selected_pairs')} of {benchmark.get('n_pairs')} pairs, where "
-                            f"even all same-MoA would give p = {p_floor} (relate more treatments: a larger screen)")
-        else:
-            warnings.append(f"the treatment map does not recover known MoA relationships (p = {p_value})")
-    return {"activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
-            "classifiers": classifiers, "warnings": warnings}
+    if treatment_map is not None and "p_value" in benchmark:
+        treatment_map["testable"] = map_testable(benchmark)
+        if not treatment_map["testable"]:
+            warnings.append(f"too few related treatments to test the treatment map: {untestable_reason(benchmark)}")
+        elif benchmark["p_value"] > MAP_ALPHA:
+            warnings.append(f"the treatment map does not recover known MoA relationships (p = {benchmark['p_value']}, "
+                            f"{benchmark.get('n_same_moa_pairs')} same-MoA pairs)")
+    if mechanisms is not None:
+        prediction = mechanisms["benchmark"]
+        if not mechanisms["testable"]:
+            warnings.append(f"too few annotated active compounds to benchmark the MoA prediction "
+                            f"({prediction.get('n_evaluable')} whose mechanism has another member; at least "
+                            f"{MIN_EVALUABLE_COMPOUNDS} needed)")
+        elif prediction.get("p_value") is not None and prediction["p_value"] > MAP_ALPHA:
+            warnings.append(f"the leave-one-compound-out MoA prediction is no better than shuffled labels "
+                            f"(top-1 {_round(prediction.get('top1'))}, null {_round(prediction.get('null_mean'))}, "
+                            f"p = {prediction['p_value']})")
+    return {"mechanisms": mechanisms, "activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
+            "classifiers": classifiers, "split_leaks": split_leaks(classifiers), "warnings": warnings}
+
+
+def map_testable(benchmark: dict[str, Any]) -> bool:
+    """Whether the map's same-MoA recall test has the pairs to mean anything (see MIN_SAME_MOA_PAIRS)."""
+    pairs, p_floor = benchmark.get("n_same_moa_pairs") or 0, benchmark.get("p_floor")
+    return pairs >= MIN_SAME_MOA_PAIRS and p_floor is not None and p_floor <= MAP_ALPHA
+
+
+def untestable_reason(benchmark: dict[str, Any]) -> str:
+    """Why the map's recall test cannot be read: too few same-MoA pairs, or a tail too short for any p below alpha."""
+    pairs = benchmark.get("n_same_moa_pairs") or 0
+    if pairs < MIN_SAME_MOA_PAIRS:
+        return (f"{pairs} same-MoA pair(s) among the {benchmark.get('n_related')} active treatments, fewer than the "
+                f"{MIN_SAME_MOA_PAIRS} the recall test needs")
+    return (f"its top 5% holds {benchmark.get('n_selected_pairs')} of {benchmark.get('n_pairs')} pairs, where even "
+            f"all same-MoA would give p = {benchmark.get('p_floor')}")
+
+
+def mechanism_lines(mechanisms: dict[str, Any] | None) -> list[str]:
+    """The unannotated compounds' predicted mechanisms and the leave-one-compound-out accuracy, as console lines."""
+    if not mechanisms:
+        return []
+    lines = []
+    for row in mechanisms["unannotated"]:
+        if row["predicted_moa"] is None:
+            lines.append(f"mechanism of {row['treatment']} (unannotated): none predicted ({row['status']})")
+            continue
+        nearest = ", ".join(part.split(" (")[0] + " " + part.rsplit(", ", 1)[-1].rstrip(")")
+                            for part in (row["neighbours"] or "").split("; ") if part)
+        lines.append(f"mechanism of {row['treatment']} (unannotated): {row['predicted_moa']} (vote share "
+                     f"{row['confidence']:.2f}; nearest annotated, sphered cosine: {nearest})")
+    if mechanisms["inactive_unannotated"]:
+        lines.append("unannotated without a phenotype (no mechanism predicted): "
+                     + ", ".join(mechanisms["inactive_unannotated"]))
+    prediction = mechanisms["benchmark"]
+    if prediction.get("top1") is not None and mechanisms["testable"]:
+        retrieval = "; ".join(f"{rule.replace('_', ' ')} {value:.2f}" for rule, value in mechanisms["retrieval"].items()
+                              if value is not None)
+        lines.append(f"MoA prediction, each annotated compound left out in turn: top-1 {prediction['top1']:.2f}, top-3 "
+                     f"{prediction['top3']:.2f} of {prediction['n_evaluable']} compounds (shuffled labels "
+                     f"{prediction['null_mean']:.2f}, p = {prediction['p_value']})"
+                     + (f"; MoA mAP, {retrieval}" if retrieval else ""))
+    return lines
 
 
 def findings_lines(findings: dict[str, Any]) -> list[str]:
-    """The findings as a few console lines."""
-    lines = []
+    """The findings as a few console lines, the mechanisms of unannotated compounds first."""
+    lines = mechanism_lines(findings.get("mechanisms"))
     activity = findings.get("activity")
     if activity:
         active = ", ".join(activity["active"][:8]) + (" ..." if len(activity["active"]) > 8 else "")
@@ -190,16 +308,19 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         stains = [f"{r['treatment']} -> {r['top_stain']}" for r in activity["ranked"] if r["active"] and r["top_stain"]]
         if stains:
             lines.append("driving stain (explain): " + ", ".join(stains[:6]))
-    benchmark = (findings.get("treatment_map") or {}).get("benchmark") or {}
+    treatment_map = findings.get("treatment_map") or {}
+    benchmark = treatment_map.get("benchmark") or {}
     if "recall_top" in benchmark:
         if _round(benchmark["recall_top"]) is None:  # NaN, written to JSON as null
             lines.append(f"treatment map: no two treatments share an MoA ({benchmark.get('n_annotated')} annotated):"
                          f" nothing to benchmark")
+        elif not treatment_map.get("testable", True):
+            lines.append(f"treatment map: too few related treatments to test ({untestable_reason(benchmark)})")
         else:
             related = f" among the {benchmark['n_related']} active treatments" if "n_related" in benchmark else ""
             lines.append(f"treatment map: same-MoA recall in the top 5% of pairs{related} "
                          f"{benchmark['recall_top']:.2f} (null {benchmark.get('null_mean', float('nan')):.2f}, "
-                         f"p = {benchmark.get('p_value')})")
+                         f"p = {benchmark.get('p_value')}, {benchmark.get('n_same_moa_pairs')} same-MoA pairs)")
     pairs = [f"{p['treatment_a']} ~ {p['treatment_b']} {p['cosine']:.2f}"
              + ("" if p["same_moa"] is None else " (same MoA)" if p["same_moa"] else " (two MoAs)")
              for p in (benchmark.get("top_pairs") or [])[:3]]
@@ -213,7 +334,15 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         lines.append(f"SimCLR encoder {verdict} random init (treated vs control; weakest method {weakest['method']}: "
                      f"{weakest['trained']:.3f} vs {max(weakest['random_init'], default=float('nan')):.3f})")
     for classifier in findings.get("classifiers") or []:
-        lines.append(f"classifier {classifier['name']}: test F1 {classifier['f1']}, ROC-AUC {classifier['roc_auc']}")
+        held_out = "compounds" if classifier.get("split_by") == "treatment" else f"{classifier.get('split_by')}s"
+        per_compound = (f", per-compound accuracy {classifier['compound_accuracy']} of {classifier['n_compounds']}"
+                        if classifier.get("compound_accuracy") is not None and classifier["task"] != "binary" else "")
+        lines.append(f"classifier {classifier['name']} (held-out {held_out}): test F1 {classifier['f1']}, ROC-AUC "
+                     f"{classifier['roc_auc']}{per_compound}")
+    for leak in findings.get("split_leaks") or []:
+        lines.append(f"{leak['label']} classifier on compounds it has seen ({leak['split']} split) vs never seen "
+                     f"(compound split): per-compound accuracy {leak['compound_accuracy']} vs "
+                     f"{leak['compound_split_compound_accuracy']}")
     lines += [f"WARNING: {w}" for w in findings.get("warnings") or []]
     return lines
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import ConfigError, ReportConfig, config_to_dict
-from rxray.report.findings import collect_findings
+from rxray.report.findings import collect_findings, untestable_reason
 from rxray.report.folder import ReportFolder
 from rxray.report.html import CSS, escape, format_value, html_table, link_html, provenance_html
 from rxray.report.sections import (SECTION_RENDERERS, SECTIONS, Context, other_html, pipeline_position,
@@ -45,12 +45,52 @@ def cluster_text(members: list[str], shown: int = 8) -> str:
     return f"{len(members)}: " + ", ".join(members[:shown]) + more
 
 
+def mechanisms_html(mechanisms: dict[str, Any] | None) -> str:
+    """The mechanism of each unannotated active compound, and the leave-one-compound-out benchmark behind it."""
+    if not mechanisms:
+        return ""
+    parts = ["<h3>Mechanism of the unannotated compounds</h3>"]
+    if mechanisms["unannotated"]:
+        table = pd.DataFrame(mechanisms["unannotated"]).rename(columns={
+            "predicted_moa": "predicted MoA", "confidence": "vote share",
+            "nearest_similarity": "nearest cosine (sphered)",
+            "neighbours": "nearest annotated treatments (MoA, cosine of sphered profiles)"})
+        parts.append(html_table(table.fillna("-")))
+    else:
+        parts.append("<p>Every active compound is annotated in moa.csv: nothing unknown to predict.</p>")
+    if mechanisms["inactive_unannotated"]:
+        parts.append(f"<p>Unannotated but without a phenotype (no mechanism can be read from them): "
+                     f"{escape(', '.join(mechanisms['inactive_unannotated']))}.</p>")
+    prediction = mechanisms["benchmark"]
+    if prediction.get("top1") is not None:
+        retrieval = "; ".join(f"{escape(rule.replace('_', ' '))}: {format_value(value)}"
+                              for rule, value in mechanisms["retrieval"].items() if value is not None)
+        parts.append(
+            f"<p>How far to trust it: each of the {prediction['n_evaluable']} annotated active compounds whose "
+            f"mechanism has another member, left out in turn and predicted from the others (its {prediction['k']} "
+            f"most similar annotated active treatments vote, weighted by the cosine of their consensus profiles, "
+            f"sphered on all wells so that no direction every treatment moves along decides it): <b>top-1 accuracy "
+            f"{format_value(prediction['top1'])}</b>, top-3 {format_value(prediction['top3'])}, against "
+            f"{format_value(prediction['null_mean'])} with shuffled MoA labels (p = "
+            f"{format_value(prediction['p_value'])})" + (f". MoA retrieval mAP ({retrieval})" if retrieval else "")
+            + ".</p>")
+        if not mechanisms["testable"]:
+            parts.append('<p class="problem">Too few annotated active compounds to read this accuracy as a '
+                         'finding.</p>')
+        if prediction.get("per_moa"):
+            parts.append("<details><summary>Per mechanism, and what each was taken for</summary>"
+                         + html_table(pd.DataFrame(prediction["per_moa"]))
+                         + html_table(pd.DataFrame(prediction.get("confusion") or []).fillna(0)) + "</details>")
+    return "".join(parts)
+
+
 def findings_html(findings: dict[str, Any]) -> str:
-    """The Findings section: activity, ranked treatments, the map, the probe's verdict, classifiers, warnings."""
+    """The Findings section: mechanisms, activity, ranked treatments, the map, the probe, classifiers, warnings."""
     parts = []
     if findings["warnings"]:
         parts.append('<ul class="problem">' + "".join(f"<li>{escape(w)}</li>" for w in findings["warnings"])
                      + "</ul>")
+    parts.append(mechanisms_html(findings.get("mechanisms")))
     activity = findings.get("activity")
     if activity:
         parts.append(f"<p><b>{activity['n_active']} of {activity['n_tested']} treatments active</b> (mAP against "
@@ -62,14 +102,18 @@ def findings_html(findings: dict[str, Any]) -> str:
     treatment_map = findings.get("treatment_map")
     if treatment_map:
         benchmark = treatment_map.get("benchmark") or {}
-        if "recall_top" in benchmark:
+        if "recall_top" in benchmark and not treatment_map.get("testable", True):
+            parts.append(f"<p>Treatment map ({escape(treatment_map['correction'])}): too few related treatments to "
+                         f"test known relationships: {escape(untestable_reason(benchmark))}.</p>")
+        elif "recall_top" in benchmark:
             related = (f" of the {benchmark['n_related']} treatments called active (only those are related)"
                        if "n_related" in benchmark else "")
             parts.append(f"<p>Treatment map ({escape(treatment_map['correction'])}): same-MoA recall among the 5% "
                          f"most similar pairs{related} {format_value(benchmark['recall_top'])} against a permutation "
                          f"null of "
                          f"{format_value(benchmark.get('null_mean'))} "
-                         f"(p = {format_value(benchmark.get('p_value'))}; with {benchmark.get('n_selected_pairs')} of "
+                         f"(p = {format_value(benchmark.get('p_value'))}, from {benchmark.get('n_same_moa_pairs')} "
+                         f"same-MoA pairs; with {benchmark.get('n_selected_pairs')} of "
                          f"{benchmark.get('n_pairs')} pairs in that 5%, the smallest p possible is "
                          f"{format_value(benchmark.get('p_floor'))}).</p>")
         pairs = benchmark.get("top_pairs")
@@ -89,7 +133,14 @@ def findings_html(findings: dict[str, Any]) -> str:
         parts.append(f"<p>Probe: the SimCLR encoder {verdict} every random-init encoder at telling treated from "
                      f"control sites on held-out plates.</p>" + html_table(pd.DataFrame(probe["rows"])))
     if findings.get("classifiers"):
-        parts.append("<p>Classifiers on held-out plates:</p>" + html_table(pd.DataFrame(findings["classifiers"])))
+        shown = pd.DataFrame(findings["classifiers"]).drop(columns=["unlabelled"], errors="ignore")
+        parts.append("<p>Classifiers on their held-out split (split_by: plate or experiment, or treatment: compounds "
+                     "never seen in training):</p>" + html_table(shown))
+    if findings.get("split_leaks"):
+        parts.append("<p>The same labels split two ways: on held-out plates the test compounds were also in training, "
+                     "so a classifier can score by recognising each compound's own phenotype; on held-out compounds "
+                     "it must know the mechanism. The difference is the plate split's leak:</p>"
+                     + html_table(pd.DataFrame(findings["split_leaks"])))
     return "".join(parts) or '<p class="not-run">no score, probe or classifier output to summarise</p>'
 
 

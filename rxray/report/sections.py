@@ -25,7 +25,8 @@ from rxray.report.findings import headline_correction, read_table, score_table_u
 from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe import PROBE_TABLE
 from rxray.report.folder import ReportFolder
-from rxray.report.html import escape, figure_html, html_table, kv_table, link_html
+from rxray.report.html import escape, figure_html, format_value, html_table, kv_table, link_html
+from rxray.train.predictions import COMPOUNDS_FILE
 from rxray.report.figures import (MAX_BAR_TREATMENTS, MAX_LEGEND, activity_volcano, channel_intensity_bars,
                                   embedding_pca_scatter, score_bars, similarity_heatmap, step_time_bars,
                                   training_curves)
@@ -134,6 +135,17 @@ def finetune_html(output: StepOutput, ctx: Context) -> str:
         if isinstance(per_class, dict) and per_class and all(isinstance(v, dict) for v in per_class.values()):
             frame = pd.DataFrame([{"class": name, **values} for name, values in per_class.items()])
             parts.append(html_table(frame))
+        compounds = metrics.get("compounds") or {}
+        if compounds.get("n"):
+            held_out = "held out of training" if config.get("split_by") == "treatment" else "on the test split"
+            parts.append(f"<p>Per compound ({compounds['n']} {held_out}; a compound's call is the class of its "
+                         f"highest mean probability over its sites): accuracy {format_value(compounds['accuracy'])}."
+                         f"</p>")
+            if COMPOUNDS_FILE in output.files:
+                parts.append(html_table(read_table(storage.join(output.uri, COMPOUNDS_FILE))))
+        if metrics.get("unlabelled"):
+            parts.append("<p>Compounds without a label, as this classifier calls them:</p>"
+                         + html_table(pd.DataFrame(metrics["unlabelled"])))
         matrix = metrics.get("confusion_matrix")
         if matrix is not None and not any("confusion" in p.lower() for p in figures):
             cm = np.asarray(matrix, dtype=np.int64)
