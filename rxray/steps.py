@@ -85,6 +85,8 @@ BENCHMARKS: tuple[Step, ...] = (
          "every pipeline step on the RxRx2 layout (131,953 sites) at 1/8, 1/2 and full size: time, memory, growth"),
     Step("chaos", "rxray.bench.chaos:BenchChaosConfig", "rxray.bench.chaos:bench_chaos",
          "each heavy step warm-up, undisturbed and with a worker node killed, on a local multi-node cluster"),
+    Step("science", "rxray.bench.science:BenchScienceConfig", "rxray.bench.science:bench_science",
+         "a pipeline config on several seeds of a generated dataset, its findings scored against truth.json"),
 )
 
 STEP_BY_NAME = {step.name: step for step in STEPS}
