@@ -28,6 +28,7 @@ FOLDER, FILE, EITHER, OUTPUT, REACHABLE = "folder", "file", "file or folder", "o
 FIELD_KINDS = {
     "source": FOLDER, "data": FOLDER, "run": FOLDER,
     "moa": FILE, "labels": FILE, "weights": FILE, "metadata": FILE, "truth": FILE, "base": FILE, "space": FILE,
+    "pipeline": FILE,
     "model": EITHER, "encoder": EITHER, "embeddings": EITHER,  # a run folder, or one checkpoint or CSV in it
     "out": OUTPUT, "workdir": OUTPUT,
 }

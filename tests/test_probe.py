@@ -9,7 +9,8 @@ import torch
 
 from rxray.layout import plate_groups
 from rxray.evaluate import probe
-from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score, probe_targets, select_probe_sites
+from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score
+from rxray.evaluate.probe_sites import probe_targets, select_probe_sites
 from conftest import shard_row
 
 CLASSES = ["EMPTY", "IFN-beta", "IFN-gamma", "etoposide"]

@@ -89,7 +89,7 @@ def rates(checks: list[dict[str, Any]]) -> dict[str, Any]:
     return {"runs": len(checks),
             "all_interferons": count(lambda c: c["interferons_active"] == c["interferons"]),
             "no_null_called": count(lambda c: not c["nulls_called"]),
-            "planted_active_share_min": min(c["planted_active"] / c["planted"] for c in checks),
+            "planted_active_share_min": round(min(c["planted_active"] / c["planted"] for c in checks), 3),
             "map_p_le_005": count(lambda c: c.get("map_p") is not None and c["map_p"] <= 0.05),
             "ifn_beta_roc_auc_ge_095": count(lambda c: (c.get("ifn_beta_roc_auc") or 0) >= 0.95),
             "moa_top1_mean": _mean([c.get("moa_top1") for c in checks]),

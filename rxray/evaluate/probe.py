@@ -10,8 +10,8 @@ on sites of plates it was trained on would measure memory, not biology.
 
 The headline ``score`` is balanced accuracy over the pooled out-of-fold
 predictions (chance = 1 / number of classes), so a large control class cannot
-carry it. :func:`select_probe_sites` picks a small, class-stratified sample of
-sites, and :func:`embed_batches` embeds them with an encoder in eval mode, so the
+carry it. :func:`rxray.evaluate.probe_sites.select_probe_sites` picks a small,
+class-stratified sample of sites, and :func:`embed_batches` embeds them with an encoder in eval mode, so the
 probe is cheap enough to run after every training epoch. With plate centring
 (``center``, the default of ``rxray probe`` and of the per-epoch probe) every
 plate's embeddings are first scaled on its own control sites, as a screen's
@@ -30,6 +30,7 @@ import numpy as np
 
 from rxray import storage
 from rxray.config import PROBE_CORRECTIONS
+from rxray.evaluate.probe_sites import probe_dataset, probe_targets
 from rxray.layout import CONTROL, plate_groups
 
 if TYPE_CHECKING:
@@ -40,28 +41,14 @@ if TYPE_CHECKING:
     from rxray.config import ProbeConfig
     from rxray.models.inputs import InputRecipe
 
-PROBE_TASKS = ("treatment", "control")
 PROBE_METHODS = ("logistic", "knn")
 PROBE_TABLE = "probe.csv"
-TREATED = "treated"
 # Encoder names in probe.csv: the checkpoint's, and random_init_seed<k> for the baselines.
 TRAINED = "trained"
 RANDOM_INIT = "random_init"
 # Fewer folds than plates keeps the cost flat on a 24-plate screen; 5 leaves 80 % of plates to train on.
 MAX_FOLDS = 5
 NEIGHBORS = 5
-# Columns a probe needs besides the image: the label and the plate (the group).
-PROBE_COLUMNS = ("site_id", "experiment", "plate", "treatment")
-
-
-def probe_targets(treatments: Iterable[Any], task: str, control: str = CONTROL) -> np.ndarray:
-    """The class of each site: its treatment (``treatment``), or ``control`` / ``treated`` (``control``)."""
-    values = np.asarray([str(t) for t in treatments], dtype=object)
-    if task == "treatment":
-        return values
-    if task == "control":
-        return np.where(values == control, "control", TREATED).astype(object)
-    raise ValueError(f"unknown probe task {task!r}; choose one of {', '.join(PROBE_TASKS)}")
 
 
 def grouped_folds(groups: Sequence[Any], max_folds: int = MAX_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -139,63 +126,6 @@ def _fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, c
     return proba
 
 
-def select_probe_sites(meta: "pd.DataFrame", *, task: str, treatments: Sequence[str] | None = None,
-                       max_sites: int = 1024, seed: int = 0, control: str = CONTROL,
-                       plate_controls: int = 0) -> "pd.DataFrame":
-    """A seeded, class-stratified sample of about ``max_sites`` probe sites (rows of ``meta``, PROBE_COLUMNS).
-
-    ``treatments`` restricts the sites to those treatments (controls are always
-    kept). Each probe class gets an equal share of the sites, drawn at random from
-    all its plates; a class with fewer sites gives its unused share to none (the
-    sample stays small and balanced). ``plate_controls`` > 0 tops every plate up to
-    that many control sites (so each plate can be centred on its own controls) and
-    leaves out plates that have fewer. Raises ValueError if fewer than 2 classes or
-    plates remain.
-    """
-    frame = meta.sort_values("site_id", kind="stable").reset_index(drop=True)
-    if treatments:
-        unknown = sorted(set(treatments) - set(frame["treatment"].astype(str)))
-        if unknown:
-            raise ValueError(f"probe treatments not in the data: {', '.join(unknown)}")
-        frame = frame[frame["treatment"].astype(str).isin([*treatments, control])].reset_index(drop=True)
-    targets = probe_targets(frame["treatment"], task, control)
-    classes = sorted(set(targets.tolist()))
-    if len(classes) < 2:
-        raise ValueError(f"a probe needs at least 2 classes; the selected sites hold {classes}")
-    share = max(1, max_sites // len(classes))
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for name in classes:
-        rows = np.flatnonzero(targets == name)
-        chosen.extend(rng.permutation(rows)[:share].tolist())
-    if plate_controls > 0:
-        chosen = _with_plate_controls(frame, chosen, plate_controls, rng, control)
-    sample = frame.iloc[sorted(chosen)].reset_index(drop=True)
-    n_plates = len(set(plate_groups(sample["experiment"], sample["plate"])))
-    if n_plates < 2:
-        raise ValueError(f"a grouped probe needs sites from at least 2 plates; the selected sites span {n_plates}")
-    return sample
-
-
-def _with_plate_controls(frame: "pd.DataFrame", chosen: list[int], per_plate: int, rng: np.random.Generator,
-                         control: str) -> list[int]:
-    """``chosen`` rows plus random controls until each plate has ``per_plate``, minus plates that cannot."""
-    plates = plate_groups(frame["experiment"], frame["plate"])
-    is_control = (frame["treatment"].astype(str) == control).to_numpy()
-    picked = np.zeros(len(frame), dtype=bool)
-    picked[chosen] = True
-    for plate in np.unique(plates):
-        on_plate = plates == plate
-        controls = np.flatnonzero(on_plate & is_control)
-        if len(controls) < per_plate:
-            picked[on_plate] = False
-            continue
-        missing = per_plate - int(picked[controls].sum())
-        if missing > 0:
-            picked[rng.permutation(controls[~picked[controls]])[:missing]] = True
-    return np.flatnonzero(picked).tolist()
-
-
 def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.ndarray]], *,
                   mean: Sequence[float], std: Sequence[float],
                   device: "torch.device") -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -246,28 +176,6 @@ def embed_with_encoders(encoders: dict[str, "torch.nn.Module"], batches: Iterabl
     order = np.argsort(rows["site_id"], kind="stable") if "site_id" in rows else slice(None)
     return ({name: np.concatenate(parts)[order] for name, parts in features.items()},
             {name: values[order] for name, values in rows.items()})
-
-
-def probe_dataset(data: str, *, task: str, treatments: Sequence[str] | None, max_sites: int, seed: int,
-                  plate_controls: int = 0) -> tuple["ray.data.Dataset", "pd.DataFrame"]:
-    """The probe's sites chosen from the shards' metadata (:func:`select_probe_sites`) as a lazy Ray Dataset
-    (image + :data:`PROBE_COLUMNS`), and the chosen rows.
-
-    Only metadata columns are read to choose the sites; the images of the chosen
-    ones are read by a site_id filter inside the Parquet scan. Raises ValueError
-    when the selection is unusable.
-    """
-    import pyarrow.dataset as pads
-    from ray.data.expressions import col
-
-    from rxray.data.shards import read_shards
-
-    fs, path = storage.pyarrow_filesystem(data)
-    meta = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=list(PROBE_COLUMNS)).to_pandas()
-    sample = select_probe_sites(meta, task=task, treatments=treatments, max_sites=max_sites, seed=seed,
-                                plate_controls=plate_controls)
-    site_ids = sample["site_id"].astype(str).tolist()
-    return read_shards(data, columns=["image", *PROBE_COLUMNS]).filter(expr=col("site_id").is_in(site_ids)), sample
 
 
 def score_embeddings(X: np.ndarray, columns: dict[str, np.ndarray], *, task: str, method: str = "logistic",
