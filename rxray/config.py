@@ -23,9 +23,10 @@ __all__ = ["BACKBONES", "CACHE_HELP", "PROBE_CORRECTIONS", "PROBE_CORRECT_HELP",
            "read_yaml", "STALL_TIMEOUT_S"]
 
 # A training worker waiting this long for its next batch fails (and Ray Train restarts the group from the last
-# checkpoint) instead of waiting forever: the blocks of a lost node may never arrive. Generous: the first batch of
-# an epoch streamed from object storage on a busy cluster takes seconds to a minute.
-STALL_TIMEOUT_S = 600.0
+# checkpoint) instead of waiting forever: the blocks of a lost node may never arrive. The longest waits measured
+# (an epoch's first streamed batch) are 1.3-4 s on 2 cores (docs/benchmarks.md); 120 s fails an incurable stall
+# after (max_failures + 1) x 2 minutes, not 30. Workers say every 30 s what they wait for.
+STALL_TIMEOUT_S = 120.0
 STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before it fails and Ray Train restarts "
                       "the workers from the last checkpoint (a lost node's data never arrives)")
 

@@ -70,6 +70,23 @@ def test_a_run_whose_workers_cannot_be_placed_again_says_so_and_how_to_resume():
                                                                                "restarts: boom")
 
 
+def test_a_stall_the_restarts_cannot_cure_ends_in_one_line_naming_it():
+    from ray.train import WorkerGroupError
+
+    from rxray.train.loop import failure_message
+
+    remote = RuntimeError("ray::RayTrainWorker.run_train_fn() (pid=1, ip=10.0.0.2)\n  File \"worker.py\", line 80\n"
+                          "rxray.train.worker.DataStalled: no train batch arrived for 120 s (a lost node's data)")
+    error = WorkerGroupError("Worker 1 failed:\n(traceback)", {1: remote, 0: RuntimeError("peer gone")})
+    alone = WorkerGroupError("", {1: remote})
+    assert failure_message(error, "pretraining", 2) == failure_message(alone, "pretraining", 2)
+    assert failure_message(WorkerGroupError("", {2: RuntimeError("x"), 0: RuntimeError("peer gone\n")}), "p", 1) == (
+        "p failed after up to 1 restarts: worker 0: peer gone")
+    assert failure_message(error, "pretraining", 2) == (
+        "pretraining failed after up to 2 restarts: worker 1: rxray.train.worker.DataStalled: no train batch "
+        "arrived for 120 s (a lost node's data)")
+
+
 def test_a_long_epoch_prints_progress_with_an_eta():
     from rxray.train.epoch_log import EpochProgress
 
@@ -136,3 +153,24 @@ def test_only_server_errors_throttling_and_dropped_connections_are_retried(messa
     from rxray import storage
 
     assert storage.is_transient(OSError(message)) is transient
+
+
+def test_a_long_wait_is_told_while_it_lasts():
+    never = threading.Event()
+    said: list[str] = []
+    guarded = stall_guarded(_slow([1], 0.01, then_block=never), timeout_s=1.0, what="train", say=said.append,
+                            say_every_s=0.3)
+    assert next(guarded) == 1
+    with pytest.raises(DataStalled):
+        next(guarded)
+    never.set()
+    assert 2 <= len(said) <= 3 and all("for the next train batch" in line and "at 1 s" in line for line in said)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4, 5, 8])
+def test_workers_holding_every_one_cpu_node_leave_room_for_the_input_tasks(workers):
+    from rxray.train.loop import INPUT_TASK_CPUS, cpus_per_worker
+
+    share = cpus_per_worker(float(workers), workers, gpu=False)  # one worker per 1-CPU node, no spare node
+    assert 1.0 - share >= INPUT_TASK_CPUS and share >= 0.25
+    assert cpus_per_worker(float(workers + 1), workers, gpu=False) == 1.0  # a spare CPU: whole-CPU workers

@@ -87,6 +87,20 @@ def epoch_logged(out: str, epoch: int) -> Callable[[], bool]:
     return lambda: any(entry.get("epoch") == epoch for entry in read_metrics(out))
 
 
+def checkpoint_in_storage(out: str, run_name: str, epoch: int) -> Callable[[], bool]:
+    """A Fault's precondition: the epoch's checkpoint file of the training run at ``out`` is in storage.
+
+    The earliest moment a whole checkpoint exists: on S3 a file appears only once uploaded, and the kill
+    lands before the controller has registered it or the epoch is logged, so the restarted workers must
+    find it in storage themselves. (A kill while the folder is still being filled leaves a checkpoint the
+    restore passes over: tests/test_pretrain.py.)
+    """
+    from rxray.models.checkpoints import CHECKPOINT_FILE
+
+    file = storage.join(out, run_name, f"checkpoint_epoch{epoch:04d}", CHECKPOINT_FILE)
+    return lambda: storage.exists(file)
+
+
 def _training_fault(name: str) -> Callable[[str], Fault]:
     return lambda out: Fault(name, "RayTrainWorker", after=epoch_logged(out, 1))
 

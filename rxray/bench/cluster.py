@@ -206,10 +206,13 @@ class LocalCluster:
 
     def add_node(self, cpus: float, resources: dict[str, float] | None = None) -> Node:
         """Start one more worker node with ``cpus`` CPUs (and custom ``resources``); returns once it has joined."""
-        # Every node on this machine writes its logs under the head's session folder, and each node's log monitor
-        # would forward all of them to the driver: one monitor (the head's) prints each line once.
-        return self._start_node(f"worker-{len(self.nodes)}", cpus, resources or {},
-                                ["--address", self.address, "--include-log-monitor", "false"])
+        # Each node its own temp folder, as each machine of a real cluster has. Sharing the head's, the nodes
+        # shared the job's unpacked working dir, and a replacement node's runtime-env agent unpacks it afresh
+        # (deleting it first) under the workers of the others: their cwd vanished, and so did an embed job.
+        # Its own folder also keeps its own logs, which its own log monitor forwards once.
+        name = f"worker-{len(self.nodes)}"
+        return self._start_node(name, cpus, resources or {},
+                                ["--address", self.address, "--temp-dir", str(Path(self.temp_dir) / name)])
 
     def _start_node(self, name: str, cpus: float, resources: dict[str, float], role: list[str]) -> Node:
         ports = self._free_ports(6 + WORKER_PORTS)

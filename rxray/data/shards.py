@@ -90,8 +90,9 @@ def _tensor_shape(field: pa.Field) -> tuple[int, ...]:
     raise ValueError(f"column {field.name!r} carries no tensor shape (not an ingest shard?)")
 
 
-def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset":
-    """The shards under a URI as a Ray Dataset (no rows are read until it is consumed)."""
+def read_shards(uri: str, columns: list[str] | None = None, task_cpus: float | None = None) -> "ray.data.Dataset":
+    """The shards under a URI as a Ray Dataset (no rows are read until it is consumed); its read tasks ask for
+    ``task_cpus`` logical CPUs each (Ray Data's default, one, without)."""
     import ray.data
 
     # Ray 2.60's Parquet reader V2 starts a pool of footer-reader actors for every read: 2-5 s before the
@@ -103,7 +104,8 @@ def read_shards(uri: str, columns: list[str] | None = None) -> "ray.data.Dataset
     shown, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         fs, path = storage.pyarrow_filesystem(uri)
-        dataset = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+        dataset = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"],
+                                        **({"num_cpus": task_cpus} if task_cpus else {}))
     finally:
         context.enable_progress_bars = shown
     dataset.context.enable_progress_bars = shown  # the dataset's own passes keep the bar the step asked for

@@ -31,6 +31,12 @@ WORKER_GROUP_START_ATTEMPTS = 10
 # so every epoch after the first skips the Parquet read and Ray Data's per-epoch start (~1.5 s, more when
 # busy); above it the images stream from storage every epoch, as they must at full RxRx2 scale on a small cluster.
 CACHE_STORE_FRACTION = 0.4
+# Logical CPUs each task of a training run's input pipeline asks for (read, filter, label). The workers may hold
+# all but a fraction of each node (worker_cpus leaves one CPU across the cluster: 0.5 on each of two 1-CPU nodes),
+# and a task asking for a whole CPU then never runs: not the streamed read of an epoch, and after a node loss not
+# the re-execution that rebuilds the cached blocks that lived there, which the restarted workers then wait for
+# until the stall guard fails them, restart after restart. A quarter of a CPU fits beside them.
+INPUT_TASK_CPUS = 0.25
 # Datasets a training step reads whole on one worker after training (a classifier's held-out splits to predict).
 WHOLE_DATASETS = ("predict",)
 # Per-row bytes beyond the image: metadata columns and Arrow overhead, rounded up.
@@ -48,16 +54,21 @@ def worker_cpus(workers: int, gpu: bool, requested: float | None) -> float:
     """CPUs reserved per training worker: `requested`, else 1 unless that leaves no CPU to feed data.
 
     Ray Data's read tasks need a CPU of their own; on a small machine (2 CPUs, 2
-    workers) whole-CPU workers would leave none and training would wait forever.
+    workers) whole-CPU workers would leave none and training would wait forever. Split
+    workers leave at least INPUT_TASK_CPUS of each 1-CPU node for the input tasks.
     """
     if requested is not None:
         return requested
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
+    return cpus_per_worker(ray.cluster_resources().get("CPU", 0.0), workers, gpu)
+
+
+def cpus_per_worker(total: float, workers: int, gpu: bool) -> float:
+    """A worker's share of a cluster of ``total`` CPUs: whole when one is left over, else all but one CPU shared."""
     if gpu or total >= workers + 1:
         return 1.0
-    return max(0.25, (total - 1.0) / workers)
+    return max(0.25, min(1.0 - INPUT_TASK_CPUS, (total - 1.0) / workers))
 
 
 def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, datasets: dict[str, Any],
@@ -111,8 +122,19 @@ def failure_message(error: Exception, what: str, max_failures: int) -> str:
         return (f"{what} failed: its workers could not be started again after {WORKER_GROUP_START_ATTEMPTS} "
                 f"attempts ({cause[0] if cause else type(error.controller_failure).__name__}); the same command "
                 f"resumes from the last checkpoint once the cluster has room")
+    failures = getattr(error, "worker_failures", None) or {}  # Ray's WorkerGroupError: each failed rank's error
+    if failures:
+        # A peer of a stalled worker fails too (its collective breaks): the stall is the cause to name.
+        rank, failure = min(failures.items(), key=lambda item: ("DataStalled" not in str(item[1]), item[0]))
+        return f"{what} failed after up to {max_failures} restarts: worker {rank}: {_last_line(failure)}"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{what} failed after up to {max_failures} restarts: {first}"
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (possibly remote, traceback-carrying) error that names it: ``DataStalled: no train batch ...``."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def check_rerun(cfg: Any, step: str, finished: str) -> Rerun:

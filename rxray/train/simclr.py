@@ -29,7 +29,7 @@ from rxray.outputs import CONFIG_FILE, MANIFEST_FILE, write_manifest
 from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
 from rxray.train.epochs import RunSettings, TrainingStep
-from rxray.train.loop import cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
+from rxray.train.loop import INPUT_TASK_CPUS, cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
 from rxray.train.worker import CrashOnce, TrainWorker, unwrap
 
 RUN_NAME = "simclr"
@@ -208,7 +208,7 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
         print(f"pretrain: resuming from epoch {done} ({resume_from})", flush=True)
 
     ensure_ray()
-    dataset = read_shards(cfg.data, columns=["image"])
+    dataset = read_shards(cfg.data, columns=["image"], task_cpus=INPUT_TASK_CPUS)
     rows, image_side = _shard_rows(cfg.data, dataset), shard_image_side(cfg.data)
     if rows // cfg.workers < cfg.batch_size:
         raise ConfigError("pretrain.batch_size", f"{cfg.batch_size} per worker x {cfg.workers} workers needs at "
@@ -236,12 +236,13 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dic
 def _probe_dataset(cfg: PretrainConfig):
     """The probe's sites (a class-stratified sample chosen from the shards' metadata) as a lazy Ray Dataset."""
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
-    from rxray.evaluate.probe import probe_dataset
+    from rxray.evaluate.probe_sites import probe_dataset
 
     try:
         dataset, sample = probe_dataset(cfg.data, task=cfg.probe_task, treatments=cfg.probe_treatments,
                                         max_sites=cfg.probe_sites, seed=cfg.seed,
-                                        plate_controls=MIN_PLATE_CONTROLS if cfg.probe_correct == "center" else 0)
+                                        plate_controls=MIN_PLATE_CONTROLS if cfg.probe_correct == "center" else 0,
+                                        task_cpus=INPUT_TASK_CPUS)
     except ValueError as exc:
         raise ConfigError("pretrain.probe_treatments", str(exc)) from None
     print(f"pretrain: probe on {len(sample)} sites of {sample['treatment'].nunique()} treatment(s) "

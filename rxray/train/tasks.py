@@ -189,11 +189,14 @@ def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], s
                   keep: Sequence[str] = (), gains: dict[str, list[float]] | None = None) -> "ray.data.Dataset":
     """The task's rows of one split (or several) as a lazy Ray Dataset, filtered inside the Parquet scan."""
     from rxray.data.shards import read_shards
+    from rxray.train.loop import INPUT_TASK_CPUS
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
                                   plan.label_col, *keep]))
-    return read_shards(cfg.data, columns=columns).filter(expr=split_filter(cfg, plan, splits, split)).map_batches(
-        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy")
+    return read_shards(cfg.data, columns=columns, task_cpus=INPUT_TASK_CPUS).filter(
+        expr=split_filter(cfg, plan, splits, split), num_cpus=INPUT_TASK_CPUS).map_batches(
+        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy",
+        num_cpus=INPUT_TASK_CPUS)
 
 
 def unlabelled_dataset(cfg: FinetuneConfig, plan: TaskPlan, keep: Sequence[str] = (),
@@ -202,13 +205,15 @@ def unlabelled_dataset(cfg: FinetuneConfig, plan: TaskPlan, keep: Sequence[str] 
     from ray.data.expressions import col
 
     from rxray.data.shards import read_shards
+    from rxray.train.loop import INPUT_TASK_CPUS
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
                                   plan.label_col, *keep]))
     missing = col(plan.label_col).is_null() & (col("treatment") != CONTROL)
-    return read_shards(cfg.data, columns=columns).filter(expr=missing).map_batches(
+    return read_shards(cfg.data, columns=columns, task_cpus=INPUT_TASK_CPUS).filter(
+        expr=missing, num_cpus=INPUT_TASK_CPUS).map_batches(
         label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains, "unlabelled": True},
-        batch_format="numpy")
+        batch_format="numpy", num_cpus=INPUT_TASK_CPUS)
 
 
 def unlabelled_treatments(meta: "pd.DataFrame", label_col: str) -> list[str]:

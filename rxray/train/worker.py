@@ -31,6 +31,8 @@ T = TypeVar("T")
 SHUFFLE_BUFFER_ROWS = 512
 # Batches fetched ahead of the training step, so reading and collating overlap with compute.
 PREFETCH_BATCHES = 2
+# A worker waiting for its next batch says so this often, with how long it has waited (see stall_guarded).
+WAIT_REPORT_S = 30.0
 # Reported with every epoch: the placement group holding the run's workers. A Ray Tune driver that stops the run
 # early (ASHA) kills its controller, and only a dashboard-backed cleaner would then free the group; `rxray tune`
 # frees it by this id.
@@ -41,7 +43,8 @@ class DataStalled(RuntimeError):
     """No batch arrived from the input pipeline within the stall timeout (e.g. its blocks were on a lost node)."""
 
 
-def stall_guarded(batches: Iterable[T], timeout_s: float, what: str) -> Iterator[T]:
+def stall_guarded(batches: Iterable[T], timeout_s: float, what: str,
+                  say: Callable[[str], None] | None = None, say_every_s: float = WAIT_REPORT_S) -> Iterator[T]:
     """Yield from ``batches``; raise DataStalled when the next item takes longer than ``timeout_s`` to arrive.
 
     Ray Data's iterators wait for their blocks without a deadline: when a node is lost
@@ -49,7 +52,8 @@ def stall_guarded(batches: Iterable[T], timeout_s: float, what: str) -> Iterator
     a worker would wait forever while its peers wait for it in DDP. Failing instead
     lets Ray Train restart the group from the last checkpoint, or report the step failed.
     Only the wait for data counts: a slow training step never trips it. The items are
-    produced by a thread, one ahead of the consumer.
+    produced by a thread, one ahead of the consumer. A wait longer than ``say_every_s``
+    is told to ``say`` every ``say_every_s``, so a run that waits never waits in silence.
     """
     handoff: queue.Queue = queue.Queue(maxsize=1)
     finished = object()
@@ -64,11 +68,21 @@ def stall_guarded(batches: Iterable[T], timeout_s: float, what: str) -> Iterator
 
     threading.Thread(target=produce, name=f"rxray-{what}", daemon=True).start()
     while True:
-        try:
-            item, error = handoff.get(timeout=timeout_s)
-        except queue.Empty:
-            raise DataStalled(f"no {what} batch arrived for {timeout_s:g} s (a lost node's data, or no CPU left "
-                              f"to read it); failing so the run restarts from its last checkpoint") from None
+        began = time.monotonic()
+        while True:
+            waited = time.monotonic() - began
+            try:
+                item, error = handoff.get(timeout=max(0.0, min(timeout_s, waited + say_every_s) - waited))
+                break
+            except queue.Empty:
+                waited = time.monotonic() - began
+                if waited >= timeout_s:
+                    raise DataStalled(f"no {what} batch arrived for {timeout_s:g} s (a lost node's data, or no "
+                                      f"CPU left to read it); failing so the run restarts from its last "
+                                      f"checkpoint") from None
+                if say is not None:
+                    say(f"waiting {waited:.0f} s for the next {what} batch (Ray Data reading or rebuilding its "
+                        f"blocks); the worker fails and the run restarts at {timeout_s:g} s")
         if error is not None:
             raise error
         if item is finished:
@@ -154,10 +168,12 @@ class TrainWorker:
             local_shuffle_seed=seed + 7919 * epoch + self.rank, pin_memory=self.on_gpu), dataset)
 
     def stall_guarded(self, batches: Iterable[T], what: str) -> Iterator[T]:
-        """``batches`` failing with DataStalled after this run's stall timeout (:func:`stall_guarded`)."""
+        """``batches`` failing with DataStalled after this run's stall timeout (:func:`stall_guarded`); a long wait
+        is printed with this worker's rank."""
         if math.isinf(self.stall_timeout_s):
             return iter(batches)
-        return stall_guarded(batches, self.stall_timeout_s, what)
+        return stall_guarded(batches, self.stall_timeout_s, what,
+                             say=lambda line: worker_print(f"train worker {self.rank}: {line}"))
 
     def dataset_shard(self, dataset: str) -> "ray.data.DataIterator":
         """This worker's iterator over a training dataset: its fixed share when cached, else its streamed split."""
