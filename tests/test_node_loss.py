@@ -167,15 +167,14 @@ def bad_day(s3_server, ray_local, tmp_path_factory):
             Fault("embed", "EmbedBatch"),
             Fault("score", "score_treatment"),
         ])
-    except BaseException:
+        references = {"embed": f"{bucket}/reference/embed", "score": f"{bucket}/reference/score"}
+        embed(load_config(EmbedConfig, values={**SECTIONS["embed"], "data": f"{run}/shards",
+                                               "model": f"{run}/pretrain", "out": references["embed"]}))
+        score(load_config(ScoreConfig, values={**SECTIONS["score"], "embeddings": f"{run}/embed",
+                                               "out": references["score"]}))
+    except BaseException:  # the cluster stays up for the token tests only when the scenario got that far
         second.stop()
         raise
-
-    references = {"embed": f"{bucket}/reference/embed", "score": f"{bucket}/reference/score"}
-    embed(load_config(EmbedConfig, values={**SECTIONS["embed"], "data": f"{run}/shards", "model": f"{run}/pretrain",
-                                           "out": references["embed"]}))
-    score(load_config(ScoreConfig, values={**SECTIONS["score"], "embeddings": f"{run}/embed",
-                                           "out": references["score"]}))
     yield {"run": run, "source": source, "references": references, "cluster": second, "left_by_first": left_by_first,
            "logs": {"first": (work / "first.log").read_text(), "second": (work / "second.log").read_text()},
            "returncodes": {"first": first_rc, "second": second_rc},
