@@ -37,11 +37,16 @@ def escape(value: Any) -> str:
 
 
 def format_value(value: Any) -> str:
-    """A value as shown in a table cell: floats to four significant digits, containers as JSON."""
-    if isinstance(value, bool) or value is None:
+    """A value as shown in a table cell: floats to four significant digits, containers as JSON, "-" for none.
+
+    A missing value reads as "-" (a multiclass classifier has no positive class or threshold), not "nan".
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
+        return "-" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, (np.floating,)):
         return format_value(float(value))
     if isinstance(value, (dict, list, tuple)):
