@@ -345,6 +345,25 @@ def test_score_separates_planted_from_noise(tmp_path, ray_local):
     assert manifest["step"] == "score" and manifest["counts"]["scored_sites"] == len(meta)
 
 
+def test_the_generators_own_embeddings_score_what_truth_json_planted(tmp_path, ray_local):
+    """The synthetic screen's embeddings.csv (its planted effects, no learning) through `rxray score`: every planted
+    treatment active and every planted null not, as truth.json says. Scoring itself is checked, apart from training."""
+    from rxray.config import SynthConfig
+    from rxray.data.synth import synthesize
+
+    source = str(tmp_path / "synth")
+    synthesize(load_config(SynthConfig, values=dict(out=source, experiments=2, plates=2, wells=32, controls=8,
+                                                    sites=1, size=32, treatments=10, seed=1)))
+    out = str(tmp_path / "score")
+    score(load_config(ScoreConfig, values=dict(embeddings=f"{source}/embeddings.csv", out=out, trees=10, folds=2,
+                                               permutations=100, correct=["tvn"])))
+    planted = json.loads(storage.read_text(f"{source}/truth.json"))["treatments"]
+    active = pd.read_csv(os.path.join(out, "scores.csv")).set_index("treatment")["active"]
+    nulls = [name for name, truth in planted.items() if truth["null"]]
+    assert nulls and len(planted) - len(nulls) >= 8
+    assert {name: bool(active[name]) for name in planted} == {name: name not in nulls for name in planted}
+
+
 def test_cli_scores_an_rxrx2_embeddings_csv_on_a_flaky_s3(tmp_path, ray_local, s3_bucket, s3_proxy, capsys):
     meta, X = synthetic_embeddings(dim=layout.EMBEDDING_DIM, seed=1)
     local_csv = write_rxrx2_csv(meta, X, str(tmp_path / "rxrx2"))
