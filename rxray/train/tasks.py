@@ -188,15 +188,7 @@ def make_splits(cfg: FinetuneConfig, meta: "pd.DataFrame", plan: TaskPlan) -> di
 def split_dataset(cfg: FinetuneConfig, plan: TaskPlan, splits: dict[str, Any], split: str | Sequence[str],
                   keep: Sequence[str] = (), gains: dict[str, list[float]] | None = None) -> "ray.data.Dataset":
     """The task's rows of one split (or several) as a lazy Ray Dataset, filtered inside the Parquet scan."""
-    from rxray.data.shards import read_shards
-    from rxray.train.loop import INPUT_TASK_CPUS
-
-    columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
-                                  plan.label_col, *keep]))
-    return read_shards(cfg.data, columns=columns, task_cpus=INPUT_TASK_CPUS).filter(
-        expr=split_filter(cfg, plan, splits, split), num_cpus=INPUT_TASK_CPUS).map_batches(
-        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains}, batch_format="numpy",
-        num_cpus=INPUT_TASK_CPUS)
+    return _labelled_rows(cfg, plan, split_filter(cfg, plan, splits, split), keep, gains)
 
 
 def unlabelled_dataset(cfg: FinetuneConfig, plan: TaskPlan, keep: Sequence[str] = (),
@@ -204,16 +196,22 @@ def unlabelled_dataset(cfg: FinetuneConfig, plan: TaskPlan, keep: Sequence[str] 
     """The treated sites whose label is missing (compounds without an annotation), as a lazy Ray Dataset."""
     from ray.data.expressions import col
 
+    missing = col(plan.label_col).is_null() & (col("treatment") != CONTROL)
+    return _labelled_rows(cfg, plan, missing, keep, gains, unlabelled=True)
+
+
+def _labelled_rows(cfg: FinetuneConfig, plan: TaskPlan, rows: Any, keep: Sequence[str],
+                   gains: dict[str, list[float]] | None, unlabelled: bool = False) -> "ray.data.Dataset":
+    """The shards' ``rows`` (a Ray Data expression) with the task's label columns, every task at INPUT_TASK_CPUS."""
     from rxray.data.shards import read_shards
     from rxray.train.loop import INPUT_TASK_CPUS
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
                                   plan.label_col, *keep]))
-    missing = col(plan.label_col).is_null() & (col("treatment") != CONTROL)
+    options = {"plan": plan, "keep": list(keep), "gains": gains} | ({"unlabelled": True} if unlabelled else {})
     return read_shards(cfg.data, columns=columns, task_cpus=INPUT_TASK_CPUS).filter(
-        expr=missing, num_cpus=INPUT_TASK_CPUS).map_batches(
-        label_batch, fn_kwargs={"plan": plan, "keep": list(keep), "gains": gains, "unlabelled": True},
-        batch_format="numpy", num_cpus=INPUT_TASK_CPUS)
+        expr=rows, num_cpus=INPUT_TASK_CPUS).map_batches(label_batch, fn_kwargs=options, batch_format="numpy",
+                                                          num_cpus=INPUT_TASK_CPUS)
 
 
 def unlabelled_treatments(meta: "pd.DataFrame", label_col: str) -> list[str]:

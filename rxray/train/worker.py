@@ -68,26 +68,30 @@ def stall_guarded(batches: Iterable[T], timeout_s: float, what: str,
 
     threading.Thread(target=produce, name=f"rxray-{what}", daemon=True).start()
     while True:
-        began = time.monotonic()
-        while True:
-            waited = time.monotonic() - began
-            try:
-                item, error = handoff.get(timeout=max(0.0, min(timeout_s, waited + say_every_s) - waited))
-                break
-            except queue.Empty:
-                waited = time.monotonic() - began
-                if waited >= timeout_s:
-                    raise DataStalled(f"no {what} batch arrived for {timeout_s:g} s (a lost node's data, or no "
-                                      f"CPU left to read it); failing so the run restarts from its last "
-                                      f"checkpoint") from None
-                if say is not None:
-                    say(f"waiting {waited:.0f} s for the next {what} batch (Ray Data reading or rebuilding its "
-                        f"blocks); the worker fails and the run restarts at {timeout_s:g} s")
+        item, error = _next_handoff(handoff, timeout_s, what, say, say_every_s)
         if error is not None:
             raise error
         if item is finished:
             return
         yield item
+
+
+def _next_handoff(handoff: queue.Queue, timeout_s: float, what: str, say: Callable[[str], None] | None,
+                  say_every_s: float) -> tuple[Any, BaseException | None]:
+    """The producer's next (item, error), said to ``say`` every ``say_every_s`` of waiting; DataStalled at timeout."""
+    began = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - began)
+        try:
+            return handoff.get(timeout=max(0.0, min(left, say_every_s)))
+        except queue.Empty:
+            waited = time.monotonic() - began
+            if waited >= timeout_s:
+                raise DataStalled(f"no {what} batch arrived for {timeout_s:g} s (a lost node's data, or no CPU left "
+                                  f"to read it); failing so the run restarts from its last checkpoint") from None
+            if say is not None:
+                say(f"waiting {waited:.0f} s for the next {what} batch (Ray Data reading or rebuilding its blocks); "
+                    f"the worker fails and the run restarts at {timeout_s:g} s")
 
 
 def worker_print(line: str) -> None:
