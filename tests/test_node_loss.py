@@ -15,6 +15,9 @@ Every step's output is then compared with what an undisturbed run gives: ingest 
 recipe applied to every site of the source, embed and score with runs of those steps on the same inputs on
 the session's local Ray. One shared scenario, one test per guarantee; the token checks use its second cluster.
 Per-step runs with timings (fine-tuning too, and the cache off) are `rxray bench chaos`'s job.
+
+The scenario takes about 4 minutes of a 2-core machine, more than a third of what `make test` may take, so its
+tests carry the ``chaos`` marker and run with `make chaos`; the harness's own tests below run in `make test`.
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ def undisturbed_shard_images(source: str, size: int) -> dict[str, np.ndarray]:
         return {row.site_id: image for row, image in zip(sites, images)}
 
 
+chaos = pytest.mark.chaos
+
+
 @pytest.fixture(scope="module")
 def bad_day(s3_server, ray_local, tmp_path_factory):
     """Run the scenario once; yields its logs, kills, outputs and undisturbed references."""
@@ -204,6 +210,7 @@ def read_table(uri: str) -> pd.DataFrame:
     return pq.read_table(path, filesystem=filesystem).to_pandas()
 
 
+@chaos
 def test_ingest_that_loses_a_worker_node_writes_exactly_the_undisturbed_rows(bad_day):
     assert_killed_mid_step(bad_day, "ingest", "ingest")
     got = rows_by_site(f"{bad_day['run']}/shards")  # fails on a duplicate row
@@ -215,6 +222,7 @@ def test_ingest_that_loses_a_worker_node_writes_exactly_the_undisturbed_rows(bad
     assert rejects.empty  # the source has no bad file: an undisturbed run rejects nothing
 
 
+@chaos
 def test_pretraining_that_loses_a_worker_node_resumes_from_its_last_checkpoint(bad_day):
     later = assert_killed_mid_step(bad_day, "pretrain", "pretrain")
     assert "pretrain: workers restored the epoch" in later, later[-3000:]
@@ -224,6 +232,7 @@ def test_pretraining_that_loses_a_worker_node_resumes_from_its_last_checkpoint(b
     assert manifest["epochs_completed"] == 2
 
 
+@chaos
 def test_a_lost_head_loses_the_job_and_the_resubmitted_job_resumes_from_what_was_committed(bad_day):
     assert bad_day["returncodes"]["first"] != 0 and "head" in bad_day["kills"]
     second = bad_day["logs"]["second"]
@@ -239,6 +248,7 @@ def test_a_lost_head_loses_the_job_and_the_resubmitted_job_resumes_from_what_was
     assert read_manifest(f"{bad_day['run']}/pretrain") == left["pretrain"], "the committed step was not redone"
 
 
+@chaos
 def test_embedding_that_loses_a_worker_node_gives_the_undisturbed_embeddings(bad_day):
     assert_killed_mid_step(bad_day, "embed", "embed")
     for part in ("sites", "wells"):
@@ -250,6 +260,7 @@ def test_embedding_that_loses_a_worker_node_gives_the_undisturbed_embeddings(bad
         np.testing.assert_array_equal(np.stack(got[EMBEDDING_COLUMN]), np.stack(want[EMBEDDING_COLUMN]))
 
 
+@chaos
 def test_scoring_that_loses_a_worker_node_gives_the_undisturbed_table(bad_day):
     assert_killed_mid_step(bad_day, "score", "score")
     got = read_table(f"{bad_day['run']}/score/scores.parquet")
@@ -257,6 +268,7 @@ def test_scoring_that_loses_a_worker_node_gives_the_undisturbed_table(bad_day):
     pd.testing.assert_frame_equal(got, want)
 
 
+@chaos
 @pytest.mark.parametrize("credentials", ["none", "wrong"])
 def test_a_submission_without_the_token_is_refused(bad_day, tmp_path, credentials):
     token_cluster = bad_day["cluster"]  # the scenario's second cluster, still up

@@ -105,6 +105,7 @@ def _kill_after_one_trial_and_one_epoch(cfg: TuneConfig, ray_local, tmp_path) ->
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.chaos  # three training runs and a driver start, ~90 s on 2 cores: `make chaos`, beside the node losses
 def test_a_killed_search_resumes_without_rerunning_finished_trials_and_writes_a_best_config(
         shards, ray_local, tmp_path):
     cfg = _finetune_search(shards, tmp_path)
