@@ -244,11 +244,12 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
 
 @pytest.fixture(scope="module")
 def frozen_run(labelled_shards, encoder_checkpoint, tmp_path_factory):
-    """EMPTY vs IFN-beta on a frozen SimCLR encoder cut to stains 1-3, 2 workers, 2 epochs."""
+    """EMPTY vs IFN-beta on a frozen SimCLR encoder cut to stains 1-3, 2 workers, 2 epochs, the images streamed
+    from the shards every epoch (cache off), as a full-scale run's are."""
     root = tmp_path_factory.mktemp("finetune")
     encoder = encoder_checkpoint(str(root / "pretrain"))
     cfg = _config(labelled_shards, str(root / "binary"), positive="IFN-beta", encoder=encoder, channels=[1, 2, 3],
-                  workers=2, epochs=2)
+                  workers=2, epochs=2, cache="off")
     return cfg, finetune(cfg), encoder
 
 
