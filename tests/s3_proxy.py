@@ -1,13 +1,16 @@
 """A fault-injecting HTTP proxy in front of the test S3 server: the flaky object store of a busy cluster.
 
 Every request is forwarded unchanged (headers, body, signature) to the real S3 endpoint.
-Inside ``flaky(failure_rate)``, that share of the requests fails before it reaches the
-server, as S3 fails under load: ``503 SlowDown``, ``500 InternalError``, or a connection
-reset, in turn. The schedule is fixed (every 1/rate-th request, starting with the first
-in the block), so even a step that makes a handful of requests meets a failure; which
-request that is depends on how the client's threads interleave. Failing before
-forwarding keeps every failure retry-safe (nothing half-done on the server), which is
-what a client may assume of S3's 5xx answers. ``delay_rate`` delays requests instead.
+Inside ``flaky(failure_rate)``, that share of the requests fails, in turn: ``503 SlowDown``
+before the request reaches the server, as S3 fails under load; two failures that half happen,
+as a network does: the request is applied by the server and the client sees its connection
+reset (``applied-reset``), or the answer's body is cut off halfway (``truncated``); then
+``500 InternalError`` and a connection reset, before the request reaches the server. The schedule is fixed (every 1/rate-th
+request, starting with the first in the block), so even a step that makes a handful of
+requests meets a failure; which request that is depends on how the client's threads
+interleave. POST requests (the multipart-upload calls) only fail before they are applied:
+moto forgets a completed upload, so a retried CompleteMultipartUpload that had been applied
+fails there where S3 answers it again. ``delay_rate`` delays requests instead.
 Counts of what was done are in ``stats``.
 """
 
@@ -26,7 +29,8 @@ _ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
 }
-_FAULTS = ("503", "500", "reset")
+_FAULTS = ("503", "applied-reset", "truncated", "500", "reset")
+_HALF_DONE = {"applied-reset", "truncated"}
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -39,7 +43,7 @@ class FaultyS3Proxy:
         self.upstream = (parsed.hostname, parsed.port)
         self.failure_rate = 0.0
         self.delay_rate = 0.0
-        self.stats = {"requests": 0, "503": 0, "500": 0, "reset": 0, "delayed": 0}
+        self.stats = {"requests": 0, **{fault: 0 for fault in _FAULTS}, "delayed": 0}
         self._in_block = 0  # requests seen inside the current flaky() block
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -76,8 +80,8 @@ class FaultyS3Proxy:
                 self.failure_rate = self.delay_rate = 0.0
                 during.update({key: self.stats[key] - before[key] for key in self.stats})
 
-    def _decide(self) -> tuple[str | None, float]:
-        """This request's fault ('503', '500', 'reset' or None) and delay in seconds, on the fixed schedule."""
+    def _decide(self, method: str) -> tuple[str | None, float]:
+        """This request's fault (one of _FAULTS or None) and delay in seconds, on the fixed schedule."""
         with self._lock:
             self.stats["requests"] += 1
             number, self._in_block = self._in_block, self._in_block + 1
@@ -86,6 +90,8 @@ class FaultyS3Proxy:
                 period = max(1, round(1 / self.failure_rate))
                 if number % period == 0:
                     fault = _FAULTS[(number // period) % len(_FAULTS)]
+                    if fault in _HALF_DONE and method == "POST":
+                        fault = "reset"
                     self.stats[fault] += 1
             if fault is None and self.delay_rate > 0:
                 period = max(1, round(1 / self.delay_rate))
@@ -116,15 +122,20 @@ class FaultyS3Proxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _reset(self) -> None:
+                """An abrupt close (RST), as a dropped connection looks to the client."""
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
             def _forward(self) -> None:
                 body = self._body()
-                fault, delay = proxy._decide()
-                if fault == "reset":  # an abrupt close (RST), as a dropped connection looks to the client
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
+                fault, delay = proxy._decide(self.command)
+                if fault == "reset":
+                    self._reset()
                     return
-                if fault is not None:
+                if fault is not None and fault not in _HALF_DONE:
                     code, message = _ERRORS[int(fault)]
                     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                                f"<Message>{message}</Message></Error>").encode()
@@ -147,6 +158,9 @@ class FaultyS3Proxy:
                     upstream.endheaders(body)
                     response = upstream.getresponse()
                     payload = response.read()
+                    if fault == "applied-reset" or (fault == "truncated" and (self.command == "HEAD" or not payload)):
+                        self._reset()  # the server applied it; the client never hears so
+                        return
                     self.send_response(response.status, response.reason)
                     for name, value in response.getheaders():
                         if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -156,7 +170,10 @@ class FaultyS3Proxy:
                     self.send_header("Content-Length", str(length if length is not None else 0))
                     self.end_headers()
                     if self.command != "HEAD":
-                        self.wfile.write(payload)
+                        # truncated: the headers promise the whole body, half of it comes, then the connection goes
+                        self.wfile.write(payload[:len(payload) // 2] if fault == "truncated" else payload)
+                        if fault == "truncated":
+                            self._reset()
                 finally:
                     upstream.close()
 

@@ -78,6 +78,7 @@ def setup(tmp_path_factory, s3_proxy, ray_local):
     with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:  # an object store failing a tenth of requests
         code = main(["embed", "--data", str(root / "shards"), "--model", model_out, "--out", out, "--batch-size", "8"])
     assert code == 0 and faults["503"] + faults["500"] + faults["reset"] > 0, faults
+    assert faults["applied-reset"] + faults["truncated"] > 0, faults  # and some that half happened
     return {"root": root, "meta": meta, "mean": mean, "std": std, "model_out": model_out, "latest": latest,
             "out": out, "manifest": json.loads(storage.read_text(storage.join(out, "_manifest.json")))}
 

@@ -143,6 +143,7 @@ def test_ingest_from_and_to_s3_that_fails_a_tenth_of_its_requests(hand_dataset, 
     with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
         summary = run_ingest(source, out, treatments=["IFN-beta"], balance=3, labels=f"{s3_bucket}/moa.csv")
     assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # the store really failed requests
+    assert faults["applied-reset"] and faults["truncated"], faults  # and some that half happened
     # every failure retried, none a reject: the same rows and pixels as from a store that never fails
     assert (summary["written"], summary["rejected"]) == (6, 0)  # 3 IFN-beta + 3 EMPTY controls
     rows = shards.read_shards(out).to_pandas()

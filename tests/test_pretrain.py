@@ -75,6 +75,7 @@ def finished_run(tiny_shards, s3_proxy, tmp_path_factory):
     with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults, contextlib.redirect_stdout(printed):
         summary = pretrain(cfg, crash_once=CrashOnce(epoch=1, marker=str(marker)))  # 0-based: epoch 2
     assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # checkpoints to a store failing 10%
+    assert faults["applied-reset"] and faults["truncated"], faults  # uploads applied unheard, restores cut off
     return cfg, summary, printed.getvalue(), marker
 
 

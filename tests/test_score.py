@@ -375,6 +375,7 @@ def test_cli_scores_an_rxrx2_embeddings_csv_on_a_flaky_s3(tmp_path, ray_local, s
         rc = main(["score", "--embeddings", f"{s3_bucket}/rxrx2/embeddings.csv", "--out", out, "--trees", "20",
                    "--permutations", "100", "--correct", "none,center", "--treatments", "PLANTED,NOISE"])
     assert rc == 0 and faults["503"] + faults["500"] + faults["reset"] > 0, faults
+    assert faults["applied-reset"] + faults["truncated"] > 0, faults  # and some that half happened
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_treatments"] == 2 and set(printed["corrections"]) == {"none", "center"}
     table = pd.read_csv(io.BytesIO(storage.read_bytes(f"{out}/scores.csv")))

@@ -169,9 +169,7 @@ def test_space_and_base_errors_name_the_field_before_any_trial(shards, tmp_path)
 
 
 def test_a_pretrain_search_under_asha_ranks_trials_by_the_probe_score(shards, tmp_path):
-    # cache off: the trial streams its images from the shards, as a full-scale run does
-    base = _write_yaml(tmp_path / "base.yaml", {"backbone": "resnet18", "workers": 1, "probe_sites": 96,
-                                                "cache": "off"})
+    base = _write_yaml(tmp_path / "base.yaml", {"backbone": "resnet18", "workers": 1, "probe_sites": 96})
     space = _write_yaml(tmp_path / "space.yaml", {"batch_size": 8, "proj_dim": {"choice": [16, 32]}})
     search = str(tmp_path / "search")
     summary = tune(load_config(TuneConfig, values={"data": shards, "out": search, "objective": "pretrain",
