@@ -8,9 +8,8 @@ reset (``applied-reset``), or the answer's body is cut off halfway (``truncated`
 ``500 InternalError`` and a connection reset, before the request reaches the server. The schedule is fixed (every 1/rate-th
 request, starting with the first in the block), so even a step that makes a handful of
 requests meets a failure; which request that is depends on how the client's threads
-interleave. POST requests (the multipart-upload calls) only fail before they are applied:
-moto forgets a completed upload, so a retried CompleteMultipartUpload that had been applied
-fails there where S3 answers it again. ``delay_rate`` delays requests instead.
+interleave. POST requests (the multipart-upload calls) only fail before they are applied: a
+CompleteMultipartUpload applied but unheard, then retried, is a window this proxy leaves untested. ``delay_rate`` delays requests instead.
 Counts of what was done are in ``stats``.
 """
 
