@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: setup demo test chaos gpu-check clean
+.PHONY: setup demo test ray-logs chaos gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -25,13 +25,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/rxray pipeline --config rayjobs/configs/demo.yaml --run $(DEMO_DIR)/run --source $(DEMO_DIR)/rxrx2-synth
 
-# A pytest that ends without its summary was killed under it (a Ray driver exits at once when its raylet or GCS
-# dies): the end of the session's own logs then says why.
-RAY_LOGS := /tmp/ray/session_latest/logs
 test: setup
-	$(BIN)/python -m pytest -q || { status=$$?; for log in $(RAY_LOGS)/raylet.out $(RAY_LOGS)/gcs_server.out \
+	$(BIN)/python -m pytest -q || { status=$$?; $(MAKE) --no-print-directory ray-logs; exit $$status; }
+
+# A pytest that ends without its summary was killed under it (a Ray driver exits at once when its raylet or GCS
+# dies): the end of the session's own logs then says why. `make test` prints them whenever pytest fails.
+RAY_LOGS := /tmp/ray/session_latest/logs
+ray-logs:
+	@for log in $(RAY_LOGS)/raylet.out $(RAY_LOGS)/gcs_server.out \
 		$$(ls -t $(RAY_LOGS)/python-core-driver-*.log 2>/dev/null | head -1); do \
-		[ -f "$$log" ] && { echo "--- last lines of $$log"; tail -n 30 "$$log"; }; done; exit $$status; }
+		[ -f "$$log" ] && { echo "--- last lines of $$log"; tail -n 30 "$$log"; }; done; true
 
 # The fault scenarios that take minutes to stage (nodes and the head killed under a submitted pipeline in
 # tests/test_node_loss.py, a search SIGKILLed and resumed in tests/test_tune.py: about 6 minutes), kept out of
