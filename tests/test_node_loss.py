@@ -301,3 +301,23 @@ def test_the_chaos_table_is_rewritten_by_each_run_and_keeps_the_prose_under_it(t
     assert "| ingest | 2 |\n| embed | 3 |" in text and "| ingest | 1 |" not in text
     assert "- second run" in text and "first run" not in text
     assert "What the numbers mean, by hand." in text and text.rstrip().endswith("## Later section\n\nKept.")
+
+
+@pytest.mark.parametrize("kill_at", ["checkpoint", "mid-epoch", "epoch-logged"])
+def test_a_training_kill_waits_for_its_moment(tmp_path, kill_at):
+    """`rxray bench chaos --kill-at`: nothing before epoch 1's checkpoint file exists; then at once, a little later,
+    or once the epoch is logged."""
+    from rxray.bench.chaos import kill_moment
+    from rxray.models.checkpoints import CHECKPOINT_FILE
+
+    out = str(tmp_path / "run")
+    ready = kill_moment(out, "simclr", kill_at, delay_s=(0.2, 0.3))
+    assert not ready()
+    folder = tmp_path / "run" / "simclr" / "checkpoint_epoch0001"
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_FILE).write_bytes(b"weights")
+    assert ready() == (kill_at == "checkpoint")
+    time.sleep(0.35)
+    assert ready() == (kill_at != "epoch-logged")
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    assert ready()

@@ -5,7 +5,8 @@ The cluster is :class:`~rxray.bench.cluster.LocalCluster` on this machine: a hea
 CPUs (the drivers' node, as in cluster.yaml) and one-CPU worker nodes, each its own raylet
 and object store. Each run is the step's own command (``rxray <step> ...``) as a driver on
 the head; the third has a :class:`~rxray.bench.cluster.NodeKiller` SIGKILL the worker node
-doing the step's work (after the first epoch's checkpoint for training) and a replacement
+doing the step's work (training: at ``--kill-at``, by default as soon as the first epoch's
+checkpoint is in storage, before Ray Train has registered it) and a replacement
 node join a second later, as cluster.yaml's autoscaler would. Per run: wall time and the
 peak proportional set size of the driver and every Ray process on every node; per step:
 whether the node-loss run's outputs equal the undisturbed run's (training: every epoch
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -35,13 +37,15 @@ from rxray.config import option
 from rxray.outputs import read_manifest
 
 CASES = ["ingest", "pretrain", "pretrain-streamed", "finetune", "finetune-streamed", "embed", "score"]
+KILL_MOMENTS = ["checkpoint", "mid-epoch", "epoch-logged"]
+MID_EPOCH_DELAY_S = (2.0, 10.0)  # after epoch 1's checkpoint: inside epoch 2 of the bench's small dataset
 RUNS = ("warm-up", "undisturbed", "node loss")
 SECTION = "## Chaos benchmark (`rxray bench chaos`)"
 INTRO = ("Each step three times on a cluster of this machine (a head with no CPUs and one-CPU worker nodes, each "
          "its own raylet and object store): warm-up, undisturbed, and with the worker node doing the step's work "
-         "SIGKILLed partway (training: after its first checkpoint) and replaced a second later. Peak memory: the "
-         "driver and every Ray process of every node (PSS). *Outputs* compares the node-loss run with the "
-         "undisturbed one.")
+         "SIGKILLed partway (training: at the kill moment under the table) and replaced a second later. Peak "
+         "memory: the driver and every Ray process of every node (PSS). *Outputs* compares the node-loss run with "
+         "the undisturbed one.")
 HEADER = ("| step | warm-up s | undisturbed s | node loss s | peak MiB undisturbed / node loss | killed (s into "
           "the run) | outputs |")
 STEP_TIMEOUT_S = 1800
@@ -60,6 +64,9 @@ class BenchChaosConfig:
                         minimum=12)
     size: int = option(32, "image side of the generated dataset and the shards", minimum=16)
     epochs: int = option(3, "training epochs (the node is lost after the first)", minimum=2)
+    kill_at: str = option("checkpoint", "when training loses its node: as soon as epoch 1's checkpoint file is in "
+                                        "storage, a seeded random 2-10 s later (inside epoch 2), or once epoch 1 "
+                                        "is logged", choices=KILL_MOMENTS)
     fast_detection: bool = option(False, "detect a lost node in ~3 s instead of Ray's default ~15 s")
     table: str = option("docs/reliability.md", "markdown file whose chaos section is rewritten (path or URI)")
     note: str = option("", "a line written under the table (e.g. what else the machine was doing)")
@@ -101,8 +108,27 @@ def checkpoint_in_storage(out: str, run_name: str, epoch: int) -> Callable[[], b
     return lambda: storage.exists(file)
 
 
-def _training_fault(name: str) -> Callable[[str], Fault]:
-    return lambda out: Fault(name, "RayTrainWorker", after=epoch_logged(out, 1))
+def kill_moment(out: str, run_name: str, kill_at: str, seed: int = 0,
+                delay_s: tuple[float, float] = MID_EPOCH_DELAY_S) -> Callable[[], bool]:
+    """A training Fault's precondition for ``kill_at`` (one of KILL_MOMENTS), for the run at ``out``."""
+    if kill_at == "epoch-logged":
+        return epoch_logged(out, 1)
+    saved = checkpoint_in_storage(out, run_name, 1)
+    if kill_at == "checkpoint":
+        return saved
+    delay = random.Random(seed).uniform(*delay_s)
+    seen_at: list[float] = []
+
+    def mid_epoch() -> bool:
+        if not seen_at and saved():
+            seen_at.append(time.monotonic())
+        return bool(seen_at) and time.monotonic() - seen_at[0] >= delay
+
+    return mid_epoch
+
+
+def _training_fault(name: str, run_name: str, kill_at: str) -> Callable[[str], Fault]:
+    return lambda out: Fault(name, "RayTrainWorker", after=kill_moment(out, run_name, kill_at))
 
 
 def _weight_difference(a_uri: str, b_uri: str) -> float:
@@ -189,14 +215,14 @@ def cases(cfg: BenchChaosConfig) -> dict[str, Case]:
                                                  str(cfg.size), "--shard-rows", "8"],
                        lambda out: Fault("ingest", "ShardWriter"), _compare_shards),
         "pretrain": Case("pretrain", training("pretrain", "on", pretrain_args),
-                         _training_fault("pretrain"), _compare_training),
+                         _training_fault("pretrain", "simclr", cfg.kill_at), _compare_training),
         "pretrain-streamed": Case("pretrain-streamed", training("pretrain", "off", pretrain_args),
-                                  _training_fault("pretrain-streamed"), _compare_training),
+                                  _training_fault("pretrain-streamed", "simclr", cfg.kill_at), _compare_training),
         "finetune": Case("finetune", lambda i, out: training("finetune", "on", finetune_args(i))(i, out),
-                         _training_fault("finetune"), _compare_training),
+                         _training_fault("finetune", "classifier", cfg.kill_at), _compare_training),
         "finetune-streamed": Case("finetune-streamed",
                                   lambda i, out: training("finetune", "off", finetune_args(i))(i, out),
-                                  _training_fault("finetune-streamed"), _compare_training),
+                                  _training_fault("finetune-streamed", "classifier", cfg.kill_at), _compare_training),
         "embed": Case("embed", lambda i, out: ["embed", "--data", i["shards"], "--model", i["model"], "--out", out,
                                                "--batch-size", "16"],
                       lambda out: Fault("embed", "EmbedBatch"), _compare_tables(("sites", "wells"))),
@@ -255,7 +281,8 @@ def bench_chaos(cfg: BenchChaosConfig) -> dict[str, Any]:
                 results.append(row)
                 print(f"bench chaos: {_row(row)}", flush=True)
     note = (cfg.note or f"{platform.node()}: {os.cpu_count()} CPUs, {cfg.nodes} one-CPU worker nodes, "
-            f"{'fast' if cfg.fast_detection else 'default'} failure detection, {time.strftime('%Y-%m-%d')}")
+            f"{'fast' if cfg.fast_detection else 'default'} failure detection, training killed at: {cfg.kill_at}, "
+            f"{time.strftime('%Y-%m-%d')}")
     record_rows(cfg.table, SECTION, INTRO, HEADER, [_row(row) for row in results], note, replace=True)
     return {"table": cfg.table, "rows": [{k: v for k, v in row.items() if k != "outputs"} for row in results]}
 
