@@ -38,7 +38,7 @@ from rxray.outputs import read_manifest
 
 CASES = ["ingest", "pretrain", "pretrain-streamed", "finetune", "finetune-streamed", "embed", "score"]
 KILL_MOMENTS = ["checkpoint", "mid-epoch", "epoch-logged"]
-MID_EPOCH_DELAY_S = (2.0, 10.0)  # after epoch 1's checkpoint: inside epoch 2 of the bench's small dataset
+MID_EPOCH_DELAY_S = (2.0, 10.0)  # after epoch 1's checkpoint: within a later epoch (they take ~5-20 s here)
 RUNS = ("warm-up", "undisturbed", "node loss")
 SECTION = "## Chaos benchmark (`rxray bench chaos`)"
 INTRO = ("Each step three times on a cluster of this machine (a head with no CPUs and one-CPU worker nodes, each "
@@ -65,8 +65,8 @@ class BenchChaosConfig:
     size: int = option(32, "image side of the generated dataset and the shards", minimum=16)
     epochs: int = option(3, "training epochs (the node is lost after the first)", minimum=2)
     kill_at: str = option("checkpoint", "when training loses its node: as soon as epoch 1's checkpoint file is in "
-                                        "storage, a seeded random 2-10 s later (inside epoch 2), or once epoch 1 "
-                                        "is logged", choices=KILL_MOMENTS)
+                                        "storage, a seeded random 2-10 s later (within a later epoch), or once "
+                                        "epoch 1 is logged", choices=KILL_MOMENTS)
     fast_detection: bool = option(False, "detect a lost node in ~3 s instead of Ray's default ~15 s")
     table: str = option("docs/reliability.md", "markdown file whose chaos section is rewritten (path or URI)")
     note: str = option("", "a line written under the table (e.g. what else the machine was doing)")
