@@ -4,13 +4,14 @@ Every request is forwarded unchanged (headers, body, signature) to the real S3 e
 Inside ``flaky(failure_rate)``, that share of the requests fails, in turn: ``503 SlowDown``
 before the request reaches the server, as S3 fails under load; two failures that half happen,
 as a network does: the request is applied by the server and the client sees its connection
-reset (``applied-reset``), or the answer's body is cut off halfway (``truncated``); then
-``500 InternalError`` and a connection reset, before the request reaches the server. The schedule is fixed (every 1/rate-th
-request, starting with the first in the block), so even a step that makes a handful of
-requests meets a failure; which request that is depends on how the client's threads
-interleave. POST requests (the multipart-upload calls) only fail before they are applied: a
-CompleteMultipartUpload applied but unheard, then retried, is a window this proxy leaves untested. ``delay_rate`` delays requests instead.
-Counts of what was done are in ``stats``.
+reset (``applied-reset``), or the answer's body is cut off halfway (``truncated``; an answer
+with no body to cut is reset instead); then ``500 InternalError`` and a connection reset,
+before the request reaches the server. The schedule is fixed (every 1/rate-th request,
+starting with the first in the block), so even a step that makes a handful of requests
+meets a failure; which request that is depends on how the client's threads interleave.
+POST requests (the multipart-upload calls) only fail before they are applied: a
+CompleteMultipartUpload applied but unheard, then retried, is a window this proxy leaves
+untested. ``delay_rate`` delays requests instead. Counts of what was done are in ``stats``.
 """
 
 from __future__ import annotations
@@ -91,13 +92,19 @@ class FaultyS3Proxy:
                     fault = _FAULTS[(number // period) % len(_FAULTS)]
                     if fault in _HALF_DONE and method == "POST":
                         fault = "reset"
-                    self.stats[fault] += 1
+                    if fault not in _HALF_DONE:  # those are counted once done: a body may be too short to cut
+                        self.stats[fault] += 1
             if fault is None and self.delay_rate > 0:
                 period = max(1, round(1 / self.delay_rate))
                 if number % period == period // 2:
                     delay = 0.05 + 0.35 * ((number // period) % 4) / 3  # 50 to 400 ms
                     self.stats["delayed"] += 1
             return fault, delay
+
+    def _count(self, fault: str) -> None:
+        """Count a fault that was done after forwarding."""
+        with self._lock:
+            self.stats[fault] += 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -157,7 +164,11 @@ class FaultyS3Proxy:
                     upstream.endheaders(body)
                     response = upstream.getresponse()
                     payload = response.read()
-                    if fault == "applied-reset" or (fault == "truncated" and (self.command == "HEAD" or not payload)):
+                    if fault == "truncated" and (self.command == "HEAD" or not payload):
+                        fault = "applied-reset"  # no body to cut off
+                    if fault is not None:
+                        proxy._count(fault)
+                    if fault == "applied-reset":
                         self._reset()  # the server applied it; the client never hears so
                         return
                     self.send_response(response.status, response.reason)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import uuid
@@ -65,18 +63,17 @@ def finished_run(tiny_shards, s3_proxy, tmp_path_factory):
 
     Ray Train restarts the group from epoch 1's checkpoint, restored from the flaky store. The images are
     cached in the object store, so the run's data order is its seed's alone and an undisturbed run of the same
-    config must end with bitwise the same weights. Yields (config, summary, stdout, crash marker).
+    config must end with bitwise the same weights. Yields (config, summary, crash marker).
     """
     bucket = f"s3://test-pretrain-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(bucket)
     cfg = _config(tiny_shards, f"{bucket}/run", epochs=2, max_failures=1, cache="on")
     marker = tmp_path_factory.mktemp("crash") / "crashed"
-    printed = io.StringIO()
-    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults, contextlib.redirect_stdout(printed):
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
         summary = pretrain(cfg, crash_once=CrashOnce(epoch=1, marker=str(marker)))  # 0-based: epoch 2
     assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # checkpoints to a store failing 10%
     assert faults["applied-reset"] and faults["truncated"], faults  # uploads applied unheard, restores cut off
-    return cfg, summary, printed.getvalue(), marker
+    return cfg, summary, marker
 
 
 def _fixed_view_losses(cfg: PretrainConfig, checkpoint: Checkpoint) -> tuple[float, float]:
@@ -102,7 +99,7 @@ def _fixed_view_losses(cfg: PretrainConfig, checkpoint: Checkpoint) -> tuple[flo
 
 
 def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
-    cfg, summary, _, _ = finished_run
+    cfg, summary, _ = finished_run
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2
     history = read_metrics(cfg.out)
     assert [entry["epoch"] for entry in history] == [1, 2]
@@ -124,7 +121,7 @@ def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
 
 
 def test_worker_process_death_on_s3_resumes_from_last_checkpoint(finished_run):
-    cfg, summary, _, marker = finished_run
+    cfg, summary, marker = finished_run
     assert marker.exists()  # rank 0's process really died, partway through epoch 2
     assert summary["checkpoint"] == f"{cfg.out}/{RUN_NAME}/checkpoint_epoch0002/checkpoint.pt"
     state = load_checkpoint(cfg.out)
@@ -135,7 +132,7 @@ def test_worker_process_death_on_s3_resumes_from_last_checkpoint(finished_run):
 
 
 def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
-    cfg, first, _, _ = finished_run
+    cfg, first, _ = finished_run
     again = pretrain(cfg)
     assert "already complete (2 of 2 epochs)" in capsys.readouterr().out
     assert again["status"] == "complete" and again["checkpoint"] == first["checkpoint"]
@@ -143,7 +140,7 @@ def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
 
 
 def test_other_settings_cannot_claim_a_finished_run(finished_run):
-    cfg, first, _, _ = finished_run
+    cfg, first, _ = finished_run
     changed = load_config(PretrainConfig, values={**vars(cfg), "lr": 1e-4, "workers": 1})
     with pytest.raises(ConfigError, match=r"^pretrain.lr: .*finished 2-epoch run trained with other settings "
                                           r"\(lr: 0.002 -> 0.0001\); use a new --out"):
@@ -185,7 +182,7 @@ def _same_tensors(first, second) -> bool:
 
 
 def test_checkpoint_round_trip_to_encoder(finished_run):
-    cfg, summary, _, _ = finished_run
+    cfg, summary, _ = finished_run
     for uri in (cfg.out, storage.join(cfg.out, RUN_NAME), os.path.dirname(summary["checkpoint"]),
                 summary["checkpoint"]):
         assert latest_checkpoint(uri) == summary["checkpoint"]
@@ -237,7 +234,7 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
 
 
 def test_changing_the_backbone_of_an_existing_run_is_refused(finished_run):
-    cfg, _, _, _ = finished_run
+    cfg, _, _ = finished_run
     changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "resnet18", "epochs": 3})
     with pytest.raises(ConfigError, match="^pretrain.backbone: .*use a new --out"):
         pretrain(changed)

@@ -203,6 +203,9 @@ def _compare_tables(folders: tuple[str, ...]) -> Callable[[dict[str, str], str],
 
 def cases(cfg: BenchChaosConfig) -> dict[str, Case]:
     """Every case by name; inputs (source, shards, model, embeddings) come from earlier cases' warm-up runs."""
+    from rxray.train.classify import RUN_NAME as CLASSIFIER_RUN
+    from rxray.train.simclr import RUN_NAME as SIMCLR_RUN
+
     train = ["--backbone", "resnet18", "--epochs", str(cfg.epochs), "--workers", "2"]
 
     def training(step: str, cache: str, extra: list[str]) -> Callable[[dict[str, str], str], list[str]]:
@@ -215,14 +218,14 @@ def cases(cfg: BenchChaosConfig) -> dict[str, Case]:
                                                  str(cfg.size), "--shard-rows", "8"],
                        lambda out: Fault("ingest", "ShardWriter"), _compare_shards),
         "pretrain": Case("pretrain", training("pretrain", "on", pretrain_args),
-                         _training_fault("pretrain", "simclr", cfg.kill_at), _compare_training),
+                         _training_fault("pretrain", SIMCLR_RUN, cfg.kill_at), _compare_training),
         "pretrain-streamed": Case("pretrain-streamed", training("pretrain", "off", pretrain_args),
-                                  _training_fault("pretrain-streamed", "simclr", cfg.kill_at), _compare_training),
+                                  _training_fault("pretrain-streamed", SIMCLR_RUN, cfg.kill_at), _compare_training),
         "finetune": Case("finetune", lambda i, out: training("finetune", "on", finetune_args(i))(i, out),
-                         _training_fault("finetune", "classifier", cfg.kill_at), _compare_training),
+                         _training_fault("finetune", CLASSIFIER_RUN, cfg.kill_at), _compare_training),
         "finetune-streamed": Case("finetune-streamed",
                                   lambda i, out: training("finetune", "off", finetune_args(i))(i, out),
-                                  _training_fault("finetune-streamed", "classifier", cfg.kill_at), _compare_training),
+                                  _training_fault("finetune-streamed", CLASSIFIER_RUN, cfg.kill_at), _compare_training),
         "embed": Case("embed", lambda i, out: ["embed", "--data", i["shards"], "--model", i["model"], "--out", out,
                                                "--batch-size", "16"],
                       lambda out: Fault("embed", "EmbedBatch"), _compare_tables(("sites", "wells"))),
