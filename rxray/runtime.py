@@ -26,9 +26,28 @@ _CHATTY_LOGGERS = {"ray.train": logging.WARNING, "ray.tune": logging.WARNING, "r
                    "ray._private.authentication": logging.ERROR, RAY_DATA_PROGRESS_LOGGER: logging.ERROR}
 
 
-def quiet_data_progress_notice() -> None:
-    """Keep Ray Data's "progress bars disabled" notice off the console of a worker that turned them off on purpose."""
+def quiet_data_notices() -> None:
+    """Keep off the console the Ray Data notices that rxray's own choices cause: "progress bars disabled" (rxray
+    turns them off for training passes) and the deprecated field that Ray Train's own ingest options pass."""
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
+
+
+class QuietDataNotices:
+    """Runs :func:`quiet_data_notices` in every process that unpickles it. Set on a training dataset's context, it
+    reaches the actors Ray Train and Ray Data start to stream the dataset to the workers (DatasetManager,
+    SplitCoordinator), whose notices would otherwise reach the console once per streamed split."""
+
+    KEY = "rxray.quiet_data_notices"
+
+    def __reduce__(self):
+        return (_quiet_data_notices_here, ())
+
+
+def _quiet_data_notices_here() -> QuietDataNotices:
+    """Unpickling a :class:`QuietDataNotices`: quieten this process, give the marker back."""
+    quiet_data_notices()
+    return QuietDataNotices()
 
 
 def wait_for_a_free_cpu(timeout_s: float = FREE_CPU_WAIT_S) -> bool:
@@ -67,8 +86,7 @@ def ensure_ray() -> None:
         # Ray Data reads this when it is first imported (its per-dataset plans and text progress are INFO); a
         # step that imported it before joining Ray is quietened by the "ray.data" level above.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        # Ray Train's own default ingest options pass the deprecated field: a warning no user of rxray can act on.
-        warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
+        quiet_data_notices()  # the deprecated field in Ray Train's own ingest options: no user of rxray can act on it
     if ray.is_initialized():
         return
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING",

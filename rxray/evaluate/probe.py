@@ -256,10 +256,10 @@ def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_
     """The Ray task of `rxray probe`: :func:`embed_probe_batches` of the probe sites, read inside the task."""
     from rxray.models.device import torch_device
     from rxray.models.checkpoints import load_checkpoint
-    from rxray.runtime import quiet_data_progress_notice
+    from rxray.runtime import quiet_data_notices
 
     if bars_off:
-        quiet_data_progress_notice()
+        quiet_data_notices()
 
     device = torch_device(gpu, where="the probe task")
     return embed_probe_batches(load_checkpoint(checkpoint_uri),

@@ -23,7 +23,7 @@ from rxray import storage
 from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
-from rxray.runtime import quiet_data_progress_notice
+from rxray.runtime import quiet_data_notices
 from rxray.train.epoch_log import EpochLog, EpochProgress
 from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
 
@@ -164,7 +164,7 @@ def quiet_worker_logs() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    quiet_data_progress_notice()
+    quiet_data_notices()
 
 
 def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, optimizer: torch.optim.Optimizer,
