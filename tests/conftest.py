@@ -149,3 +149,54 @@ def save_encoder_checkpoint(root: str, seed: int = 1, perturb_batch_norm: bool =
 def encoder_checkpoint():
     """The function that saves a `rxray pretrain`-format checkpoint (:func:`save_encoder_checkpoint`)."""
     return save_encoder_checkpoint
+
+
+# A screen small enough for a minute of CPU: 4 plates x 24 wells (8 controls) x 2 sites at 32 px, the 4
+# interferons, one active compound and one planted null, each at its top dose. Its SimCLR pretraining runs on 2
+# workers from images cached in the object store, so its weights are its seed's alone: test_pretrain.py repeats it
+# with a worker death and compares them bitwise. Its classifier is that encoder, frozen and cut to stains 1-3
+# (IFN-beta's phenotype is on actin, w3), under a head trained on 2 workers from images streamed every epoch
+# (cache off), as a full-scale run's are. Seeds 3 and 5 (2026-12-07): the 4 interferons active, the null not,
+# IFN-beta's classifier at ROC-AUC 1.0 and F1 1.0 / 0.89; what training adds: test_pipeline.py's science test.
+SCIENCE_SECTIONS = {
+    "synth": {"experiments": 2, "plates": 2, "wells": 24, "controls": 8, "sites": 2, "size": 32, "treatments": 6,
+              "doses": 1, "null_fraction": 0.5, "unannotated": 0, "seed": 3},
+    "ingest": {"size": 32, "shard_rows": 64},
+    "pretrain": {"backbone": "resnet18", "epochs": 2, "batch_size": 16, "workers": 2, "cache": "on"},
+    "finetune": {"name": "ifn-beta", "positive": "IFN-beta", "epochs": 5, "batch_size": 8, "aug_strength": 0.0,
+                 "val_frac": 0.0, "channels": [1, 2, 3], "workers": 2, "cache": "off"},
+    "embed": {"batch_size": 64},
+    "score": {"trees": 10, "folds": 2, "permutations": 100, "correct": ["tvn"]},
+    "report": {},
+}
+
+
+@pytest.fixture(scope="session")
+def science_run(tmp_path_factory, ray_local):
+    """`rxray pipeline` from relative paths, as `make demo` runs it, on a driver that joins a running Ray (as a
+    `ray job submit` driver joins its cluster, so the workers' working directory is Ray's, not the driver's):
+    synth through report on the small science screen, once for the session (each Ray Train run costs ~20 s of
+    process starts). Yields (plan, console, folder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from rxray.pipeline import load_pipeline, plan_pipeline
+
+    folder = tmp_path_factory.mktemp("joined")
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": {"run": "run", "source": "data"}, **SCIENCE_SECTIONS},
+                                   sort_keys=False))
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        plan = plan_pipeline(load_pipeline(str(path)))
+    finally:
+        os.chdir(here)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "rxray.cli", "pipeline", "--config", str(path)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    yield plan, done.stdout + done.stderr, folder

@@ -1,7 +1,9 @@
-"""SimCLR pretraining on Ray Train: checkpoints, metrics, resume, recovery from a worker death, S3 (one shared run)."""
+"""SimCLR pretraining on Ray Train: checkpoints, metrics, resume, recovery from a worker death on a flaky S3, judged
+bitwise against the session's science run (conftest.py), which trained the same config undisturbed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -25,7 +27,7 @@ from conftest import shard_row
 
 pytestmark = pytest.mark.slow
 
-SITES = 128  # 2 workers x batch 8 -> 8 steps per epoch
+SITES = 128  # of the tiny shards the checks without a training run read
 SIZE = 32
 
 
@@ -52,22 +54,27 @@ def tiny_shards(write_shards, tmp_path_factory):
 
 
 def _config(data: str, out: str, **values) -> PretrainConfig:
-    # mobilenet_v2: a 26 MiB checkpoint (weights and Adam state; resnet18's is 128 MiB) to and from the flaky S3
     base = dict(data=data, out=out, backbone="mobilenet_v2", epochs=2, batch_size=8, lr=2e-3, workers=2, seed=0)
     return load_config(PretrainConfig, values={**base, **values})
 
 
+def _science_pretrain(science_run) -> PretrainConfig:
+    """The config of the science run's pretraining: 2 workers, the images cached, on local disk, undisturbed."""
+    return load_config(PretrainConfig, str(science_run[2] / "run" / "pretrain" / "config.yaml"))
+
+
 @pytest.fixture(scope="module")
-def finished_run(tiny_shards, s3_proxy, tmp_path_factory):
-    """A 2-worker CPU run of 2 epochs on a flaky S3 in which rank 0's process dies partway through epoch 2.
+def finished_run(science_run, s3_proxy, tmp_path_factory):
+    """The science run's pretraining again, on a flaky S3, with rank 0's process dying one step into epoch 2.
 
     Ray Train restarts the group from epoch 1's checkpoint, restored from the flaky store. The images are
-    cached in the object store, so the run's data order is its seed's alone and an undisturbed run of the same
-    config must end with bitwise the same weights. Yields (config, summary, crash marker).
+    cached in the object store, so the run's data order is its seed's alone and it must end with bitwise the
+    weights of the undisturbed science run. Yields (config, summary, crash marker).
     """
     bucket = f"s3://test-pretrain-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(bucket)
-    cfg = _config(tiny_shards, f"{bucket}/run", epochs=2, max_failures=1, cache="on")
+    cfg = dataclasses.replace(_science_pretrain(science_run), out=f"{bucket}/run", max_failures=1)
+    assert cfg.workers == 2 and cfg.cache == "on"
     marker = tmp_path_factory.mktemp("crash") / "crashed"
     with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
         summary = pretrain(cfg, crash_once=CrashOnce(epoch=1, marker=str(marker)))  # 0-based: epoch 2
@@ -76,14 +83,20 @@ def finished_run(tiny_shards, s3_proxy, tmp_path_factory):
     return cfg, summary, marker
 
 
+def _shard_images(cfg: PretrainConfig, count: int) -> torch.Tensor:
+    """The first ``count`` site images of ``cfg``'s shards, uint8 (count, 6, S, S)."""
+    batch = read_shards(cfg.data, columns=["image"]).take_batch(count, batch_format="numpy")
+    return torch.as_tensor(np.stack(batch["image"]))
+
+
 def _fixed_view_losses(cfg: PretrainConfig, checkpoint: Checkpoint) -> tuple[float, float]:
     """NT-Xent on 64 of the sites, both views drawn with one seed: (the checkpoint's model, its random init)."""
     from rxray.ssl.ntxent import nt_xent_loss
     from rxray.train.simclr import build_augment, build_model
 
-    images = torch.as_tensor(np.stack([row["image"] for row in _site_rows(SITES, SIZE, seed=0)[:64]]))
+    images = _shard_images(cfg, 64)
     stats = images.float().mean((0, 2, 3)).tolist(), images.float().std((0, 2, 3)).tolist()
-    views = build_augment(cfg, SIZE, *stats)(images, torch.Generator().manual_seed(0))
+    views = build_augment(cfg, images.shape[-1], *stats)(images, torch.Generator().manual_seed(0))
     losses = []
     for trained in (True, False):
         torch.manual_seed(0)
@@ -103,8 +116,9 @@ def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
     assert summary["status"] == "trained" and summary["epochs_completed"] == 2
     history = read_metrics(cfg.out)
     assert [entry["epoch"] for entry in history] == [1, 2]
+    sites = read_shards(cfg.data, columns=["site_id"]).count()
     for entry in history:
-        assert entry["steps"] == SITES // (2 * 8)
+        assert entry["steps"] == sites // (cfg.workers * cfg.batch_size)
         assert 0.0 <= entry["top1"] <= 1.0 and entry["images_per_s"] > 0
     # Learning, measured on fixed views: per-epoch losses move by ~0.01 with the order streamed blocks arrive in.
     trained, untrained = _fixed_view_losses(cfg, read_checkpoint(cfg.out))
@@ -116,7 +130,7 @@ def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
     events = storage.list_dir(storage.join(cfg.out, "tensorboard"))
     assert sum("events.out.tfevents" in name for name in events) >= 2  # one per run (and per restart)
     manifest = read_manifest(cfg.out)
-    assert manifest["step"] == "pretrain" and manifest["rows"] == SITES
+    assert manifest["step"] == "pretrain" and manifest["rows"] == sites
     assert manifest["epochs_completed"] == 2 and manifest["resumed_from"] == 0
 
 
@@ -143,28 +157,26 @@ def test_other_settings_cannot_claim_a_finished_run(finished_run):
     cfg, first, _ = finished_run
     changed = load_config(PretrainConfig, values={**vars(cfg), "lr": 1e-4, "workers": 1})
     with pytest.raises(ConfigError, match=r"^pretrain.lr: .*finished 2-epoch run trained with other settings "
-                                          r"\(lr: 0.002 -> 0.0001\); use a new --out"):
+                                          rf"\(lr: {cfg.lr} -> 0.0001\); use a new --out"):
         pretrain(changed)
     assert read_manifest(cfg.out)["config"]["lr"] == cfg.lr  # the record still says how the run was trained
 
 
-def test_an_undisturbed_run_of_one_seed_ends_with_the_weights_of_the_one_that_lost_a_worker(finished_run,
-                                                                                           tiny_shards, tmp_path):
-    """Resume judged by weights: the same command and seed on 2 workers, undisturbed and on local disk, gives
-    bitwise the checkpoints of the fixture's run (epoch 1: two runs of one seed; epoch 2: after the death and the
-    restore from a flaky S3), so `rxray embed` agrees too."""
-    cfg = finished_run[0]
-    undisturbed = _config(tiny_shards, str(tmp_path / "undisturbed"), epochs=2, cache="on")
-    pretrain(undisturbed)
+def test_the_undisturbed_science_run_ended_with_the_weights_of_the_one_that_lost_a_worker(finished_run,
+                                                                                         science_run):
+    """Resume judged by weights: the same config and seed on 2 workers, undisturbed and on local disk (the science
+    run), wrote bitwise the checkpoints of the fixture's run (epoch 1: two runs of one seed; epoch 2: after the
+    death and the restore from a flaky S3), so `rxray embed` agrees too."""
+    cfg, undisturbed = finished_run[0], _science_pretrain(science_run)
     for epoch in (1, 2):
         name = f"{RUN_NAME}/checkpoint_epoch{epoch:04d}/checkpoint.pt"
         first, second = load_checkpoint(f"{cfg.out}/{name}"), load_checkpoint(f"{undisturbed.out}/{name}")
         assert [m["loss"] for m in first["metrics"]] == [m["loss"] for m in second["metrics"]], epoch
         for part in ("encoder", "head", "optimizer"):
             assert _same_tensors(first[part], second[part]), f"epoch {epoch}: {part} differs from the undisturbed run"
-    batch = read_shards(tiny_shards).take_batch(SITES, batch_format="numpy")
+    batch = read_shards(cfg.data).take_batch(64, batch_format="numpy")
     embeddings = [EmbedBatch(uri)(batch)[EMBEDDING_COLUMN] for uri in (cfg.out, undisturbed.out)]
-    assert embeddings[0].shape[0] == SITES and np.isfinite(embeddings[0]).all()
+    assert embeddings[0].shape[0] == 64 and np.isfinite(embeddings[0]).all()
     np.testing.assert_array_equal(embeddings[0], embeddings[1])
 
 
@@ -187,7 +199,7 @@ def test_checkpoint_round_trip_to_encoder(finished_run):
                 summary["checkpoint"]):
         assert latest_checkpoint(uri) == summary["checkpoint"]
     state = load_checkpoint(cfg.out)
-    assert state["epoch"] == 2 and state["backbone"] == "mobilenet_v2" and state["stem"] == "adapt"
+    assert state["epoch"] == 2 and state["backbone"] == "resnet18" and state["stem"] == "adapt"
     assert len(state["channel_mean"]) == 6 and state["starts"] == [0, 1]
     assert [entry["epoch"] for entry in state["metrics"]] == [1, 2]
 
@@ -235,7 +247,7 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
 
 def test_changing_the_backbone_of_an_existing_run_is_refused(finished_run):
     cfg, _, _ = finished_run
-    changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "resnet18", "epochs": 3})
+    changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "mobilenet_v2", "epochs": 3})
     with pytest.raises(ConfigError, match="^pretrain.backbone: .*use a new --out"):
         pretrain(changed)
 
