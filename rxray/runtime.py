@@ -34,9 +34,10 @@ def quiet_data_notices() -> None:
 
 
 class QuietDataNotices:
-    """Runs :func:`quiet_data_notices` in every process that unpickles it. Set on a training dataset's context, it
-    reaches the actors Ray Train and Ray Data start to stream the dataset to the workers (DatasetManager,
-    SplitCoordinator), whose notices would otherwise reach the console once per streamed split."""
+    """Runs :func:`quiet_data_notices` in every process that unpickles it, once. Set on a training dataset's context,
+    it travels with the context to every process that works on the dataset, the actors Ray Train and Ray Data start
+    to stream it to the workers among them (DatasetManager, SplitCoordinator), whose notices would otherwise reach
+    the console once per streamed split."""
 
     KEY = "rxray.quiet_data_notices"
 
@@ -44,9 +45,18 @@ class QuietDataNotices:
         return (_quiet_data_notices_here, ())
 
 
+_NOTICES_QUIETENED = False  # whether this process has run quiet_data_notices for a QuietDataNotices
+
+
 def _quiet_data_notices_here() -> QuietDataNotices:
-    """Unpickling a :class:`QuietDataNotices`: quieten this process, give the marker back."""
-    quiet_data_notices()
+    """Unpickling (or copying) a :class:`QuietDataNotices`: quieten this process once, give the marker back.
+
+    Once, because every Ray Data task and every copy of a context unpickles one, and each new warnings filter
+    resets which warnings this process has already shown."""
+    global _NOTICES_QUIETENED
+    if not _NOTICES_QUIETENED:
+        quiet_data_notices()
+        _NOTICES_QUIETENED = True
     return QuietDataNotices()
 
 

@@ -4,7 +4,6 @@ and plot."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -74,6 +73,11 @@ def _config(data: str, out: str, **values) -> FinetuneConfig:
     return load_config(FinetuneConfig, values={**base, **values})
 
 
+def splits_of(out: str) -> dict:
+    """A finetune output's splits.json."""
+    return json.loads(storage.read_text(storage.join(out, "splits.json")))
+
+
 def _check_outputs(out: str, classes: list[str]) -> dict:
     """Every output a finished run must have; returns metrics.json."""
     metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
@@ -88,10 +92,13 @@ def _check_outputs(out: str, classes: list[str]) -> dict:
     assert manifest["step"] == "finetune" and manifest["figures"] == list(FIGURES)
     assert manifest["timings"]["fit"] > 0 and manifest["timings"]["evaluate"] > 0
     assert storage.exists(storage.join(out, "config.yaml")) and storage.exists(storage.join(out, "splits.csv"))
-    splits = json.loads(storage.read_text(storage.join(out, "splits.json")))
+    splits = splits_of(out)
     history = read_metrics(out)
-    validated = {"val_loss", "val_pr_auc", "val_f1_macro"} if splits["counts"]["val"]["sites"] else set()
-    assert history and {"train_loss", "best_epoch"} | validated <= set(history[0])
+    assert history and {"train_loss", "best_epoch"} <= set(history[0])
+    if splits["counts"]["val"]["sites"]:
+        assert {"val_loss", "val_pr_auc", "val_f1_macro"} <= set(history[0])
+    else:  # no validation split: nothing may claim to have validated
+        assert not [key for key in history[0] if key.startswith("val_")], history[0]
 
     # Test predictions: only sites of the test plates, scored as metrics.json says.
     test_plates = {g for g, s in splits["groups"].items() if s == "test"}
@@ -114,7 +121,7 @@ def _check_outputs(out: str, classes: list[str]) -> dict:
     assert state["classes"] == classes and len(state["channel_mean"]) == 6
     gains = state["plate_gains"]  # per plate and stain, from its controls (their values: test_plate_gains_...)
     assert state["plate_norm"] and set(gains) - {RIM_GAIN_KEY} == {f"{e}_{p}" for e, p in PLATES}
-    assert all(len(g) == 6 and min(g) > 0 for g in gains.values())
+    assert all(len(g) == 6 for g in gains.values())
     model, _ = load_classifier(out)
     assert model.head.n_classes == len(classes)
     return metrics
@@ -161,7 +168,7 @@ def test_label_batch_keeps_the_task_rows_with_class_and_concentration():
 
 
 def test_rim_wells_take_the_rim_gain_on_top_of_their_plates():
-    from rxray.layout import RIM_GAIN_KEY, row_gains
+    from rxray.layout import row_gains
 
     gains = {"E1_1": [2.0] * 6, RIM_GAIN_KEY: [0.8] * 6}
     rows = row_gains(gains, ["E1", "E1", "E1"], [1, 1, 2], ["A05", "C07", "AF10"])  # A and AF: the rim rows
@@ -263,14 +270,16 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
     out = str(folder / "run" / "finetune" / "ifn-beta")
     cfg = load_config(FinetuneConfig, storage.join(out, "config.yaml"))
     assert cfg.freeze and cfg.channels == [1, 2, 3] and cfg.workers == 2 and cfg.cache == "off"
-    metrics = _check_outputs(out, ["EMPTY", "IFN-beta"])
+    _check_outputs(out, ["EMPTY", "IFN-beta"])
     manifest = read_manifest(out)
     assert manifest["status"] == "trained" and manifest["epochs_completed"] == cfg.epochs
     assert [entry["epoch"] for entry in read_metrics(out)] == list(range(1, cfg.epochs + 1))
-    assert 0.0 < metrics["prevalence"] < 1.0
+    splits = splits_of(out)  # val_frac 0: no validation plates, one test plate of four
+    assert splits["counts"]["val"]["sites"] == 0 and sorted(splits["groups"].values()).count("test") == 1
 
     # The frozen encoder is bit for bit the SimCLR encoder cut to the stains: weights and BN statistics.
     simclr = load_checkpoint(cfg.encoder)["encoder"]
+    torch.manual_seed(cfg.seed)  # the workers' initial head
     model = build_classifier(cfg, 2, backbone="resnet18", stem="adapt", encoder_state=simclr)
     expected = model.encoder.state_dict()
     for state in (load_checkpoint(out), load_checkpoint(storage.join(out, RUN_NAME))):
@@ -285,7 +294,7 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
     assert f"already complete ({cfg.epochs} of {cfg.epochs} epochs)" in capsys.readouterr().out
     assert again["status"] == "complete" and len(read_metrics(out)) == cfg.epochs
     with pytest.raises(ConfigError, match="finetune.channels: .* holds a run with channels"):
-        finetune(dataclasses.replace(cfg, channels=[1, 2]))
+        finetune(load_config(FinetuneConfig, values={**vars(cfg), "channels": [1, 2]}))
 
 
 def _plan_and_splits(cfg: FinetuneConfig) -> tuple:

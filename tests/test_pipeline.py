@@ -239,7 +239,7 @@ def test_a_trained_run_finds_the_planted_treatments_and_not_the_null(science_run
     With every gradient zeroed (by hand, 2026-12-07) IFN-beta was still active and the null not (a random encoder's
     features separate a strong intensity phenotype on this screen) and the untrained head still ranked IFN-beta's
     sites at ROC-AUC 0.92, but called none of them (F1 0): this test fails on F1, and
-    test_pretrain.py's fixed-view loss fails for the same run's SimCLR encoder."""
+    test_pretrain.py's fixed-view loss fails for its rerun of this pretraining (bitwise this run's weights)."""
     import pandas as pd
 
     _, _, folder = science_run

@@ -3,7 +3,6 @@ bitwise against the session's science run (conftest.py), which trained the same 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import uuid
@@ -73,7 +72,8 @@ def finished_run(science_run, s3_proxy, tmp_path_factory):
     """
     bucket = f"s3://test-pretrain-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(bucket)
-    cfg = dataclasses.replace(_science_pretrain(science_run), out=f"{bucket}/run", max_failures=1)
+    cfg = load_config(PretrainConfig, values={**vars(_science_pretrain(science_run)), "out": f"{bucket}/run",
+                                               "max_failures": 1})
     assert cfg.workers == 2 and cfg.cache == "on"
     marker = tmp_path_factory.mktemp("crash") / "crashed"
     with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
@@ -199,7 +199,7 @@ def test_checkpoint_round_trip_to_encoder(finished_run):
                 summary["checkpoint"]):
         assert latest_checkpoint(uri) == summary["checkpoint"]
     state = load_checkpoint(cfg.out)
-    assert state["epoch"] == 2 and state["backbone"] == "resnet18" and state["stem"] == "adapt"
+    assert state["epoch"] == 2 and state["backbone"] == cfg.backbone and state["stem"] == "adapt"
     assert len(state["channel_mean"]) == 6 and state["starts"] == [0, 1]
     assert [entry["epoch"] for entry in state["metrics"]] == [1, 2]
 
@@ -247,7 +247,8 @@ def test_bad_weights_file_is_a_config_error_before_training(tiny_shards, tmp_pat
 
 def test_changing_the_backbone_of_an_existing_run_is_refused(finished_run):
     cfg, _, _ = finished_run
-    changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": "mobilenet_v2", "epochs": 3})
+    other = "mobilenet_v2" if cfg.backbone != "mobilenet_v2" else "resnet18"
+    changed = load_config(PretrainConfig, values={**vars(cfg), "backbone": other, "epochs": 3})
     with pytest.raises(ConfigError, match="^pretrain.backbone: .*use a new --out"):
         pretrain(changed)
 

@@ -19,7 +19,8 @@ from rxray.report.step_outputs import StepOutput
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .5em 0 1em; font-size: 90%; display: block; max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: 90%; }
+.table-scroll { overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: .2em .5em; text-align: right; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 figure { display: inline-block; margin: .5em; vertical-align: top; }
@@ -63,7 +64,7 @@ def html_table(frame: pd.DataFrame) -> str:
         cells = "".join(f'<td class="{"text" if c in text_columns else ""}">{escape(format_value(v))}</td>'
                         for c, v in zip(frame.columns, values))
         rows.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=\"table-scroll\"><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def kv_table(values: dict[str, Any]) -> str:
