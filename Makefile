@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 # imports are compiled, once, not the ~20k files pip compiles at install (~100 s on 2 cores): setup took 109 s on
 # 2026-12-07, 140 s when compileall did ~14k of them. Machines that set PYTHONDONTWRITEBYTECODE (CI here does)
 # would compile them afresh in every process: each Ray worker, each CLI call (a command run outside make keeps the
-# variable; `make setup` once and the compiled cache serves it too). The cache lives in .venv and the git-ignored
+# variable, and still reads what `make test` or `make demo` compiled). The cache lives in .venv and the git-ignored
 # __pycache__ folders.
 unexport PYTHONDONTWRITEBYTECODE
 
