@@ -60,6 +60,13 @@ def _quiet_data_notices_here() -> QuietDataNotices:
     return QuietDataNotices()
 
 
+def hide_progress_bars(dataset: "ray.data.Dataset") -> None:
+    """Turn ``dataset``'s progress bars off, and Ray Data's notice that they are off with them, in every process
+    that runs the dataset (the driver, a task it is passed to, Ray Train's streaming actors)."""
+    dataset.context.enable_progress_bars = False
+    dataset.context.set_config(QuietDataNotices.KEY, QuietDataNotices())
+
+
 def wait_for_a_free_cpu(timeout_s: float = FREE_CPU_WAIT_S) -> bool:
     """Wait, at most ``timeout_s``, until Ray reports a free CPU (at once without Ray or CPUs); whether one is free.
 

@@ -205,7 +205,7 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     from rxray.config import ConfigError, config_to_dict
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
     from rxray.outputs import write_manifest
-    from rxray.runtime import Timer, ensure_ray, verbose
+    from rxray.runtime import Timer, ensure_ray, hide_progress_bars, verbose
     from rxray.models.checkpoints import model_provenance, require_checkpoint
 
     ensure_ray()
@@ -224,10 +224,10 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
           flush=True)
     with timer.time("embed"):
         if not verbose():  # read inside one task: its bar would print as text lines, not as a live bar
-            sites.context.enable_progress_bars = False
+            hide_progress_bars(sites)
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.gpu else 0)(_embed_probe_sites)
         features, columns = ray.get(task.remote(checkpoint["uri"], sites, cfg.baseline_seeds, cfg.batch_size,
-                                                cfg.gpu, not sites.context.enable_progress_bars))
+                                                cfg.gpu))
     if len(columns.get("site_id", ())) != len(sample):
         raise RuntimeError(f"{len(sample)} probe sites chosen but {len(columns.get('site_id', ()))} read back")
 
@@ -252,14 +252,10 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
 
 
 def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_seeds: int, batch_size: int,
-                       gpu: bool, bars_off: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                       gpu: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The Ray task of `rxray probe`: :func:`embed_probe_batches` of the probe sites, read inside the task."""
     from rxray.models.device import torch_device
     from rxray.models.checkpoints import load_checkpoint
-    from rxray.runtime import quiet_data_notices
-
-    if bars_off:
-        quiet_data_notices()
 
     device = torch_device(gpu, where="the probe task")
     return embed_probe_batches(load_checkpoint(checkpoint_uri),

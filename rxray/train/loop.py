@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rxray import storage
 from rxray.errors import ConfigError, StepFailed
 from rxray.outputs import CONFLICT, STALE, Rerun, rerun_decision
-from rxray.runtime import QuietDataNotices, verbose, wait_for_a_free_cpu
+from rxray.runtime import hide_progress_bars, verbose, wait_for_a_free_cpu
 from rxray.train.worker import worker_share_name
 
 if TYPE_CHECKING:
@@ -100,8 +100,7 @@ def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, dat
     datasets, streamed = fixed_worker_shares(datasets, workers)
     if not verbose():  # a per-epoch split-coordinator progress bar says nothing the epoch log does not
         for dataset in datasets.values():
-            dataset.context.enable_progress_bars = False
-            dataset.context.set_config(QuietDataNotices.KEY, QuietDataNotices())
+            hide_progress_bars(dataset)
     scaling = ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": run.cpus_per_worker}
                             | ({"GPU": 1} if gpu else {}))
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"step": step, "verbose": verbose()},
