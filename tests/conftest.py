@@ -151,6 +151,15 @@ def encoder_checkpoint():
     return save_encoder_checkpoint
 
 
+def write_pipeline(path, run: str, source: str, sections: dict, **pipeline) -> str:
+    """A pipeline YAML file at ``path`` (a pathlib.Path); returns its path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"pipeline": {"run": run, "source": source, **pipeline}, **sections},
+                                   sort_keys=False))
+    return str(path)
+
+
 # A screen small enough for a minute of CPU: 4 plates x 24 wells (8 controls) x 2 sites at 32 px, the 4
 # interferons, one active compound and one planted null, each at its top dose. Its SimCLR pretraining runs on 2
 # workers from images cached in the object store, so its weights are its seed's alone: test_pretrain.py repeats it
@@ -181,22 +190,18 @@ def science_run(tmp_path_factory, ray_local):
     import sys
     from pathlib import Path
 
-    import yaml
-
     from rxray.pipeline import load_pipeline, plan_pipeline
 
     folder = tmp_path_factory.mktemp("joined")
-    path = folder / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"pipeline": {"run": "run", "source": "data"}, **SCIENCE_SECTIONS},
-                                   sort_keys=False))
+    path = write_pipeline(folder / "pipeline.yaml", "run", "data", SCIENCE_SECTIONS)
     here = Path.cwd()
     os.chdir(folder)
     try:
-        plan = plan_pipeline(load_pipeline(str(path)))
+        plan = plan_pipeline(load_pipeline(path))
     finally:
         os.chdir(here)
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    done = subprocess.run([sys.executable, "-m", "rxray.cli", "pipeline", "--config", str(path)], cwd=folder,
+    done = subprocess.run([sys.executable, "-m", "rxray.cli", "pipeline", "--config", path], cwd=folder,
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     yield plan, done.stdout + done.stderr, folder

@@ -78,8 +78,8 @@ def splits_of(out: str) -> dict:
     return json.loads(storage.read_text(storage.join(out, "splits.json")))
 
 
-def _check_outputs(out: str, classes: list[str]) -> dict:
-    """Every output a finished run must have; returns metrics.json."""
+def _check_outputs(out: str, classes: list[str]) -> None:
+    """Every output a finished run must have."""
     metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     for key in METRIC_KEYS:
         assert key in metrics, key
@@ -124,7 +124,6 @@ def _check_outputs(out: str, classes: list[str]) -> dict:
     assert all(len(g) == 6 for g in gains.values())
     model, _ = load_classifier(out)
     assert model.head.n_classes == len(classes)
-    return metrics
 
 
 # --------------------------------------------------------------------------- no Ray: tasks, inputs, stopping

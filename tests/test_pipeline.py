@@ -16,7 +16,7 @@ from rxray.errors import StepFailed
 from rxray.config import ConfigError, config_to_dict
 from rxray.pipeline import STEP_ORDER, execute, load_pipeline, plan_pipeline
 from rxray.outputs import read_manifest, write_manifest
-from conftest import SCIENCE_SECTIONS
+from conftest import SCIENCE_SECTIONS, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIGS = sorted((ROOT / "rayjobs" / "configs").glob("*.yaml"))
@@ -35,13 +35,6 @@ TINY_SECTIONS = {
     "explain": {"n": 2, "panels": 1, "occlusion": False},
     "report": {},
 }
-
-
-def write_pipeline(path: Path, run: str, source: str, sections: dict, **pipeline) -> str:
-    """A pipeline YAML file; returns its path."""
-    path.write_text(yaml.safe_dump({"pipeline": {"run": run, "source": source, **pipeline}, **sections},
-                                   sort_keys=False))
-    return str(path)
 
 
 def runnable_sections() -> dict:
