@@ -88,3 +88,38 @@ def test_an_output_of_another_step_is_a_conflict(tmp_path):
     write_manifest(cfg.out, "embed", {"out": cfg.out})
     rerun = rerun_decision(cfg.out, cfg)
     assert rerun.action == CONFLICT and rerun.changed == {"step": ("embed", "pretrain")}
+
+
+# Runs write_manifest in a child that SIGKILLs itself at the moment the written file would be renamed into place:
+# the manifest's bytes are on disk under a temporary name, the rename has not happened.
+_KILLED_AT_RENAME = """
+import os, signal, sys
+from rxray.outputs import write_manifest
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+write_manifest(sys.argv[1], "score", {"trees": 50}, counts={"treatments": 24})
+"""
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-run", "over-an-earlier-manifest"])
+def test_a_step_killed_while_writing_its_manifest_leaves_no_half_manifest(tmp_path, earlier):
+    import subprocess
+    import sys
+
+    from rxray.config import ScoreConfig
+
+    cfg = load_config(ScoreConfig, values={"embeddings": str(tmp_path / "embed"), "out": str(tmp_path / "score"),
+                                           "trees": 50})
+    (tmp_path / "score").mkdir()
+    if earlier:
+        write_manifest(cfg.out, "score", {**config_to_dict(cfg), "trees": 10})
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_RENAME, cfg.out], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert [p.name for p in (tmp_path / "score").iterdir() if p.name.startswith("_manifest.json.tmp-")], \
+        "the child was not killed in the middle of the write"
+    manifest = read_manifest(cfg.out)  # whole or absent: never half a JSON document
+    if earlier:  # the earlier run's manifest, intact: its settings are not these, so the step runs again
+        assert manifest["config"]["trees"] == 10 and rerun_decision(cfg.out, cfg).action == STALE
+    else:
+        assert manifest is None and rerun_decision(cfg.out, cfg).action == NEW
+    write_manifest(cfg.out, "score", config_to_dict(cfg))  # the rerun commits past the leftover temporary file
+    assert rerun_decision(cfg.out, cfg).action == COMPLETE
