@@ -9,9 +9,12 @@ with no body to cut is reset instead); then ``500 InternalError`` and a connecti
 before the request reaches the server. The schedule is fixed (every 1/rate-th request,
 starting with the first in the block), so even a step that makes a handful of requests
 meets a failure; which request that is depends on how the client's threads interleave.
-POST requests (the multipart-upload calls) only fail before they are applied: a
-CompleteMultipartUpload applied but unheard, then retried, is a window this proxy leaves
-untested. ``delay_rate`` delays requests instead. Counts of what was done are in ``stats``.
+On that schedule POST requests (the multipart-upload calls) only fail before they are
+applied; ``multipart_faults(fault)`` aims a fault at them instead: the first
+CreateMultipartUpload, UploadPart and CompleteMultipartUpload inside the block each meet
+it once (a CompleteMultipartUpload the server applied and the client never heard, then
+retried, is the window). ``delay_rate`` delays requests instead. Counts of what was done
+are in ``stats``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _ERRORS = {
 }
 _FAULTS = ("503", "applied-reset", "truncated", "500", "reset")
 _HALF_DONE = {"applied-reset", "truncated"}
+MULTIPART_CALLS = ("create", "part", "complete")  # CreateMultipartUpload, UploadPart, CompleteMultipartUpload
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -45,6 +49,7 @@ class FaultyS3Proxy:
         self.delay_rate = 0.0
         self.stats = {"requests": 0, **{fault: 0 for fault in _FAULTS}, "delayed": 0}
         self._in_block = 0  # requests seen inside the current flaky() block
+        self._multipart: dict[str, str] = {}  # multipart call -> the fault it still has to meet
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -79,6 +84,29 @@ class FaultyS3Proxy:
             with self._lock:
                 self.failure_rate = self.delay_rate = 0.0
                 during.update({key: self.stats[key] - before[key] for key in self.stats})
+
+    @contextlib.contextmanager
+    def multipart_faults(self, fault: str = "applied-reset") -> Iterator[dict[str, int]]:
+        """The first create, part upload and complete call of a multipart upload in the block each meet ``fault``
+        (one of _FAULTS) once; yields the calls that met it, by name."""
+        met: dict[str, int] = {}
+        with self._lock:
+            self._multipart = {call: fault for call in MULTIPART_CALLS}
+        try:
+            yield met
+        finally:
+            with self._lock:
+                met.update({call: 1 for call in MULTIPART_CALLS if call not in self._multipart})
+                self._multipart = {}
+
+    def _aimed(self, method: str, path: str) -> str | None:
+        """The fault a multipart_faults() block aims at this request, if any (each call once)."""
+        query = urlparse(path).query
+        call = ("create" if method == "POST" and "uploads" in query.split("&") else
+                "complete" if method == "POST" and "uploadId=" in query else
+                "part" if method == "PUT" and "uploadId=" in query else None)
+        with self._lock:
+            return self._multipart.pop(call, None) if call else None
 
     def _decide(self, method: str) -> tuple[str | None, float]:
         """This request's fault (one of _FAULTS or None) and delay in seconds, on the fixed schedule."""
@@ -138,6 +166,7 @@ class FaultyS3Proxy:
             def _forward(self) -> None:
                 body = self._body()
                 fault, delay = proxy._decide(self.command)
+                fault = proxy._aimed(self.command, self.path) or fault
                 if fault == "reset":
                     self._reset()
                     return
