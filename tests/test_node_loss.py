@@ -47,9 +47,12 @@ from rxray.bench.cluster import (FAST_FAILURE_DETECTION, RAY, Fault, LocalCluste
                                  process_tree)
 from rxray.config import EmbedConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.synth import synthesize
+from rxray.models.checkpoints import load_checkpoint
 from rxray.outputs import read_manifest
 from rxray.train.epoch_log import read_metrics
+from rxray.train.simclr import RUN_NAME
 from test_ingest import rows_by_site
+from test_pretrain import same_tensors
 from test_pipeline import TINY_SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +179,15 @@ def bad_day(s3_server, ray_local, tmp_path_factory):
             Fault("embed", "EmbedBatch"),
             Fault("score", "score_treatment"),
         ])
-        references = {"embed": f"{bucket}/reference/embed", "score": f"{bucket}/reference/score"}
+        # Undisturbed training on this cluster (the same topology as the first one): the same config and shards.
+        reference_config = work / "reference.yaml"
+        reference_config.write_text(yaml.safe_dump({
+            "pipeline": {"run": f"{bucket}/reference/run", "source": source},
+            "pretrain": {**SECTIONS["pretrain"], "data": f"{run}/shards"}}, sort_keys=False))
+        reference_rc, _ = submit(second, reference_config, work / "reference.log", [])
+        assert reference_rc == 0, (work / "reference.log").read_text()[-3000:]
+        references = {"embed": f"{bucket}/reference/embed", "score": f"{bucket}/reference/score",
+                      "pretrain": f"{bucket}/reference/run/pretrain"}
         embed(load_config(EmbedConfig, values={**SECTIONS["embed"], "data": f"{run}/shards",
                                                "model": f"{run}/pretrain", "out": references["embed"]}))
         score(load_config(ScoreConfig, values={**SECTIONS["score"], "embeddings": f"{run}/embed",
@@ -250,6 +261,18 @@ def test_a_lost_head_loses_the_job_and_the_resubmitted_job_resumes_training_from
     assert record["status"] == "complete" and record["attempt"] == 2 and set(record["steps"]) == set(SECTIONS)
     assert [record["steps"][step]["status"] for step in SECTIONS] == ["skipped", "complete", "complete", "complete"]
     assert read_manifest(f"{bad_day['run']}/shards") == left["ingest"], "the committed ingest was redone"
+
+
+@chaos
+def test_training_that_lost_a_node_and_then_the_head_ends_with_the_weights_of_an_undisturbed_run(bad_day):
+    # Resume judged by weights: a worker node lost after epoch 1's checkpoint, the head after epoch 2's, the job
+    # resubmitted to a new cluster; the final checkpoint equals that of the same config run undisturbed.
+    name = f"{RUN_NAME}/checkpoint_epoch{SECTIONS['pretrain']['epochs']:04d}/checkpoint.pt"
+    resumed = load_checkpoint(f"{bad_day['run']}/pretrain/{name}")
+    undisturbed = load_checkpoint(f"{bad_day['references']['pretrain']}/{name}")
+    assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in undisturbed["metrics"]]
+    for part in ("encoder", "head", "optimizer"):
+        assert same_tensors(resumed[part], undisturbed[part]), f"{part} differs from the undisturbed run"
 
 
 @chaos

@@ -173,7 +173,7 @@ def test_the_undisturbed_science_run_ended_with_the_weights_of_the_one_that_lost
         first, second = load_checkpoint(f"{cfg.out}/{name}"), load_checkpoint(f"{undisturbed.out}/{name}")
         assert [m["loss"] for m in first["metrics"]] == [m["loss"] for m in second["metrics"]], epoch
         for part in ("encoder", "head", "optimizer"):
-            assert _same_tensors(first[part], second[part]), f"epoch {epoch}: {part} differs from the undisturbed run"
+            assert same_tensors(first[part], second[part]), f"epoch {epoch}: {part} differs from the undisturbed run"
     sites = read_shards(cfg.data, columns=["site_id"]).count()
     batch = read_shards(cfg.data).take_batch(sites, batch_format="numpy")  # every site
     embeddings = [EmbedBatch(uri)(batch)[EMBEDDING_COLUMN] for uri in (cfg.out, undisturbed.out)]
@@ -181,16 +181,16 @@ def test_the_undisturbed_science_run_ended_with_the_weights_of_the_one_that_lost
     np.testing.assert_array_equal(embeddings[0], embeddings[1])
 
 
-def _same_tensors(first, second) -> bool:
+def same_tensors(first, second) -> bool:
     """True when two nested dicts / lists of tensors and plain values are bitwise equal."""
     if isinstance(first, torch.Tensor):
         return isinstance(second, torch.Tensor) and torch.equal(first, second)
     if isinstance(first, dict):
         return isinstance(second, dict) and first.keys() == second.keys() and all(
-            _same_tensors(first[k], second[k]) for k in first)
+            same_tensors(first[k], second[k]) for k in first)
     if isinstance(first, (list, tuple)):
         return type(first) is type(second) and len(first) == len(second) and all(
-            _same_tensors(a, b) for a, b in zip(first, second))
+            same_tensors(a, b) for a, b in zip(first, second))
     return first == second
 
 

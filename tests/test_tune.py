@@ -120,7 +120,9 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials_and_writes_a_
     table = pd.read_parquet(os.path.join(cfg.out, RESULTS_PARQUET))
     assert len(table) == 2 and table["trial_id"].is_unique and first in table["trial_id"].tolist()
     assert (table["status"] == "complete").all() and (table["epochs"] == 3).all()
-    assert table["val_pr_auc"].between(0, 1).all()
+    # Learning, not a range: IFN-beta's stain is 3 sd brighter, so a trained head ranks its validation sites first
+    # (chance: the IFN-beta share of the validation plate's sites, 1/3).
+    assert table["val_pr_auc"].max() >= 0.9, table[["trial_id", "config/lr", "val_pr_auc"]]
     assert (table["config/batch_size"] == 8).all() and table["config/lr"].between(1e-3, 3e-2).all()
     assert table["config/lr"].nunique() == 2  # each trial its own sample
     assert pd.read_csv(os.path.join(cfg.out, RESULTS_CSV))["trial_id"].tolist() == table["trial_id"].tolist()
