@@ -182,7 +182,10 @@ def test_a_pretrain_search_under_asha_ranks_trials_by_the_probe_score(shards, tm
     assert table["status"].tolist() == ["complete"] and table["probe_score"].between(0, 1).all()
     (trial_id,) = table["trial_id"]
     history = read_metrics(os.path.join(search, TRIALS_DIR, trial_id))
-    assert [entry["epoch"] for entry in history] == [1] and 0.0 <= history[0]["probe_score"] <= 1.0
+    # The objective measures the planted biology: each treatment brightens its own stain by 3 sd, and the trial's
+    # plate-grouped probe tells the three apart (balanced accuracy; chance 1/3). Whether SimCLR adds to what a
+    # random-init encoder gives is test_pretrain.py's check (fixed-view NT-Xent) and the science run's.
+    assert [entry["epoch"] for entry in history] == [1] and history[0]["probe_score"] >= 0.9, history
     best = load_config(PretrainConfig, os.path.join(search, BEST_CONFIG))  # what `rxray pretrain --config` loads
     assert best.probe and best.batch_size == 8 and best.proj_dim in (16, 32) and best.backbone == "resnet18"
 
