@@ -263,12 +263,12 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
 
 @pytest.mark.slow
 def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_three_stains(science_run, capsys):
-    # The session's science run (conftest.py) fine-tunes EMPTY vs IFN-beta on 2 workers, 5 epochs, streaming its
-    # images from the shards every epoch, on its own SimCLR encoder frozen and cut to stains 1-3.
+    # The session's science run (conftest.py) fine-tunes EMPTY vs IFN-beta for 5 epochs on its own SimCLR encoder,
+    # frozen and cut to stains 1-3.
     folder = science_run[2]
     out = str(folder / "run" / "finetune" / "ifn-beta")
     cfg = load_config(FinetuneConfig, storage.join(out, "config.yaml"))
-    assert cfg.freeze and cfg.channels == [1, 2, 3] and cfg.workers == 2 and cfg.cache == "off"
+    assert cfg.freeze and cfg.channels == [1, 2, 3]
     _check_outputs(out, ["EMPTY", "IFN-beta"])
     manifest = read_manifest(out)
     assert manifest["status"] == "trained" and manifest["epochs_completed"] == cfg.epochs
@@ -375,12 +375,13 @@ def _compound_rows(seed: int = 0) -> list[dict]:
 @pytest.mark.slow
 def test_a_compound_split_trains_the_encoder_on_whole_compounds_and_predicts_the_unlabelled_one(write_shards,
                                                                                                  tmp_path):
-    # One multiclass run does two jobs (each Ray Train run costs ~20 s of process starts): the encoder trains with
-    # the concentration as an input, and whole compounds are held out.
+    # One multiclass run does three jobs (each Ray Train run costs ~20 s of process starts): the encoder trains with
+    # the concentration as an input, whole compounds are held out, and 2 workers stream their images from the
+    # shards every epoch (cache off), as a full-scale run's do.
     shards = write_shards(str(tmp_path / "compounds"), _compound_rows())
     cfg = _config(shards, str(tmp_path / "moa"), task="multiclass", label_col="moa", classes=["A", "B", "C"],
                   split_by="treatment", val_frac=0.0, test_frac=0.3, epochs=4, batch_size=8, lr=1e-2,
-                  freeze=False, with_conc=True, class_weights="none")
+                  freeze=False, with_conc=True, class_weights="none", workers=2, cache="off")
     summary = finetune(cfg)
     assert summary["task"] == "multiclass"
     state = load_checkpoint(cfg.out)

@@ -160,6 +160,33 @@ def test_ray_data_logs_only_with_verbose_even_when_imported_first(ray_local):
     assert "Starting execution of Dataset" not in quiet and "INFO" not in quiet, quiet[-2000:]
 
 
+def test_a_dataset_with_hidden_progress_bars_quietens_each_process_it_reaches(ray_local):
+    # Ray Train streams a training dataset through actors of its own (DatasetManager, SplitCoordinator) whose
+    # notices ("Progress bars disabled", a deprecated execution option) reached the console once per streamed
+    # split: the context carries a marker that quietens whichever process unpickles it. A fresh worker (its own
+    # runtime env) shows the process before and after.
+    import logging
+    import pickle
+    import uuid
+
+    import ray
+
+    from rxray.runtime import RAY_DATA_PROGRESS_LOGGER, hide_progress_bars
+
+    dataset = ray.data.range(4)
+    hide_progress_bars(dataset)
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"RXRAY_FRESH_WORKER": uuid.uuid4().hex}})
+    def unpickle(context: bytes) -> tuple[int, int, bool]:
+        logger = logging.getLogger(RAY_DATA_PROGRESS_LOGGER)
+        before = logger.getEffectiveLevel()
+        bars = pickle.loads(context).enable_progress_bars
+        return before, logger.getEffectiveLevel(), bars
+
+    before, after, bars = ray.get(unpickle.remote(pickle.dumps(dataset.context)))
+    assert before < logging.ERROR <= after and not bars
+
+
 def test_the_next_step_waits_for_the_cpus_of_the_step_before(ray_local):
     """A read started while the previous step still holds every CPU would make Ray Data warn of a hang."""
     import threading
