@@ -165,7 +165,7 @@ def write_pipeline(path, run: str, source: str, sections: dict, **pipeline) -> s
 # workers from images cached in the object store, so its weights are its seed's alone: test_pretrain.py repeats it
 # with a worker death and compares them bitwise. Its classifier is that encoder, frozen and cut to stains 1-3
 # (IFN-beta's phenotype is on actin, w3), under a head trained on one worker from cached images (20 s; streamed on
-# 2 workers it took 33-37 s, and streaming is test_finetune.py's compound run). Seeds 3 and 5 (2026-12-07): the 4
+# 2 workers it took 33-37 s; streamed training is test_tune.py's ASHA trial). Seeds 3 and 5 (2026-12-07): the 4
 # interferons active, the null not, IFN-beta's classifier at ROC-AUC 1.0 and F1 0.89 / 1.0; with every gradient
 # zeroed (seed 3) nothing active and F1 0.0; what training adds: test_pipeline.py's science test.
 SCIENCE_SECTIONS = {
