@@ -36,7 +36,7 @@ STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before
 # 7,776 sites 527 are missing: 131,953 sites. Four doses: with three wells per plate, every plate gets a
 # different run of the ladder (a ladder of six would put the top three doses on alternate plates only).
 RXRX2_LAYOUT = dict(experiments=2, plates=12, wells=1380, controls=81, sites=4, treatments=433, doses=4,
-                    missing_sites=527)
+                    missing_sites=527, rim_wells=False)
 
 
 @dataclass
@@ -50,7 +50,8 @@ class SynthConfig:
     out: str = option(help="output URI (local folder, s3://bucket/prefix)", uri=True, role="resource")
     experiments: int = option(2, "number of experiments (HUVEC-1, HUVEC-2, ...)", minimum=1)
     plates: int = option(2, "plates per experiment", minimum=1)
-    wells: int = option(80, "wells per plate, controls included", minimum=2, maximum=1536)
+    wells: int = option(80, "wells per plate, controls included (at most 1,536; 1,380 with --no-rim-wells)",
+                        minimum=2, maximum=1536)
     sites: int = option(2, "sites (fields of view) per well", minimum=1)
     size: int = option(128, "image side in pixels (the real data is 1024)", minimum=32, maximum=4096)
     treatments: int = option(24, "number of non-control treatments (the first four are the interferons, then "
@@ -68,6 +69,10 @@ class SynthConfig:
                                  "is run to find", minimum=0)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
                                   minimum=0.0, maximum=5.0)
+    rim_wells: bool = option(True, "place wells on the plate's outer ring too, where evaporation brightens the "
+                                   "stains and thins the cells, so the positional correction has work; "
+                                   "--no-rim-wells: only the 1,380 inner wells, as RxRx2 (like RxRx1) uses "
+                                   "(the rxrx2 preset's layout)")
     chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
     cell_type: str = option("HUVEC", "cell type written to metadata")
     seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
@@ -78,7 +83,7 @@ class SynthConfig:
                                          "sites, 433 treatments + EMPTY, 131,953 sites", choices=["rxrx2"])
 
     def validate(self) -> None:
-        from rxray.layout import is_safe_component
+        from rxray.layout import is_safe_component, layout_wells
 
         if self.controls >= self.wells:
             raise ConfigError("synth.controls", f"must be fewer than wells ({self.wells}), got {self.controls}")
@@ -86,6 +91,12 @@ class SynthConfig:
         if self.treatments > slots:
             raise ConfigError("synth.treatments", f"{self.treatments} treatments need as many treated wells, "
                                                   f"but experiments x plates x (wells - controls) = {slots}")
+        usable = layout_wells(self.rim_wells)
+        if self.wells > usable:
+            raise ConfigError("synth.wells", f"a 1536-well plate has {usable} wells "
+                                             f"{'in all' if self.rim_wells else 'inside its outer ring'}, "
+                                             f"got {self.wells}" + ("" if self.rim_wells else " (--rim-wells uses "
+                                                                                             "the ring too)"))
         control_wells = self.experiments * self.plates * self.controls
         if self.missing_sites and (self.sites < 2 or self.missing_sites > control_wells):
             raise ConfigError("synth.missing_sites", f"at most one site per control well ({control_wells}) can "

@@ -70,6 +70,18 @@ def is_edge_well(well: str) -> bool:
     return row in (0, len(PLATE_ROWS) - 1) or column in (0, PLATE_COLUMNS - 1)
 
 
+def well_positions(rim: bool = False) -> list[int]:
+    """0-based positions (row * 48 + column) of the wells a screen uses: inside the outer ring, as RxRx2's 1,380
+    (1,536 minus the ring's 156, which evaporation spoils), or every well with ``rim``."""
+    return [p for p in range(len(PLATE_ROWS) * PLATE_COLUMNS)
+            if rim or not is_edge_well(well_name(*divmod(p, PLATE_COLUMNS)))]
+
+
+def layout_wells(rim: bool = False) -> int:
+    """How many wells :func:`well_positions` offers."""
+    return len(well_positions(rim))
+
+
 def make_well_id(experiment: str, plate: int, well: str) -> str:
     """RxRx2 well id, e.g. 'HUVEC-1_1_AA03'."""
     return f"{experiment}_{plate}_{well}"

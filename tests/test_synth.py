@@ -281,14 +281,27 @@ def test_rxrx2_preset_writes_the_real_screens_counts():
     assert (meta["treatment"] == layout.CONTROL).sum() == 7_249
     assert meta.groupby(["experiment", "plate"]).ngroups == 24
     assert (meta.groupby(["experiment", "plate"])["well"].nunique() == 1_380).all()
+    assert not meta["well"].map(layout.is_edge_well).any()  # the 1,380 are the wells inside the outer ring
     assert meta.groupby("well_id")["site"].nunique().between(3, 4).all()  # a missing site never empties a well
     # An explicit value beats the preset's; the rest of the preset stays.
     small = load_config(SynthConfig, values=dict(out="x", preset="rxrx2", plates=1, wells=500, missing_sites=0))
     assert (small.experiments, small.plates, small.wells, small.treatments) == (2, 1, 500, 433)
 
 
+def test_without_rim_wells_every_well_sits_inside_the_outer_ring():
+    """RxRx2 (like RxRx1: 308 of 384) leaves the plate's outer ring empty: 1,380 of 1,536 wells. The built-in
+    screens use the ring (the default) so that the positional correction is exercised."""
+    values = dict(out="x", experiments=1, plates=4, wells=600, controls=8, treatments=24)
+    inner_cfg, rim_cfg = (load_config(SynthConfig, values={**values, "rim_wells": rim}) for rim in (False, True))
+    inner = build_sites(inner_cfg, build_treatments(inner_cfg))
+    assert not any(layout.is_edge_well(site.well) for site in inner)
+    rim = build_sites(rim_cfg, build_treatments(rim_cfg))
+    assert sum(layout.is_edge_well(site.well) for site in rim) > 0  # 156 of 1,536 positions: ~60 of 600 wells
+
+
 @pytest.mark.parametrize("values, field", [
     (dict(preset="rxrx3"), "synth.preset"),
+    (dict(wells=1_381, rim_wells=False), "synth.wells"),
     (dict(missing_sites=9, experiments=1, plates=1, wells=6, controls=2, treatments=2), "synth.missing_sites"),
     (dict(experiments=1, plates=1, wells=6, controls=2, treatments=5), "synth.treatments"),
     (dict(cell_type="HU_VEC"), "synth.cell_type"),

@@ -256,16 +256,18 @@ def experiment_names(cfg: SynthConfig) -> list[str]:
 def build_sites(cfg: SynthConfig, treatments: list[Treatment]) -> list[Site]:
     """Every site, in (experiment, plate, well, site) order.
 
-    Wells sit at random positions of a 1536-well plate; treatment slots are dealt
+    Wells sit at random positions of a 1536-well plate, inside its outer ring unless
+    ``cfg.rim_wells`` (RxRx2 uses the 1,380 inner wells); treatment slots are dealt
     round-robin over all plates, each treatment's first well at its top dose, then
     down the dose ladder, so every plate mixes treatments and doses.
     """
     per_plate = cfg.wells - cfg.controls
+    usable = np.array(layout.well_positions(cfg.rim_wells))
     sites = []
     for e, experiment in enumerate(experiment_names(cfg)):
         for plate in range(1, cfg.plates + 1):
             rng = stable_rng(cfg.seed, "layout", experiment, plate)
-            positions = rng.choice(len(layout.PLATE_ROWS) * layout.PLATE_COLUMNS, cfg.wells, replace=False)
+            positions = usable[rng.choice(len(usable), cfg.wells, replace=False)]
             contents: list[tuple[str, float | None]] = [(layout.CONTROL, None)] * cfg.controls
             first_slot = (e * cfg.plates + plate - 1) * per_plate
             for slot in range(first_slot, first_slot + per_plate):
