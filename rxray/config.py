@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from rxray.layout import TREATMENT_GROUPS
+from rxray.layout import RXRX2_LAYOUT, TREATMENT_GROUPS
 from rxray.errors import ConfigError
 from rxray.models.registry import BACKBONES
 from rxray.options import config_to_dict, config_to_yaml, load_config, option, read_yaml
@@ -30,13 +30,6 @@ STALL_TIMEOUT_S = 120.0
 STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before it fails and Ray Train restarts "
                       "the workers from the last checkpoint (a lost node's data never arrives)")
 
-
-# RxRx2 as released: 2 experiments x 12 plates of 1536-well plates, 1,380 wells used per plate, 4 sites each;
-# 433 treatments in 3 wells per plate (72 wells, 288 sites each) and 81 EMPTY wells per plate, of whose
-# 7,776 sites 527 are missing: 131,953 sites. Four doses: with three wells per plate, every plate gets a
-# different run of the ladder (a ladder of six would put the top three doses on alternate plates only).
-RXRX2_LAYOUT = dict(experiments=2, plates=12, wells=1380, controls=81, sites=4, treatments=433, doses=4,
-                    missing_sites=527, rim_wells=False)
 
 
 @dataclass
@@ -69,10 +62,8 @@ class SynthConfig:
                                  "is run to find", minimum=0)
     batch_effects: float = option(1.0, "scale of plate/experiment/edge batch effects (0 turns them off)",
                                   minimum=0.0, maximum=5.0)
-    rim_wells: bool = option(True, "place wells on the plate's outer ring too, where evaporation brightens the "
-                                   "stains and thins the cells, so the positional correction has work; "
-                                   "--no-rim-wells: only the 1,380 inner wells, as RxRx2 (like RxRx1) uses "
-                                   "(the rxrx2 preset's layout)")
+    rim_wells: bool = option(True, "wells on the plate's outer ring too, where evaporation brightens the stains "
+                                   "and thins the cells (--no-rim-wells: only the 1,380 inner wells, as RxRx2 uses)")
     chunk_sites: int = option(64, "most sites per Ray task (the output does not depend on it)", minimum=1)
     cell_type: str = option("HUVEC", "cell type written to metadata")
     seed: int = option(0, "random seed; the same seed writes the same dataset", minimum=0)
@@ -93,10 +84,8 @@ class SynthConfig:
                                                   f"but experiments x plates x (wells - controls) = {slots}")
         usable = layout_wells(self.rim_wells)
         if self.wells > usable:
-            raise ConfigError("synth.wells", f"a 1536-well plate has {usable} wells "
-                                             f"{'in all' if self.rim_wells else 'inside its outer ring'}, "
-                                             f"got {self.wells}" + ("" if self.rim_wells else " (--rim-wells uses "
-                                                                                             "the ring too)"))
+            ring = "in all" if self.rim_wells else "inside its outer ring (--rim-wells: 1536)"
+            raise ConfigError("synth.wells", f"a 1536-well plate has {usable} wells {ring}, got {self.wells}")
         control_wells = self.experiments * self.plates * self.controls
         if self.missing_sites and (self.sites < 2 or self.missing_sites > control_wells):
             raise ConfigError("synth.missing_sites", f"at most one site per control well ({control_wells}) can "

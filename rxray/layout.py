@@ -35,6 +35,13 @@ N_CHANNELS = 6
 CHANNEL_NAMES = ["Hoechst", "ConA", "Phalloidin", "SYTO14", "MitoTracker", "WGA"]
 CHANNEL_TARGETS = ["nuclei", "ER", "actin", "nucleoli/RNA", "mitochondria", "Golgi/membrane"]
 
+# RxRx2 as released: 2 experiments x 12 plates of 1536-well plates, the 1,380 wells inside each plate's outer ring
+# used, 4 sites each; 433 treatments in 3 wells per plate (72 wells, 288 sites each) and 81 EMPTY wells per plate,
+# of whose 7,776 sites 527 are missing: 131,953 sites. Four doses: with three wells per plate, every plate gets a
+# different run of the ladder (a ladder of six would put the top three doses on alternate plates only).
+RXRX2_LAYOUT = dict(experiments=2, plates=12, wells=1380, controls=81, sites=4, treatments=433, doses=4,
+                    missing_sites=527, rim_wells=False)
+
 # 1536-well plates: 32 rows (A..Z, AA..AF) x 48 columns (01..48).
 PLATE_ROWS = [chr(ord("A") + i) for i in range(26)] + ["A" + chr(ord("A") + i) for i in range(6)]
 PLATE_COLUMNS = 48
