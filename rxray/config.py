@@ -74,7 +74,7 @@ class SynthConfig:
                                          "sites, 433 treatments + EMPTY, 131,953 sites", choices=["rxrx2"])
 
     def validate(self) -> None:
-        from rxray.layout import is_safe_component, layout_wells
+        from rxray.layout import is_safe_component, well_positions
 
         if self.controls >= self.wells:
             raise ConfigError("synth.controls", f"must be fewer than wells ({self.wells}), got {self.controls}")
@@ -82,7 +82,7 @@ class SynthConfig:
         if self.treatments > slots:
             raise ConfigError("synth.treatments", f"{self.treatments} treatments need as many treated wells, "
                                                   f"but experiments x plates x (wells - controls) = {slots}")
-        usable = layout_wells(self.rim_wells)
+        usable = len(well_positions(self.rim_wells))
         if self.wells > usable:
             ring = "in all" if self.rim_wells else "inside its outer ring (--rim-wells: 1536)"
             raise ConfigError("synth.wells", f"a 1536-well plate has {usable} wells {ring}, got {self.wells}")

@@ -84,11 +84,6 @@ def well_positions(rim: bool = False) -> list[int]:
             if rim or not is_edge_well(well_name(*divmod(p, PLATE_COLUMNS)))]
 
 
-def layout_wells(rim: bool = False) -> int:
-    """How many wells :func:`well_positions` offers."""
-    return len(well_positions(rim))
-
-
 def make_well_id(experiment: str, plate: int, well: str) -> str:
     """RxRx2 well id, e.g. 'HUVEC-1_1_AA03'."""
     return f"{experiment}_{plate}_{well}"

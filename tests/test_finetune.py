@@ -121,7 +121,7 @@ def _check_outputs(out: str, classes: list[str]) -> None:
     assert state["classes"] == classes and len(state["channel_mean"]) == 6
     gains = state["plate_gains"]  # per plate and stain, from its controls (their values: test_plate_gains_...)
     assert state["plate_norm"] and set(gains) - {RIM_GAIN_KEY} == {f"{e}_{p}" for e, p in PLATES}
-    assert all(len(g) == 6 for g in gains.values())
+    assert all(len(g) == 6 and min(g) > 0 for g in gains.values())
     model, _ = load_classifier(out)
     assert model.head.n_classes == len(classes)
 
@@ -270,6 +270,7 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
     cfg = load_config(FinetuneConfig, storage.join(out, "config.yaml"))
     assert cfg.freeze and cfg.channels == [1, 2, 3]
     _check_outputs(out, ["EMPTY", "IFN-beta"])
+    assert 0.0 < json.loads(storage.read_text(storage.join(out, "metrics.json")))["prevalence"] < 1.0
     manifest = read_manifest(out)
     assert manifest["status"] == "trained" and manifest["epochs_completed"] == cfg.epochs
     assert [entry["epoch"] for entry in read_metrics(out)] == list(range(1, cfg.epochs + 1))

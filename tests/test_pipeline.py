@@ -229,10 +229,11 @@ def test_a_pipeline_from_relative_paths_on_a_joined_ray_writes_under_its_run_wit
 def test_a_trained_run_finds_the_planted_treatments_and_not_the_null(science_run):
     """Science inside `make test`: the run finds what the generator planted, and its classifier learnt to call it.
 
-    With every gradient zeroed (by hand, 2026-12-07) IFN-beta was still active and the null not (a random encoder's
-    features separate a strong intensity phenotype on this screen) and the untrained head still ranked IFN-beta's
-    sites at ROC-AUC 0.92, but called none of them (F1 0): this test fails on F1, and
-    test_pretrain.py's fixed-view loss fails for its rerun of this pretraining (bitwise this run's weights)."""
+    With every gradient zeroed (by hand, 2026-12-07, seed 3) nothing was called active, and the untrained head still
+    ranked IFN-beta's sites at ROC-AUC 0.97 (a random encoder's features separate a strong intensity phenotype) but
+    called none of them (F1 0): this test fails on IFN-beta's activity and on F1 (an earlier config, its classifier
+    streamed on 2 workers, still called IFN-beta active untrained: F1 was the guard then), and test_pretrain.py's
+    fixed-view loss fails for its rerun of this pretraining (bitwise this run's weights)."""
     import pandas as pd
 
     _, _, folder = science_run

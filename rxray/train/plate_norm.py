@@ -4,9 +4,9 @@ Plate gain effects (a plate imaged brighter or dimmer, stain by stain) look like
 intensity phenotypes, so `rxray finetune` scales every image, stain by stain, by the
 ratio of all controls' mean intensity to its own plate's controls' mean. Wells on the
 plate's outer ring (evaporation) are brighter again: a rim control passes for a weak
-intensity phenotype (on a synthetic screen that used the ring, two rim control wells of a
-test plate outscored IFN-beta's lowest dose; RxRx2 leaves the ring empty, `rxray synth
---rim-wells` fills it). Their extra gain is measured on every plate's rim
+intensity phenotype (on the default synthetic screen, which uses the ring, two rim control
+wells of a test plate outscored IFN-beta's lowest dose; RxRx2 leaves the ring empty, as
+`rxray synth --no-rim-wells` does). Their extra gain is measured on every plate's rim
 controls together against the interior ones (a plate has 0-2 rim control wells of 8, too
 few to measure alone) and applied to rim wells on top of the plate's. The gains are
 measured here by one streaming pass over the control sites and recorded in the
