@@ -17,7 +17,8 @@ from typing import Any
 
 from rxray.errors import ConfigError, StepFailed
 from rxray.options import load_config, unwrap_optional
-from rxray.steps import BENCHMARKS, STEPS, Step
+from rxray import steps
+from rxray.steps import BENCHMARKS, Step
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the command's result as JSON at the end (steps do without asking; the pipeline, "
                              "whose findings close its output, only with this)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for step in STEPS:
+    for step in steps.STEPS:
         _add_step(sub, step)
     bench = sub.add_parser("bench", help="benchmarks that write a table")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -84,19 +85,26 @@ def run(argv: list[str] | None = None) -> Any:
 
 
 def _run(args: argparse.Namespace) -> Any:
+    return args._step.run(_config(args))
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The validated config of the parsed command (and --verbose in the environment, for every Ray worker)."""
     if args.verbose:
         from rxray.runtime import VERBOSE_ENV  # imports Ray: only when asked for
 
         os.environ[VERBOSE_ENV] = "1"
     step: Step = args._step
-    return step.run(config_from_args(step.config_class(), args))
+    return config_from_args(step.config_class(), args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 0 on success, 2 on bad input, 1 on a failed step."""
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
-        result = _run(args)
+        cfg = _config(args)
+        result = args._step.run(cfg)
     except ConfigError as exc:
         print(f"rxray: error: {exc}", file=sys.stderr)
         return 2
@@ -114,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rxray: error: storage: {cause}", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and (args.json or args._step.name != "pipeline"):
-        print(json.dumps(result, indent=2, default=str))
+    from rxray.outputs import StepResult  # imports storage, which `rxray --help` does not need
+
+    if isinstance(result, StepResult):
+        print(json.dumps(result.printable(getattr(cfg, "out", None)), indent=2, default=str))
+    elif isinstance(result, dict) and (args.json or args._step.name != "pipeline"):  # the pipeline's findings close
+        print(json.dumps(result, indent=2, default=str))                              # its output already
     return 0
 
 

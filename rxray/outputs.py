@@ -1,9 +1,11 @@
 """What a step leaves behind, and the one rule for running it again.
 
-Every step ends by writing ``_manifest.json`` under its output (:func:`write_manifest`),
-always with the same keys: ``step``, ``config`` (the resolved config), ``versions``,
-``created``, ``counts``, ``timings`` and ``outputs``, plus any step-specific details.
-A manifest is written last, so its presence means the output is complete.
+Every step returns a typed result (a :class:`StepResult` subclass, :mod:`rxray.results`)
+and the step runner (:mod:`rxray.runner`) writes it as ``_manifest.json`` under the output
+(:func:`write_manifest`): the keys every step shares, ``step``, ``config`` (the resolved
+config), ``versions`` and ``created``, beside the result's fields (``counts``, ``timings``,
+``outputs`` and the step's own). A manifest is written last, so its presence means the
+output is complete; :meth:`StepResult.from_manifest` reads one back.
 
 Running a step again into the same output is decided once, here
 (:func:`rerun_decision`), from the role each config field declares (``option(role=...)``):
@@ -27,7 +29,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rxray import storage
 from rxray.errors import ConfigError
@@ -43,17 +45,51 @@ ROLES = (RESULT, RESOURCE, EXTENT, IDENTITY)
 NEW, COMPLETE, CONTINUE, STALE, CONFLICT = "new", "complete", "continue", "stale", "conflict"
 
 
-# --------------------------------------------------------------------------- manifests
+# --------------------------------------------------------------------------- results and manifests
+
+COMMON_KEYS = ("step", "config", "versions", "created")  # what every manifest holds beside its step's result
+ResultType = TypeVar("ResultType", bound="StepResult")
 
 
-def write_manifest(uri: str, step: str, config: dict[str, Any], *, counts: dict[str, Any] | None = None,
-                   timings: dict[str, float] | None = None, outputs: Any = None, **details: Any) -> dict[str, Any]:
-    """Write ``_manifest.json`` under ``uri`` with the keys every step shares, plus the step's details."""
+@dataclass
+class StepResult:
+    """What a step made, as its manifest records it: counts, phase timings, output files, and (in subclasses) the
+    step's own fields. ``unchanged`` (never written) marks a result read back from an output the step left as it was."""
+
+    counts: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: Any = field(default_factory=list)
+    unchanged: bool = field(default=False, repr=False, compare=False, metadata={"manifest": False})
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The result's fields as they go into the manifest (JSON types)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("manifest", True)}
+        return json.loads(json.dumps(values, default=str))
+
+    @classmethod
+    def from_manifest(cls: type[ResultType], manifest: dict[str, Any], strict: bool = False,
+                      **overrides: Any) -> ResultType:
+        """The result a manifest records (fields it lacks keep their defaults), with ``overrides``; ``strict``
+        refuses keys the result has no field for."""
+        names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("manifest", True)}
+        unknown = set(manifest) - names - set(COMMON_KEYS)
+        if strict and unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+        recorded = {name: manifest[name] for name in names if name in manifest and manifest[name] is not None}
+        return cls(**{**recorded, **overrides})
+
+    def printable(self, out: str | None) -> dict[str, Any]:
+        """What the CLI prints: the output and the result's fields."""
+        return {"out": out, **self.manifest_fields()}
+
+
+def write_manifest(uri: str, step: str, config: dict[str, Any], result: StepResult | None = None) -> dict[str, Any]:
+    """Write ``_manifest.json`` under ``uri``: the keys every step shares, then the result's fields."""
     from rxray.runtime import package_versions
 
     manifest = {"step": step, "config": config, "versions": package_versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "counts": counts or {}, "timings": timings or {}, "outputs": outputs or [], **details}
+                **(result or StepResult()).manifest_fields()}
     storage.write_text(storage.join(uri, MANIFEST_FILE), json.dumps(manifest, indent=2, default=str))
     return manifest
 
@@ -145,5 +181,5 @@ def rerun_decision(out: str, cfg: Any) -> Rerun:
     return Rerun(COMPLETE, f"complete at {out}", manifest)
 
 
-__all__ = ["CONFIG_FILE", "MANIFEST_FILE", "Rerun", "changed_settings", "field_role",
+__all__ = ["COMMON_KEYS", "CONFIG_FILE", "MANIFEST_FILE", "Rerun", "StepResult", "changed_settings", "field_role",
            "read_manifest", "recorded_config", "rerun_decision", "write_manifest"]

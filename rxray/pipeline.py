@@ -41,13 +41,12 @@ from typing import Any, Callable, Optional
 
 from rxray import storage
 from rxray.config import ConfigError, config_to_dict, load_config, option, read_yaml
-from rxray.layout import MOA_FILE
-from rxray.outputs import COMPLETE, CONFLICT, NEW, STALE, Rerun, read_manifest, rerun_decision
+from rxray.outputs import read_manifest
+from rxray.runner import SKIP, START_OVER, decide
 from rxray.runtime import Timer, package_versions, wait_for_a_free_cpu
-from rxray.steps import PIPELINE_STEPS, SOURCE, get_step, resolve
+from rxray.steps import RUN, SOURCE, get_step, pipeline_steps, resolve
 from rxray.storage_check import check_plan, check_reachable
 
-STEP_ORDER = PIPELINE_STEPS
 RUN_RECORD = "_pipeline.json"
 DEFAULT_CLASSIFIER = "classifier"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -62,8 +61,8 @@ class PipelineConfig:
     run: str = option(help="run URI: every step writes under it (local folder or s3://bucket/prefix)", uri=True)
     source: str = option(help="dataset root URI (metadata.csv, images/); a synth section writes it if absent",
                          uri=True)
-    steps: Optional[list[str]] = option(None, "steps to run, in pipeline order (default: every step with a "
-                                              "section in the file)", choices=STEP_ORDER)
+    steps: Optional[list[str]] = option(None, "steps to run, in pipeline order (default: every step with a section "
+                                              f"in the file): {', '.join(pipeline_steps())}")
     # The CLI keeps `--config FILE` under the name `_config`; a field of that name receives the file's path,
     # which the pipeline needs because the step sections live beside this one in the same file.
     _config: Optional[str] = option(None, "the pipeline YAML (the same as --config)", flag="--file")
@@ -93,7 +92,7 @@ class RunLayout:
 class PlannedStep:
     """One validated step of a plan: its config, where it writes, and which planned steps it reads."""
 
-    key: str  # "ingest", or "finetune/<name>" for each classifier run
+    key: str  # "ingest", or "finetune/<name>" for each run of a step with named runs
     step: str
     config: Any
     out: str
@@ -128,29 +127,33 @@ def plan_pipeline(cfg: PipelineConfig) -> Plan:
     if not cfg._config:
         raise ConfigError("pipeline.config", "give the pipeline YAML with --config FILE.yaml")
     document = read_yaml(cfg._config)
+    order = pipeline_steps()
     for key in document:
-        if key != PipelineConfig.section and key not in STEP_ORDER:
-            raise ConfigError(str(key), f"unknown section; expected {PipelineConfig.section}, "
-                                        f"{', '.join(STEP_ORDER)}")
-    sections = {step: document[step] for step in STEP_ORDER if step in document}
+        if key != PipelineConfig.section and key not in order:
+            raise ConfigError(str(key), f"unknown section; expected {PipelineConfig.section}, {', '.join(order)}")
+    sections = {step: document[step] for step in order if step in document}
     selected = list(cfg.steps) if cfg.steps else list(sections)
     if not selected:
         raise ConfigError("pipeline.steps", f"{cfg._config} has no step sections and no steps are given")
+    for name in selected:
+        if name not in order:
+            raise ConfigError("pipeline.steps", f"no pipeline step {name!r}; steps: {', '.join(order)}")
     layout = RunLayout(cfg.run, cfg.source)
 
-    classifiers = _classifier_sections(sections.get("finetune"))
+    named_runs = {step: _named_sections(step, sections.get(step)) for step in order if get_step(step).named}
+    configured = set(sections) | set(selected)
     planned: list[PlannedStep] = []
-    for step in STEP_ORDER:
+    for step in order:
         if step not in sections and step not in selected:
             continue
-        config_class = get_step(step).config_class()
-        runs = classifiers if step == "finetune" else [(None, _mapping(step, sections.get(step)))]
+        row = get_step(step)
+        runs = named_runs[step] if row.named else [(None, _mapping(step, sections.get(step)))]
         for name, values in runs:
-            label = f"finetune[{name}]" if step == "finetune" and isinstance(sections.get(step), list) else step
-            wired, needs = _wiring(step, name, values, layout, set(sections) | set(selected), classifiers, planned)
-            config = _validated(config_class, step, label, values, wired)
-            key = f"finetune/{name}" if step == "finetune" else step
-            planned.append(PlannedStep(key, step, config, layout.out(step, name), needs, get_step(step).function))
+            label = f"{step}[{name}]" if row.named and isinstance(sections.get(step), list) else step
+            wired, needs = _wiring(step, name, values, layout, configured, named_runs, planned)
+            config = _validated(row.config_class(), step, label, values, wired)
+            key = f"{step}/{name}" if row.named else step
+            planned.append(PlannedStep(key, step, config, layout.out(step, name), needs, row.function))
     return Plan(cfg, layout, planned, selected)
 
 
@@ -162,53 +165,55 @@ def _mapping(label: str, values: Any) -> dict[str, Any]:
     return dict(values)
 
 
-def _classifier_sections(section: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(name, fields) per classifier run: one mapping (named `classifier` unless it says) or a list."""
+def _named_sections(step: str, section: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, fields) per run of a step with named runs (finetune's classifiers): one mapping (named
+    `classifier` unless it says) or a list."""
     if section is None:
         return [(DEFAULT_CLASSIFIER, {})]
     entries = section if isinstance(section, list) else [section]
     runs: list[tuple[str, dict[str, Any]]] = []
     for index, entry in enumerate(entries):
-        values = _mapping(f"finetune[{index}]", entry)
+        values = _mapping(f"{step}[{index}]", entry)
         name = str(values.pop("name", DEFAULT_CLASSIFIER if not isinstance(section, list) else ""))
         if not _NAME_PATTERN.match(name):
-            raise ConfigError(f"finetune[{index}].name", "every classifier run in a list needs a name of "
-                                                         f"letters, digits, '.', '_' or '-', got {name!r}")
+            raise ConfigError(f"{step}[{index}].name", "every run in a list needs a name of letters, digits, "
+                                                       f"'.', '_' or '-', got {name!r}")
         if name in (n for n, _ in runs):
-            raise ConfigError(f"finetune[{index}].name", f"{name!r} is used twice")
+            raise ConfigError(f"{step}[{index}].name", f"{name!r} is used twice")
         runs.append((name, values))
     if not runs:
-        raise ConfigError("finetune", "the list of classifier runs is empty")
+        raise ConfigError(step, "the list of runs is empty")
     return runs
 
 
 def _wiring(step: str, name: str | None, values: dict[str, Any], layout: RunLayout, configured: set[str],
-            classifiers: list[tuple[str, dict[str, Any]]], planned: list[PlannedStep]
+            named_runs: dict[str, list[tuple[str, dict[str, Any]]]], planned: list[PlannedStep]
             ) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The fields the pipeline sets for one step, and the planned steps whose outputs it reads."""
+    """The fields the pipeline sets for one step, and the planned steps whose outputs it reads, from its row.
+
+    ``out``, and inputs fed by the dataset root (SOURCE) or the run (RUN), are the pipeline's to set; an input fed
+    by a step is wired to that step's output (its first named run) unless the section names its own, or names the
+    field that replaces it (``Step.input_alternatives``); a dataset-root file (``Step.source_files``) is wired
+    when the dataset has it or a synth section writes it.
+    """
+    row = get_step(step)
     wired: dict[str, Any] = {"out": layout.out(step, name)}
     needs: list[str] = []
-    if step == "ingest":
-        wired["source"] = layout.source
-        needs.append("synth")
-    if step == "report":
-        wired["run"] = layout.run
-        needs.extend(s.key for s in planned)
-    label_field = {"ingest": "labels", "score": "moa"}.get(step)
-    if label_field and label_field not in values:
-        # The dataset's mechanism-of-action table, when it has one: joined to the shards (a classifier's labels) and
-        # scored against (the map's benchmark, the predicted mechanisms).
-        moa = storage.join(layout.source, MOA_FILE)
-        if "synth" in configured or storage.exists(moa):
-            wired[label_field] = moa
-    for field, producer in get_step(step).inputs.items():
-        if field in values or producer not in configured:
-            continue  # the section names its own input, or no step of this pipeline produces it
-        if step == "finetune" and field == "encoder" and "weights" in values:
-            continue  # starting from torchvision weights instead of the SimCLR encoder
-        producer_name = classifiers[0][0] if producer == "finetune" else None
-        wired[field] = layout.out(producer, producer_name)
-        needs.append(f"finetune/{producer_name}" if producer == "finetune" else producer)
+    for field, producer in row.inputs.items():
+        if producer == SOURCE:
+            wired[field] = layout.source
+            needs += [s for s in pipeline_steps() if get_step(s).output == SOURCE]
+        elif producer == RUN:
+            wired[field] = layout.run
+            needs += [s.key for s in planned]
+        elif field not in values and producer in configured and row.input_alternatives.get(field) not in values:
+            producer_name = named_runs[producer][0][0] if get_step(producer).named else None
+            wired[field] = layout.out(producer, producer_name)
+            needs.append(f"{producer}/{producer_name}" if producer_name else producer)
+    for field, file in row.source_files.items():
+        uri = storage.join(layout.source, file)
+        if field not in values and (any(get_step(s).output == SOURCE for s in configured) or storage.exists(uri)):
+            wired[field] = uri
     planned_keys = {s.key for s in planned}
     return wired, tuple(k for k in dict.fromkeys(needs) if k in planned_keys)
 
@@ -233,35 +238,6 @@ def _validated(config_class: type, step: str, label: str, values: dict[str, Any]
 
 def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _start_over_reason(step: PlannedStep, rerun: Rerun | None, rerun_for: list[str]) -> str | None:
-    """Why a training step must discard its run before running again, or None to let it continue.
-
-    Training steps continue from the checkpoints in their output, so a finished run
-    would count as complete and keep a model trained on old inputs or settings; the
-    rerun policy (:func:`rxray.outputs.rerun_decision`) says which changes a run may take.
-    """
-    if rerun is None or not get_step(step.step).trains:
-        return None
-    if rerun.action == CONFLICT or (rerun.manifest is not None and rerun.action == STALE):
-        return f"{rerun.changes()} changed"
-    if rerun_for and rerun.action != NEW:  # finished or cut off part-way: it was trained on the old inputs
-        return f"{', '.join(rerun_for)} ran again"
-    return None  # a cut-off run on the same inputs resumes through the step's own logic
-
-
-def _is_complete(step: PlannedStep) -> tuple[bool, str, Rerun | None]:
-    """Whether a planned step's output is complete for its config, why (for the log), and the rerun decision."""
-    if step.step == "synth":
-        found = storage.exists(storage.join(step.out, "metadata.csv"))
-        return found, f"a dataset is already at {step.out}" if found else "", None
-    rerun = rerun_decision(step.out, step.config)
-    if rerun.action == COMPLETE:
-        return True, rerun.reason, rerun
-    if rerun.manifest is None:
-        return False, "", rerun
-    return False, f"its config changed since the run at {step.out} ({rerun.changes() or rerun.reason})", rerun
 
 
 def _say(line: str) -> None:
@@ -345,18 +321,15 @@ def execute(plan: Plan, run_step: Callable[[PlannedStep], Any] | None = None) ->
     ran: set[str] = set()
     statuses: dict[str, str] = {}
     for step in plan.to_run():
-        complete, why, rerun = _is_complete(step)
-        rerun_for = [k for k in step.needs if k in ran]
-        if complete and not rerun_for:
-            _say(f"skip {step.key}: {why}")
+        decision = decide(get_step(step.step), step.config, [k for k in step.needs if k in ran])
+        if decision.action == SKIP:
+            _say(f"skip {step.key}: {decision.why}")
             record.update(step.key, status="skipped", counts=_step_counts(step.out))
             statuses[step.key] = "skipped"
             continue
-        reason = f"{', '.join(rerun_for)} ran again" if complete else why or "not run yet"
-        _say(f"run {step.key} -> {step.out} ({reason})")
-        restart = _start_over_reason(step, rerun, rerun_for)
-        if restart:
-            _say(f"start {step.key} over ({restart}): removing the finished run at {step.out}")
+        _say(f"run {step.key} -> {step.out} ({decision.why})")
+        if decision.action == START_OVER:
+            _say(f"start {step.key} over: removing the finished run at {step.out}")
             storage.remove(step.out, recursive=True)
         record.update(step.key, status="running")
         try:
@@ -394,5 +367,5 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     return execute(check_plan(plan_pipeline(cfg)))
 
 
-__all__ = ["PipelineConfig", "Plan", "PlannedStep", "RunLayout", "STEP_ORDER", "execute", "find_report",
+__all__ = ["PipelineConfig", "Plan", "PlannedStep", "RunLayout", "execute", "find_report",
            "load_pipeline", "plan_pipeline", "run_pipeline"]

@@ -82,15 +82,17 @@ def check_plan(plan: Any) -> Any:
     An input that a selected step writes (its output or a path under it) does not exist yet and is not
     required; every step output is under the run URI, whose bucket is checked once (the pipeline creates it).
     """
+    from rxray.steps import SOURCE, get_step
+
     steps = plan.to_run()
     written = [step.out for step in steps]
-    synth_writes_source = any(step.step == "synth" for step in steps)
+    writes_source = any(get_step(step.step).output == SOURCE for step in steps)
     check = StorageCheck()
     check.field("pipeline.run", plan.layout.run, OUTPUT, creates_bucket=True)
-    check.field("pipeline.source", plan.layout.source, OUTPUT if synth_writes_source else FOLDER, creates_bucket=True)
-    named_runs = sum(step.step == "finetune" for step in plan.steps) > 1  # finetune[name] when there are several
+    check.field("pipeline.source", plan.layout.source, OUTPUT if writes_source else FOLDER, creates_bucket=True)
     for step in steps:
-        label = f"{step.step}[{step.key.split('/', 1)[1]}]" if named_runs and "/" in step.key else step.step
+        runs = sum(other.step == step.step for other in plan.steps)  # finetune[name] when there are several
+        label = f"{step.step}[{step.key.split('/', 1)[1]}]" if runs > 1 and "/" in step.key else step.step
         for name, uri, kind in uri_fields(step.config):
             if kind == OUTPUT or uri in (plan.layout.run, plan.layout.source) or _written(uri, written):
                 continue

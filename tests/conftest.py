@@ -103,15 +103,16 @@ def write_shards(ray_local):
     from rxray import storage
     from rxray.layout import METADATA_COLUMNS
     from rxray.outputs import write_manifest
+    from rxray.results import IngestResult
 
     def write(uri: str, rows: list[dict], partitions: int = 3) -> str:
         assert list(rows[0])[:9] == METADATA_COLUMNS
         images = np.stack([row["image"] for row in rows]).astype(np.float64)
         fs, path = storage.pyarrow_filesystem(uri)
         ray_local.data.from_items(rows).repartition(partitions).write_parquet(path, filesystem=fs)
-        write_manifest(uri, "ingest", {}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
-                       channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=list(images.shape[1:]),
-                       counts={"written": len(rows)})
+        write_manifest(uri, "ingest", {}, IngestResult(
+            counts={"written": len(rows)}, channel_mean=images.mean(axis=(0, 2, 3)).tolist(),
+            channel_std=images.std(axis=(0, 2, 3)).tolist(), image_shape=list(images.shape[1:])))
         return uri
 
     return write

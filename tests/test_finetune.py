@@ -292,7 +292,7 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
 
     again = finetune(cfg)  # the same command: nothing to train
     assert f"already complete ({cfg.epochs} of {cfg.epochs} epochs)" in capsys.readouterr().out
-    assert again["status"] == "complete" and len(read_metrics(out)) == cfg.epochs
+    assert again.status == "complete" and again.unchanged and len(read_metrics(out)) == cfg.epochs
     with pytest.raises(ConfigError, match="finetune.channels: .* holds a run with channels"):
         finetune(load_config(FinetuneConfig, values={**vars(cfg), "channels": [1, 2]}))
 
@@ -385,7 +385,7 @@ def test_a_compound_split_trains_the_encoder_on_whole_compounds_and_predicts_the
                   split_by="treatment", val_frac=0.0, test_frac=0.3, epochs=4, batch_size=8, lr=1e-2,
                   freeze=False, with_conc=True, class_weights="none")
     summary = finetune(cfg)
-    assert summary["task"] == "multiclass"
+    assert summary.task == "multiclass"
     state = load_checkpoint(cfg.out)
     assert state["with_conc"] and state["head"]["layers.0.weight"].shape[1] == 960 + 1  # resnet18's 960 + the conc
     torch.manual_seed(cfg.seed)  # the workers' initial weights
@@ -405,4 +405,4 @@ def test_a_compound_split_trains_the_encoder_on_whole_compounds_and_predicts_the
     assert set(compounds["treatment"]) == held_out and compounds["correct"].all()
     unlabelled = pd.read_csv(storage.join(cfg.out, "unlabelled.csv"))
     assert unlabelled[["treatment", "predicted"]].values.tolist() == [["mystery", "B"]]
-    assert summary["test"]["unlabelled"][0]["treatment"] == "mystery"
+    assert summary.test["unlabelled"][0]["treatment"] == "mystery"

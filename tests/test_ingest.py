@@ -90,8 +90,8 @@ def test_local_ingest_reads_back_with_ray_pyarrow_and_pandas(hand_dataset, ray_l
     root, sources = hand_dataset
     out = str(tmp_path / "shards")
     summary = run_ingest(root, out)
-    assert summary["status"] == "complete"
-    assert (summary["selected"], summary["written"], summary["rejected"], summary["shards"]) == (24, 24, 0, 5)
+    assert summary.status == "complete"
+    assert [summary.counts[k] for k in ("selected", "written", "rejected", "shards")] == [24, 24, 0, 5]
 
     batch = next(iter(shards.read_shards(out, columns=["image"]).iter_torch_batches(batch_size=4)))
     assert tuple(batch["image"].shape) == (4, 6, OUT_PX, OUT_PX) and str(batch["image"].dtype) == "torch.uint8"
@@ -131,7 +131,7 @@ print(",".join(frame["site_id"]))
             assert 40 * c + 8 <= image[c].min() and image[c].max() < 40 * c + 19
 
     again = run_ingest(root, out)
-    assert again["status"] == "already complete" and again["written"] == 24
+    assert again.status == "already complete" and again.counts["written"] == 24
 
 
 def test_ingest_from_and_to_s3_that_fails_a_tenth_of_its_requests(hand_dataset, ray_local, s3_bucket, s3_proxy):
@@ -145,7 +145,7 @@ def test_ingest_from_and_to_s3_that_fails_a_tenth_of_its_requests(hand_dataset, 
     assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # the store really failed requests
     assert faults["applied-reset"] and faults["truncated"], faults  # and some that half happened
     # every failure retried, none a reject: the same rows and pixels as from a store that never fails
-    assert (summary["written"], summary["rejected"]) == (6, 0)  # 3 IFN-beta + 3 EMPTY controls
+    assert (summary.counts["written"], summary.counts["rejected"]) == (6, 0)  # 3 IFN-beta + 3 EMPTY controls
     rows = shards.read_shards(out).to_pandas()
     assert rows["site_id"].is_unique
     for site_id, image in zip(rows["site_id"], rows["image"]):
@@ -201,8 +201,8 @@ def test_bad_files_and_rows_become_rejects(hand_dataset, ray_local, tmp_path, ca
     assert not storage.exists(os.path.join(out, "_manifest.json"))
 
     summary = run_ingest(root, out, max_reject_frac=0.5)  # resumes: every shard is already done
-    assert summary["shards_resumed"] == summary["shards"]
-    assert (summary["selected"], summary["written"], summary["rejected"]) == (29, 18, 11)
+    assert summary.counts["shards_resumed"] == summary.counts["shards"]
+    assert (summary.counts["selected"], summary.counts["written"], summary.counts["rejected"]) == (29, 18, 11)
     rejects = pd.read_csv(os.path.join(out, shards.REJECTS_FILE), keep_default_na=False)
     assert len(rejects) == 11 and set(rejects.columns) == {"site_id", "path", "reason"}
     by_site = rejects.groupby("site_id")["reason"].apply(list).to_dict()
@@ -246,7 +246,7 @@ def test_killed_run_resumes_to_the_same_rows(hand_dataset, ray_local, tmp_path):
         handle.write(real_bytes)
     resumed = run_ingest(root, out, shard_rows=3)
     # >=: an actor of the killed run may still finish a shard before Ray reaps it (same bytes, atomic).
-    assert resumed["shards_resumed"] >= len(finished) and resumed["written"] == 24
+    assert resumed.counts["shards_resumed"] >= len(finished) and resumed.counts["written"] == 24
     reference = str(tmp_path / "reference")
     run_ingest(root, reference, shard_rows=3)
     got, want = rows_by_site(out), rows_by_site(reference)
@@ -306,7 +306,7 @@ def test_synthetic_interferons_balanced_with_moa_labels(tiny_dataset, ray_local,
     summary = run_ingest(tiny_dataset, out, group="interferons", balance=per_class, seed=4,
                          labels=os.path.join(tiny_dataset, "moa.csv"))
     expected = {name: min(per_class, int(available[name])) for name in classes}
-    assert summary["written"] == sum(expected.values()) and summary["rejected"] == 0
+    assert summary.counts["written"] == sum(expected.values()) and summary.counts["rejected"] == 0
     table = pq.read_table(out, columns=["site_id", "treatment", "moa"]).to_pandas()
     assert table["treatment"].value_counts().to_dict() == expected
     assert table["moa"].notna().all() and table["site_id"].is_unique

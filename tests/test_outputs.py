@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from rxray.config import FinetuneConfig, PretrainConfig, config_to_dict, config_to_yaml, load_config
-from rxray.outputs import (COMPLETE, CONFIG_FILE, CONFLICT, CONTINUE, NEW, STALE, read_manifest, rerun_decision,
-                           write_manifest)
-from rxray.steps import PIPELINE_STEPS, STEPS
+from rxray.outputs import (COMPLETE, CONFIG_FILE, CONFLICT, CONTINUE, NEW, STALE, StepResult, read_manifest,
+                           rerun_decision, write_manifest)
+from rxray.results import ScoreResult
+from rxray.steps import RUN, SOURCE, STEPS, pipeline_steps
 
 
 def _pretrain(tmp_path, **values) -> PretrainConfig:
@@ -16,10 +17,12 @@ def _pretrain(tmp_path, **values) -> PretrainConfig:
 
 
 def test_every_manifest_has_the_shared_keys(tmp_path):
-    write_manifest(str(tmp_path), "score", {"trees": 5}, counts={"sites": 3}, timings={"fit": 1.5}, extra=1)
+    write_manifest(str(tmp_path), "score", {"trees": 5},
+                   ScoreResult(counts={"sites": 3}, timings={"fit": 1.5}, summary={"n_sites": 3}))
     manifest = read_manifest(str(tmp_path))
     assert {"step", "config", "versions", "created", "counts", "timings", "outputs"} <= set(manifest)
-    assert manifest["counts"] == {"sites": 3} and manifest["timings"] == {"fit": 1.5} and manifest["extra"] == 1
+    assert manifest["counts"] == {"sites": 3} and manifest["timings"] == {"fit": 1.5}
+    assert manifest["summary"] == {"n_sites": 3} and "unchanged" not in manifest
     write_manifest(str(tmp_path), "report", {})
     assert read_manifest(str(tmp_path))["counts"] == {} and read_manifest(str(tmp_path))["outputs"] == []
 
@@ -59,8 +62,11 @@ def test_the_registry_names_resolvable_configs_functions_and_inputs():
     for step in STEPS:
         assert step.config_class().__name__.endswith("Config")
         assert callable(step.run) and step.function.split(":")[1]
+        assert issubclass(step.result_class(), StepResult) or step.name == "pipeline"
         for field, producer in step.inputs.items():
-            assert producer in PIPELINE_STEPS and field in step.config_class().__dataclass_fields__
+            assert producer in (*pipeline_steps(), SOURCE, RUN) and field in step.config_class().__dataclass_fields__
+        for field in (*step.source_files, *step.input_alternatives.values()):
+            assert field in step.config_class().__dataclass_fields__, (step.name, field)
     assert {"synth", "ingest", "pretrain", "finetune", "embed", "score", "explain", "report", "tune",
             "pipeline"} <= names
 
@@ -76,7 +82,7 @@ def test_every_pipeline_step_has_its_ray_job_entry():
     from pathlib import Path
 
     rayjobs = Path(__file__).resolve().parents[1] / "rayjobs"
-    for name in (*PIPELINE_STEPS, "pipeline"):
+    for name in (*pipeline_steps(), "pipeline"):
         source = (rayjobs / f"{name}.py").read_text()
         assert "from rxray.cli import main" in source, name
         if name != "pipeline":
@@ -96,7 +102,7 @@ _KILLED_AT_RENAME = """
 import os, signal, sys
 from rxray.outputs import write_manifest
 os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
-write_manifest(sys.argv[1], "score", {"trees": 50}, counts={"treatments": 24})
+write_manifest(sys.argv[1], "score", {"trees": 50})
 """
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rxray import storage
+from rxray import steps, storage
 from rxray.cli import main
 from rxray.errors import StepFailed
 from rxray.config import ConfigError, config_to_dict
-from rxray.pipeline import STEP_ORDER, execute, load_pipeline, plan_pipeline
+from rxray.pipeline import execute, load_pipeline, plan_pipeline
 from rxray.outputs import read_manifest, write_manifest
 from conftest import SCIENCE_SECTIONS, write_pipeline
 
@@ -39,7 +39,7 @@ TINY_SECTIONS = {
 
 def runnable_sections() -> dict:
     """The tiny sections of every pipeline step."""
-    return {s: TINY_SECTIONS[s] for s in STEP_ORDER}
+    return {s: TINY_SECTIONS[s] for s in steps.pipeline_steps()}
 
 
 # --------------------------------------------------------------------------- configs and wiring
@@ -105,8 +105,8 @@ def test_steps_are_wired_under_the_run(tmp_path):
     ({"embed": {"out": "/elsewhere"}}, "embed.out: is set by the pipeline"),
     ({"finetune": [{"name": "a", "positive": "IFN-beta"}, {"name": "b", "task": "binary"}]},
      "finetune[b].positive: is required for --task binary"),
-    ({"finetune": [{"positive": "IFN-beta"}]}, "finetune[0].name: every classifier run in a list needs a name"),
-    ({"report": {}}, "pipeline.steps: must be one of"),
+    ({"finetune": [{"positive": "IFN-beta"}]}, "finetune[0].name: every run in a list needs a name"),
+    ({"report": {}}, "pipeline.steps: no pipeline step 'reprot'"),
     ({"embed": None}, "score.embeddings: is required (give it, or add an embed section that writes it)"),
 ], ids=["unknown-key", "bound", "unknown-section", "wired-field", "classifier-run", "unnamed-run", "bad-step",
         "unproduced-input"])
@@ -191,10 +191,8 @@ def test_complete_steps_are_skipped_until_their_config_or_an_input_changes(tmp_p
 def test_a_step_missing_from_the_build_fails_before_anything_runs(tmp_path, monkeypatch):
     import dataclasses
 
-    from rxray import steps
-
-    broken = dataclasses.replace(steps.STEP_BY_NAME["pretrain"], function="rxray.nowhere:pretrain")
-    monkeypatch.setitem(steps.STEP_BY_NAME, "pretrain", broken)
+    broken = dataclasses.replace(steps.get_step("pretrain"), function="rxray.nowhere:pretrain")
+    monkeypatch.setattr(steps, "STEPS", tuple(broken if s.name == "pretrain" else s for s in steps.STEPS))
     path = write_pipeline(tmp_path / "p.yaml", str(tmp_path / "run"), str(tmp_path / "data"),
                           {"ingest": {}, "pretrain": {}})
     with pytest.raises(ConfigError, match="pretrain: this step is not available"):

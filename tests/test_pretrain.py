@@ -113,7 +113,7 @@ def _fixed_view_losses(cfg: PretrainConfig, checkpoint: Checkpoint) -> tuple[flo
 
 def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
     cfg, summary, _ = finished_run
-    assert summary["status"] == "trained" and summary["epochs_completed"] == 2
+    assert summary.status == "trained" and summary.epochs_completed == 2
     history = read_metrics(cfg.out)
     assert [entry["epoch"] for entry in history] == [1, 2]
     sites = read_shards(cfg.data, columns=["site_id"]).count()
@@ -137,7 +137,7 @@ def test_two_worker_run_writes_checkpoints_metrics_and_learns(finished_run):
 def test_worker_process_death_on_s3_resumes_from_last_checkpoint(finished_run):
     cfg, summary, marker = finished_run
     assert marker.exists()  # rank 0's process really died, partway through epoch 2
-    assert summary["checkpoint"] == f"{cfg.out}/{RUN_NAME}/checkpoint_epoch0002/checkpoint.pt"
+    assert summary.checkpoint == f"{cfg.out}/{RUN_NAME}/checkpoint_epoch0002/checkpoint.pt"
     state = load_checkpoint(cfg.out)
     assert state["starts"] == [0, 1]  # the lineage of the final weights: from scratch, then from epoch 1's checkpoint
     assert [entry["epoch"] for entry in state["metrics"]] == [1, 2]
@@ -149,7 +149,7 @@ def test_rerun_of_a_finished_run_trains_nothing(finished_run, capsys):
     cfg, first, _ = finished_run
     again = pretrain(cfg)
     assert "already complete (2 of 2 epochs)" in capsys.readouterr().out
-    assert again["status"] == "complete" and again["checkpoint"] == first["checkpoint"]
+    assert again.status == "complete" and again.checkpoint == first.checkpoint
     assert len(read_metrics(cfg.out)) == 2
 
 
@@ -196,9 +196,9 @@ def same_tensors(first, second) -> bool:
 
 def test_checkpoint_round_trip_to_encoder(finished_run):
     cfg, summary, _ = finished_run
-    for uri in (cfg.out, storage.join(cfg.out, RUN_NAME), os.path.dirname(summary["checkpoint"]),
-                summary["checkpoint"]):
-        assert latest_checkpoint(uri) == summary["checkpoint"]
+    for uri in (cfg.out, storage.join(cfg.out, RUN_NAME), os.path.dirname(summary.checkpoint),
+                summary.checkpoint):
+        assert latest_checkpoint(uri) == summary.checkpoint
     state = load_checkpoint(cfg.out)
     assert state["epoch"] == 2 and state["backbone"] == cfg.backbone and state["stem"] == "adapt"
     assert len(state["channel_mean"]) == 6 and state["starts"] == [0, 1]

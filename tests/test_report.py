@@ -31,6 +31,8 @@ from rxray.evaluate.metrics import classification_metrics
 from rxray.report.page import report
 from rxray.report.step_outputs import find_step_outputs
 from rxray.outputs import write_manifest
+from rxray.results import (EmbedResult, ExplainResult, FinetuneResult, IngestResult, PretrainResult, ProbeResult,
+                           ScoreResult, SynthResult)
 
 TREATMENTS = ["EMPTY", "IFN-beta", "IFN-gamma", "TNF-alpha"]
 N_SITES = 150
@@ -73,19 +75,18 @@ def _site_metadata(n: int) -> pd.DataFrame:
 def write_ingest(uri: str) -> None:
     storage.write_text(storage.join(uri, "_shards", "part-000000.json"), "{}")
     storage.write_text(storage.join(uri, "_rejects.csv"), "site_id,path,reason\n")
-    write_manifest(uri, "ingest", {"source": "s3://rxrx2", "size": 64},
-                   counts={"selected": N_SITES, "written": N_SITES - 2, "rejected": 2, "shards": 2,
-                           "shards_resumed": 0},
-                   timings={"plan": 0.2, "pipeline": 3.1, "finalize": 0.1, "total": 3.4},
-                   sites_per_second=44.0, channel_mean=[20.0, 30, 40, 25, 35, 15], channel_std=[5.0, 6, 7, 5, 6, 4],
-                   channel_names=layout.CHANNEL_NAMES, image_shape=[6, 64, 64], image_dtype="uint8")
+    write_manifest(uri, "ingest", {"source": "s3://rxrx2", "size": 64}, IngestResult(
+        counts={"selected": N_SITES, "written": N_SITES - 2, "rejected": 2, "shards": 2, "shards_resumed": 0},
+        timings={"plan": 0.2, "pipeline": 3.1, "finalize": 0.1, "total": 3.4},
+        sites_per_second=44.0, channel_mean=[20.0, 30, 40, 25, 35, 15], channel_std=[5.0, 6, 7, 5, 6, 4],
+        channel_names=layout.CHANNEL_NAMES, image_shape=[6, 64, 64], image_dtype="uint8"))
 
 
 def write_synth(uri: str) -> None:
     storage.write_text(storage.join(uri, "metadata.csv"), "site_id\n")
     storage.write_bytes(storage.join(uri, "images", "HUVEC-1", "Plate1", "A01_s1_w1.png"), b"not listed")
-    write_manifest(uri, "synth", {"out": uri}, counts={"sites": N_SITES, "pngs": 6 * N_SITES},
-                   timings={"total": 5.0})
+    write_manifest(uri, "synth", {"out": uri},
+                   SynthResult(counts={"sites": N_SITES, "pngs": 6 * N_SITES}, timings={"total": 5.0}))
 
 
 def write_pretrain(uri: str) -> None:
@@ -96,9 +97,9 @@ def write_pretrain(uri: str) -> None:
                 "seconds": 1.5, "data_wait_s": 0.1} for e in range(1, 4)]
     storage.write_text(storage.join(uri, METRICS_FILE), "".join(json.dumps(h) + "\n" for h in history))
     storage.write_bytes(storage.join(uri, "simclr", "checkpoint_000003", "checkpoint.pt"), b"weights")
-    write_manifest(uri, "pretrain", {"data": "shards", "epochs": 3}, status="trained", epochs_completed=3,
-                   resumed_from=0, checkpoint=storage.join(uri, "simclr", "checkpoint_000003"),
-                   final_metrics=history[-1], timings={"fit": 6.0, "total": 7.0})
+    write_manifest(uri, "pretrain", {"data": "shards", "epochs": 3}, PretrainResult(
+        status="trained", epochs_completed=3, resumed_from=0, checkpoint=storage.join(uri, "simclr", "checkpoint_000003"),
+        final_metrics=history[-1], timings={"fit": 6.0, "total": 7.0}))
 
 
 def write_probe(uri: str) -> None:
@@ -109,8 +110,8 @@ def write_probe(uri: str) -> None:
     storage.write_text(storage.join(uri, "probe.csv"), pd.DataFrame(rows).to_csv(index=False))
     comparison = [{"task": task, "method": "logistic", "trained": 0.8, "random_init": [0.6, 0.65], "margin": 0.15,
                    "chance": chance} for task, chance in (("control", 0.5), ("treatment", 0.25))]
-    write_manifest(uri, "probe", {"data": "shards", "model": "ssl"}, counts={"sites": 96, "plates": 4},
-                   comparison=comparison, timings={"embed": 2.0, "probes": 0.5})
+    write_manifest(uri, "probe", {"data": "shards", "model": "ssl"}, ProbeResult(
+        counts={"sites": 96, "plates": 4}, comparison=comparison, timings={"embed": 2.0, "probes": 0.5}))
 
 
 def write_finetune(uri: str, with_plots: bool) -> None:
@@ -131,7 +132,8 @@ def write_finetune(uri: str, with_plots: bool) -> None:
                                    for e in range(1, 4)))
     config = {"task": "binary" if with_plots else "multiclass", "label_col": "treatment",
               "positive": "IFN-beta" if with_plots else None}
-    write_manifest(uri, "finetune", config, timings={"fit": 4.0, "evaluate": 1.0, "total": 5.5})
+    write_manifest(uri, "finetune", config, FinetuneResult(task=config["task"],
+                                                           timings={"fit": 4.0, "evaluate": 1.0, "total": 5.5}))
 
 
 def write_embed(uri: str) -> None:
@@ -146,11 +148,11 @@ def write_embed(uri: str) -> None:
         part = table.slice(rows.start, rows.stop - rows.start)
         part = part.append_column("embedding", ArrowTensorArray.from_numpy(vectors[rows]))
         _put_parquet(part, storage.join(uri, "sites", f"part-{index}.parquet"))
-    write_manifest(uri, "embed", {"data": "shards", "model": "pretrain"},
-                   model={"uri": "pretrain/checkpoint.pt", "epoch": 3, "backbone": "resnet18", "stem": "adapt"},
-                   counts={"rows_in": N_SITES, "rows_out": N_SITES, "wells": None}, dim=DIM,
-                   layout={"sites": "sites", "wells": None, "embedding_column": "embedding"},
-                   timings={"embed": 2.0, "total": 2.5}, images_per_s=75.0)
+    write_manifest(uri, "embed", {"data": "shards", "model": "pretrain"}, EmbedResult(
+        model={"uri": "pretrain/checkpoint.pt", "epoch": 3, "backbone": "resnet18", "stem": "adapt"},
+        counts={"rows_in": N_SITES, "rows_out": N_SITES, "wells": None}, dim=DIM,
+        layout={"sites": "sites", "wells": None, "embedding_column": "embedding"},
+        timings={"embed": 2.0, "total": 2.5}, images_per_s=75.0))
 
 
 def write_score(uri: str) -> list[str]:
@@ -170,8 +172,8 @@ def write_score(uri: str) -> list[str]:
     frame.to_parquet(sink, index=False)
     storage.write_bytes(outputs[0], sink.getvalue())
     storage.write_text(outputs[1], frame.to_csv(index=False))
-    write_manifest(uri, "score", {"embeddings": "embed"}, counts={"input_sites": N_SITES}, outputs=outputs,
-                   summary={}, timings={"load": 0.5, "score": 3.0, "write": 0.1})
+    write_manifest(uri, "score", {"embeddings": "embed"}, ScoreResult(
+        counts={"input_sites": N_SITES}, outputs=outputs, timings={"load": 0.5, "score": 3.0, "write": 0.1}))
     return outputs
 
 
@@ -189,15 +191,13 @@ def write_explain(uri: str) -> None:
     for seed, path in enumerate(PANELS):
         _put_png(storage.join(uri, path), seed)
     storage.write_bytes(storage.join(uri, "heatmaps", "part-0.parquet"), b"never read")
-    write_manifest(uri, "explain", {"data": "shards", "n": 4}, counts={"targets": 2, "chosen": 8, "explained": 8,
-                                                                       "panels": len(PANELS)},
-                   timings={"select": 0.1, "explain": 2.0, "importance": 0.1, "plots": 0.3}, images_per_s=4.0,
-                   importance_method="gradient x input", figures={"channel_importance": "channel_importance.png",
-                                                                  "panels": PANELS},
-                   tables={"channel_importance": {"csv": "channel_importance.csv",
-                                                  "parquet": "channel_importance.parquet"}},
-                   layout={"heatmaps": "heatmaps", "panels": "panels"},
-                   planted={"ranked_first": 1, "with_planted_channel": 2, "treatments": {}, "planted_null": []})
+    write_manifest(uri, "explain", {"data": "shards", "n": 4}, ExplainResult(
+        counts={"targets": 2, "chosen": 8, "explained": 8, "panels": len(PANELS)},
+        timings={"select": 0.1, "explain": 2.0, "importance": 0.1, "plots": 0.3}, images_per_s=4.0,
+        importance_method="gradient x input", figures=["channel_importance.png", *PANELS],
+        tables={"channel_importance": {"csv": "channel_importance.csv", "parquet": "channel_importance.parquet"}},
+        layout={"heatmaps": "heatmaps", "panels": "panels"},
+        planted={"ranked_first": 1, "with_planted_channel": 2, "treatments": {}, "planted_null": []}))
 
 
 def build_run(root: str, steps=tuple(ALL_STEPS)) -> str:
@@ -287,13 +287,13 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 100,
                                                       "max_panels": 3}))
 
-    assert result["report"] == os.path.join(out, "report.html")
-    assert result["steps"] == ["synth"] + ALL_STEPS
-    assert result["not_run"] == [] and result["problems"] == []
-    parser, page = read_page(result["report"])
+    assert result.report == os.path.join(out, "report.html")
+    assert result.steps == ["synth"] + ALL_STEPS
+    assert result.not_run == [] and result.problems == []
+    parser, page = read_page(result.report)
     assert_links_resolve(out, parser)
     figures = sorted(os.listdir(os.path.join(out, "figures")))
-    assert result["figures"] == len(figures)
+    assert result.counts["figures"] == len(figures)
     assert sorted({os.path.basename(src) for src in parser.images}) == figures  # every figure is shown
     assert "not run" not in page
 
@@ -313,7 +313,7 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     assert len(scores) == 2 * (len(TREATMENTS) - 1)
 
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
-    assert manifest["step"] == "report" and manifest["counts"]["figures"] == result["figures"]
+    assert manifest["step"] == "report" and manifest["counts"]["figures"] == result.counts["figures"]
     assert manifest["counts"]["step_outputs"] == 9  # synth, ingest, pretrain, probe, 2 finetune, embed, score, explain
 
 
@@ -322,7 +322,7 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
 
     out = str(tmp_path / "report")
     result = report(load_config(ReportConfig, values={"run": full_run, "out": out, "max_points": 100}))
-    _, page = read_page(result["report"])
+    _, page = read_page(result.report)
     findings = section(page, "findings")
     assert page.index('<h2 id="findings">') < page.index('<h2 id="ingest">')
     assert "1 of 3 treatments active" in findings and "center correction" in findings
@@ -377,7 +377,7 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
     found = collect_findings(find_step_outputs(weak))
     assert ("most similar treatments: IFN-beta ~ isoproterenol 0.96 (two MoAs), thapsigargin ~ tunicamycin 0.88 "
             "(same MoA), IFN-gamma ~ cmpd-0009 0.70") in findings_lines(found)
-    _, page = read_page(report(load_config(ReportConfig, values={"run": weak, "out": str(tmp_path / "r2")}))["report"])
+    _, page = read_page(report(load_config(ReportConfig, values={"run": weak, "out": str(tmp_path / "r2")})).report)
     findings = section(page, "findings")
     assert "Most similar pairs" in findings and "isoproterenol" in findings and "GPCR" in findings
 
@@ -422,8 +422,8 @@ def test_broken_artifact_is_reported_not_fatal(tmp_path):
     storage.write_bytes(os.path.join(run, "rf", "scores.parquet"), b"not parquet")
     out = str(tmp_path / "report")
     result = report(load_config(ReportConfig, values={"run": run, "out": out}))
-    assert len(result["problems"]) == 1 and "score" in result["problems"][0]
-    parser, page = read_page(result["report"])
+    assert len(result.problems) == 1 and "score" in result.problems[0]
+    parser, page = read_page(result.report)
     assert_links_resolve(out, parser)
     assert "could not render" in section(page, "score")
     assert "Mean attribution share" in section(page, "explain")
@@ -441,8 +441,8 @@ def test_run_on_s3_gives_a_local_folder_that_works(s3_bucket, tmp_path):
     run = build_run(f"{s3_bucket}/runs/one", steps=("finetune", "explain", "embed"))
     out = str(tmp_path / "report")
     result = report(load_config(ReportConfig, values={"run": run, "out": out, "max_panels": 2}))
-    assert result["steps"] == ["synth", "finetune", "embed", "explain"] and result["problems"] == []
-    parser, _ = read_page(result["report"])
+    assert result.steps == ["synth", "finetune", "embed", "explain"] and result.problems == []
+    parser, _ = read_page(result.report)
     assert_links_resolve(out, parser)
     assert len([src for src in parser.images if "panels" in src]) == 2
 
@@ -458,8 +458,8 @@ def test_report_of_a_real_score_output(full_run, tmp_path, ray_local):
                                            "correct": ["none", "center"]}))
     out = str(tmp_path / "report")
     result = report(load_config(ReportConfig, values={"run": run, "out": out}))
-    assert result["problems"] == []
-    parser, page = read_page(result["report"])
+    assert result.problems == []
+    parser, page = read_page(result.report)
     assert_links_resolve(out, parser)
     assert any(os.path.basename(src).startswith("score-rf") for src in parser.images)
     assert "IFN-beta" in section(page, "score")

@@ -74,14 +74,14 @@ def test_score_and_report_read_at_433_treatments(midsize_screen, tmp_path, ray_l
     null_names = [name for name, null in nulls.items() if null]
     assert len(null_names) > 50 and active[null_names].mean() <= 0.05
     assert active[[n for n, null in nulls.items() if not null]].mean() > 0.5
-    assert summary["treatment_map"]["center"]["n_treatments"] == 433
+    assert summary.summary["treatment_map"]["center"]["n_treatments"] == 433
 
     result = report(load_config(ReportConfig, values={"run": str(run), "out": str(tmp_path / "report")}))
-    assert result["problems"] == []
+    assert result.problems == []
     folder = tmp_path / "report"
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files]
-    assert sum(sizes) < 8 * 2 ** 20 and os.path.getsize(result["report"]) < 2 ** 20
-    page = open(result["report"]).read()
+    assert sum(sizes) < 8 * 2 ** 20 and os.path.getsize(result.report) < 2 ** 20
+    page = open(result.report).read()
     assert "score-score-volcano" in page and "first 200 of 433 rows" in page
     assert "sorted by value (too many treatments to name)" in page  # no figure with a bar per treatment
 

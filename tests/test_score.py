@@ -340,7 +340,7 @@ def test_score_separates_planted_from_noise(tmp_path, ray_local):
         assert planted["n_treated"] == 4 * 6 * 3 and planted["n_control"] == planted["n_treated"]
         one_plate = by.loc[("ONE_PLATE", correction)]
         assert np.isnan(one_plate["f1"]) and "cross-validate" in one_plate["status"] and not one_plate["active"]
-    assert summary["corrections"]["center"]["n_active"] == 1
+    assert summary.summary["corrections"]["center"]["n_active"] == 1
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert manifest["step"] == "score" and manifest["counts"]["scored_sites"] == len(meta)
 
@@ -377,7 +377,7 @@ def test_cli_scores_an_rxrx2_embeddings_csv_on_a_flaky_s3(tmp_path, ray_local, s
     assert rc == 0 and faults["503"] + faults["500"] + faults["reset"] > 0, faults
     assert faults["applied-reset"] + faults["truncated"] > 0, faults  # and some that half happened
     printed = json.loads(capsys.readouterr().out)
-    assert printed["n_treatments"] == 2 and set(printed["corrections"]) == {"none", "center"}
+    assert printed["summary"]["n_treatments"] == 2 and set(printed["summary"]["corrections"]) == {"none", "center"}
     table = pd.read_csv(io.BytesIO(storage.read_bytes(f"{out}/scores.csv")))
     assert len(table) == 4 and storage.exists(f"{out}/scores.parquet") and storage.exists(f"{out}/_manifest.json")
     planted = table[(table["treatment"] == "PLANTED") & (table["correction"] == "center")].iloc[0]

@@ -17,6 +17,7 @@ from rxray.config import ConfigError, SynthConfig, load_config
 from rxray import layout
 from rxray.data import cells
 from rxray.data.synth import MOA_FILE, TRUTH_FILE, metadata_csv, synthesize
+from rxray.results import SynthResult
 from rxray.data.synth_design import (INTERFERON_EFFECTS, INTERFERON_MOA, INTERFERON_STRENGTH, MOA_EFFECTS,
                                      RARE_MOA, build_sites, build_treatments)
 
@@ -25,7 +26,7 @@ WELL_ID = re.compile(r"^HUVEC-\d+_\d+_(A[A-F]|[A-Z])\d{2}$")
 SMALL = dict(experiments=2, plates=2, wells=14, controls=4, sites=2, size=32, treatments=8, seed=3)
 
 
-def _synth(out: str, **values) -> dict:
+def _synth(out: str, **values) -> SynthResult:
     return synthesize(load_config(SynthConfig, values=dict(out=out, **values)))
 
 
@@ -52,7 +53,7 @@ def test_layout_is_exact(small_dataset):
     root, summary = small_dataset
     meta = pd.read_csv(os.path.join(root, layout.METADATA_FILE), keep_default_na=False)
     assert list(meta.columns) == layout.METADATA_COLUMNS
-    assert len(meta) == summary["sites"] == 2 * 2 * 14 * 2
+    assert len(meta) == summary.counts["sites"] == 2 * 2 * 14 * 2
     for r in meta.itertuples():
         assert r.site_id == layout.make_site_id(r.experiment, r.plate, r.well, r.site) and SITE_ID.match(r.site_id)
         assert r.well_id == layout.make_well_id(r.experiment, r.plate, r.well) and WELL_ID.match(r.well_id)
@@ -71,7 +72,7 @@ def test_layout_is_exact(small_dataset):
     keys = [layout.parse_image_path(p) for p in images]
     rows = set(zip(meta["experiment"], meta["plate"], meta["well"], meta["site"]))
     assert {(k.experiment, k.plate, k.well, k.site) for k in keys} == rows
-    assert len(images) == 6 * len(meta) == summary["images"]
+    assert len(images) == 6 * len(meta) == summary.counts["images"]
     assert {k.channel for k in keys} == set(range(1, 7))
     for path in images[:12]:
         png = cv2.imread(os.path.join(root, path), cv2.IMREAD_UNCHANGED)
@@ -250,7 +251,7 @@ def test_write_and_read_back_on_s3(s3_bucket, ray_local):
     out = f"{s3_bucket}/rxrx2"
     summary = _synth(out, experiments=1, plates=1, wells=6, controls=2, sites=1, size=32, treatments=4, seed=5)
     meta = _read_csv(storage.join(out, layout.METADATA_FILE))
-    assert list(meta.columns) == layout.METADATA_COLUMNS and len(meta) == summary["sites"] == 6
+    assert list(meta.columns) == layout.METADATA_COLUMNS and len(meta) == summary.counts["sites"] == 6
     for r in meta.itertuples():
         for path in layout.site_image_paths(r.experiment, r.plate, r.well, r.site):
             assert storage.exists(storage.join(out, path))

@@ -303,5 +303,5 @@ def test_score_writes_the_treatment_map(tmp_path, ray_local):
     assert all({p["treatment_a"], p["treatment_b"]} <= active for p in center["top_pairs"])
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert set(manifest["summary"]["treatment_map"]) == {"none", "center"}
-    assert summary["treatment_map"]["center"]["n_treatments"] == 3
+    assert summary.summary["treatment_map"]["center"]["n_treatments"] == 3
     assert "treatment_map.json" in " ".join(manifest["outputs"])

@@ -116,7 +116,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials_and_writes_a_
     first_manifest = read_manifest(os.path.join(cfg.out, TRIALS_DIR, first))
 
     summary = tune(cfg)  # the same search again: it resumes
-    assert summary["restored"] and summary["metric"] == "val_pr_auc" and summary["trials"] == 2
+    assert summary.restored and summary.metric == "val_pr_auc" and summary.trials == 2
     table = pd.read_parquet(os.path.join(cfg.out, RESULTS_PARQUET))
     assert len(table) == 2 and table["trial_id"].is_unique and first in table["trial_id"].tolist()
     assert (table["status"] == "complete").all() and (table["epochs"] == 3).all()
@@ -143,7 +143,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials_and_writes_a_
     assert json.load(open(os.path.join(second_out, TRIAL_RECORD)))["starts"] == 2
 
     best = table.loc[table["val_pr_auc"].idxmax()]
-    assert summary["best"]["trial_id"] == best["trial_id"]
+    assert summary.best["trial_id"] == best["trial_id"]
     manifest = read_manifest(cfg.out)
     assert manifest["step"] == "tune" and manifest["best"]["trial_id"] == best["trial_id"]
     best_config = load_config(FinetuneConfig, os.path.join(cfg.out, BEST_CONFIG))
@@ -180,7 +180,7 @@ def test_a_pretrain_search_under_asha_ranks_trials_by_the_probe_score(shards, tm
     summary = tune(load_config(TuneConfig, values={"data": shards, "out": search, "objective": "pretrain",
                                                    "base": base, "space": space, "samples": 1, "epochs": 1,
                                                    "scheduler": "asha", "max_concurrent": 1}))
-    assert not summary["restored"] and summary["trials"] == 1 and summary["metric"] == "probe_score"
+    assert not summary.restored and summary.trials == 1 and summary.metric == "probe_score"
     table = pd.read_parquet(os.path.join(search, RESULTS_PARQUET))
     assert table["status"].tolist() == ["complete"] and table["probe_score"].between(0, 1).all()
     (trial_id,) = table["trial_id"]

@@ -27,12 +27,13 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
-from rxray.config import ConfigError, EmbedConfig, config_to_dict
+from rxray.config import ConfigError, EmbedConfig
 from rxray.data.shards import IMAGE_COLUMN, read_shards
 from rxray.errors import StepFailed
 from rxray.models.checkpoints import model_provenance, require_checkpoint
 from rxray.models.inputs import InputRecipe
-from rxray.outputs import MANIFEST_FILE, write_manifest
+from rxray.results import EmbedResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 
 if TYPE_CHECKING:
@@ -189,8 +190,9 @@ def _write_table(table: "pa.Table", uri: str) -> None:
     pq.write_table(table, f"{path}/part-000000.parquet", filesystem=fs, compression="zstd")
 
 
-def embed(cfg: EmbedConfig) -> dict[str, Any]:
-    """Embed every shard row with an actor pool; write sites/, optional wells/ and the manifest."""
+@step_function("embed")
+def embed(cfg: EmbedConfig) -> EmbedResult:
+    """Embed every shard row with an actor pool into sites/ (and wells/ with per_well); returns what was written."""
     ensure_ray()
     timer = Timer()
     start = time.perf_counter()
@@ -200,10 +202,6 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     plan = plan_pool(cfg.actors, cfg.gpu, field="embed.actors")
 
     sites_uri, wells_uri = storage.join(cfg.out, SITES_DIR), storage.join(cfg.out, WELLS_DIR)
-    # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
-    for stale in (storage.join(cfg.out, MANIFEST_FILE), sites_uri, wells_uri):
-        storage.remove(stale, recursive=True)
-    storage.makedirs(cfg.out)
 
     embedded = embed_dataset(shards, checkpoint_uri, batch_size=cfg.batch_size, plan=plan)
     fs, path = storage.pyarrow_filesystem(sites_uri)
@@ -225,13 +223,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
     counts = {"rows_in": rows_in, "rows_out": rows_out, "wells": n_wells}
     images_per_s = round(rows_out / timer.seconds["embed"], 2) if timer.seconds["embed"] else None
-    write_manifest(cfg.out, "embed", config_to_dict(cfg), model=model_provenance(checkpoint), counts=counts, dim=dim,
-                   pool=plan.describe(cfg.batch_size),
-                   layout={"sites": SITES_DIR, "wells": WELLS_DIR if cfg.per_well else None,
-                           "embedding_column": EMBEDDING_COLUMN},
-                   timings=timer.seconds, images_per_s=images_per_s)
-    return {"out": cfg.out, "sites": sites_uri, "wells": wells_uri if cfg.per_well else None,
-            "checkpoint": checkpoint_uri, "backbone": checkpoint["backbone"], "epoch": checkpoint.get("epoch"),
-            "rows": rows_out, "wells_rows": n_wells, "dim": dim, "actors": plan.actors, "images_per_s": images_per_s,
-            "seconds": timer.seconds}
+    return EmbedResult(counts=counts, timings=timer.seconds, model=model_provenance(checkpoint), dim=dim,
+                       pool=plan.describe(cfg.batch_size),
+                       layout={"sites": SITES_DIR, "wells": WELLS_DIR if cfg.per_well else None,
+                               "embedding_column": EMBEDDING_COLUMN},
+                       images_per_s=images_per_s)
 

@@ -33,12 +33,13 @@ from rxray import storage
 from rxray.batch.attribution import (IMPORTANCE_METHOD, channel_importance, gradcam_batch, occlusion_batch,
                                      planted_ranks, top_stains)
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
-from rxray.config import ConfigError, ExplainConfig, config_to_dict
+from rxray.config import ConfigError, ExplainConfig
 from rxray.layout import CONTROL, METADATA_COLUMNS, N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN, read_shards, source_file
 from rxray.errors import StepFailed
 from rxray.models.checkpoints import CLASSIFIER_KEYS, model_provenance, require_checkpoint
-from rxray.outputs import MANIFEST_FILE, write_manifest
+from rxray.results import ExplainResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 
 if TYPE_CHECKING:
@@ -286,8 +287,9 @@ def _write_table(frame: "pd.DataFrame", out: str, name: str) -> dict[str, str]:
     return {"csv": f"{name}.csv", "parquet": f"{name}.parquet"}
 
 
-def explain(cfg: ExplainConfig) -> dict[str, Any]:
-    """Grad-CAM, stain attributions and panels for ``n`` images per target; importance tables and manifest."""
+@step_function("explain")
+def explain(cfg: ExplainConfig) -> ExplainResult:
+    """Grad-CAM, stain attributions and panels for ``n`` images per target, and the importance tables."""
     from rxray.evaluate.plots import plot_channel_importance
 
     ensure_ray()
@@ -312,11 +314,6 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
         del meta  # only the chosen ids travel on
 
     heatmaps_uri = storage.join(cfg.out, HEATMAPS_DIR)
-    # A re-run replaces the output; the manifest goes first so a cut-off run never looks complete.
-    for stale in (MANIFEST_FILE, HEATMAPS_DIR, PANELS_DIR, IMPORTANCE_FIGURE, f"{IMPORTANCE_TABLE}.csv",
-                  f"{IMPORTANCE_TABLE}.parquet"):
-        storage.remove(storage.join(cfg.out, stale), recursive=True)
-    storage.makedirs(cfg.out)
 
     plan = plan_pool(cfg.actors, cfg.gpu, field="explain.actors", cpu_actors=DEFAULT_CPU_ACTORS)
     read_columns = list(dict.fromkeys([c for c in METADATA_COLUMNS if c in shard_columns] + [label_col,
@@ -349,14 +346,8 @@ def explain(cfg: ExplainConfig) -> dict[str, Any]:
               "per_target": {t: len(ids) for t, ids in chosen.items()}}
     images_per_s = round(len(frame) / timer.seconds["explain"], 2) if timer.seconds["explain"] else None
     planted_summary = planted_ranks(table)
-    figures = {"channel_importance": IMPORTANCE_FIGURE, "panels": panels}
-    write_manifest(cfg.out, "explain", config_to_dict(cfg), model=model, counts=counts, timings=timer.seconds,
-                   images_per_s=images_per_s, pool=plan.describe(cfg.batch_size),
-                   importance_method=IMPORTANCE_METHOD, targets=targets, figures=figures,
-                   tables={"channel_importance": tables}, layout={"heatmaps": HEATMAPS_DIR, "panels": PANELS_DIR},
-                   top_stain=top_stains(table), truth=truth_uri, planted=planted_summary)
-    return {"out": cfg.out, "heatmaps": heatmaps_uri, "checkpoint": checkpoint_uri, "explained": len(frame),
-            "targets": len(targets), "panels": len(panels), "channel_importance": storage.join(cfg.out,
-                                                                                          tables["csv"]),
-            "top_stain": top_stains(table), "planted": planted_summary, "images_per_s": images_per_s,
-            "seconds": timer.seconds}
+    return ExplainResult(counts=counts, timings=timer.seconds, model=model, images_per_s=images_per_s,
+                         pool=plan.describe(cfg.batch_size), importance_method=IMPORTANCE_METHOD, targets=targets,
+                         figures=[IMPORTANCE_FIGURE, *panels], tables={"channel_importance": tables},
+                         layout={"heatmaps": HEATMAPS_DIR, "panels": PANELS_DIR}, top_stain=top_stains(table),
+                         truth=truth_uri, planted=planted_summary)

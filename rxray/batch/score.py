@@ -42,7 +42,7 @@ import ray
 from rxray import storage
 from rxray.batch.forest import rows_by_code, score_treatment_task
 from rxray.errors import StepFailed
-from rxray.config import ConfigError, ScoreConfig, config_to_dict
+from rxray.config import ConfigError, ScoreConfig
 from rxray.evaluate.correction import correct, sphere, split_controls
 from rxray.evaluate.profiles import (
     benjamini_hochberg,
@@ -55,7 +55,9 @@ from rxray.evaluate.profiles import (
 from rxray.evaluate.treatment_map import (CLUSTER_DISTANCE, MAP_FILES, TOP_FRACTION, similarity_long,
                                          treatment_map)
 from rxray.layout import MOA_FILE
-from rxray.outputs import read_manifest, write_manifest
+from rxray.outputs import read_manifest
+from rxray.results import ScoreResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray, json_safe
 
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
@@ -231,8 +233,9 @@ def summarize(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every treatment under every correction; write the table, its manifest, return a summary."""
+@step_function("score")
+def score(cfg: ScoreConfig) -> ScoreResult:
+    """Score every treatment under every correction; write the tables and the map, return the summary."""
     timer = Timer()
     with timer.time("load"):
         meta, X = _load(cfg)
@@ -307,6 +310,4 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
               "reference_control_sites": int(is_reference.sum()),
               "rejected": {"non-finite embedding": int((~finite).sum())},
               "other_treatment_sites_ignored": int((finite & ~keep).sum())}
-    write_manifest(cfg.out, "score", config_to_dict(cfg), counts=counts, outputs=outputs,
-                   summary=summary, timings=timer.seconds)
-    return {**summary, "seconds": timer.seconds}
+    return ScoreResult(counts=counts, timings=timer.seconds, outputs=outputs, summary=summary)

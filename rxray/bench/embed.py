@@ -367,10 +367,10 @@ def bench_embed(cfg: BenchEmbedConfig) -> dict[str, Any]:
     cpus = int(ray.cluster_resources().get("CPU", 0))
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": _device_name(cfg.gpu, cpus),
-        "backbone": step["backbone"], "size": image_side, "images": n_images, "batch_size": cfg.batch_size,
+        "backbone": step.model.get("backbone"), "size": image_side, "images": n_images, "batch_size": cfg.batch_size,
         "actors": actors, "threads": threads, "plain": plain, "actor_pool": pool, "ratio": ratio,
-        "embed_step": {"images": step["rows"], "seconds": round(step_seconds, 3),
-                       "images_per_s": round(step["rows"] / step_seconds, 2)},
+        "embed_step": {"images": step.counts["rows_out"], "seconds": round(step_seconds, 3),
+                       "images_per_s": round(step.counts["rows_out"] / step_seconds, 2)},
         "gradcam": gradcam,
     }
     row = table_row(result)

@@ -33,7 +33,7 @@ from rxray.bench.cluster import process_tree
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
 from rxray import layout
-from rxray.outputs import MANIFEST_FILE, read_manifest
+from rxray.outputs import MANIFEST_FILE
 from rxray.runtime import ensure_ray, package_versions
 
 PIPELINE_TARGET = {"local": 0.8, "s3": 0.7}  # pipeline / decode ceiling, from the issue
@@ -184,10 +184,10 @@ def pipeline(source: str, out: str, cfg: BenchIngestConfig) -> dict[str, Any]:
     ingest_cfg = load_config(IngestConfig, values=dict(source=source, out=out, size=cfg.out_size,
                                                        shard_rows=cfg.shard_rows, max_reject_frac=0.0))
     start = time.perf_counter()
-    summary = ingest(ingest_cfg)
+    result = ingest(ingest_cfg)
     seconds = time.perf_counter() - start
-    first_shard_s = read_manifest(out)["timings"].get("first_shard")
-    return {"seconds": seconds, "sites_per_second": summary["written"] / seconds, "first_shard_s": first_shard_s}
+    return {"seconds": seconds, "sites_per_second": result.counts["written"] / seconds,
+            "first_shard_s": result.timings.get("first_shard")}
 
 
 # --------------------------------------------------------------------------- data and servers

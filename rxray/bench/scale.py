@@ -74,11 +74,12 @@ class BenchScaleConfig:
 def _generate(root: str, cfg: BenchScaleConfig) -> dict[str, Any]:
     """The full RxRx2-layout dataset at ``root`` (generated unless complete): its synth manifest's figures."""
     from rxray.data.synth import synthesize
+    from rxray.results import SynthResult
 
     if read_manifest(root) is None:
         synthesize(load_config(SynthConfig, values=dict(out=root, preset="rxrx2", size=cfg.size, seed=cfg.seed)))
-    manifest = read_manifest(root) or {}
-    return {"seconds": sum(manifest.get("timings", {}).values()), "sites": manifest["counts"]["sites"],
+    result = SynthResult.from_manifest(read_manifest(root) or {})
+    return {"seconds": result.timings.get("total", sum(result.timings.values())), "sites": result.counts["sites"],
             "bytes": _folder_bytes(root)}
 
 

@@ -116,7 +116,7 @@ def _ray_run(cfg: PretrainConfig) -> dict[str, float]:
     """The `rxray pretrain` job; images/s and data wait of its last epoch."""
     from rxray.train.simclr import pretrain
 
-    last = pretrain(cfg)["history"][-1]
+    last = pretrain(cfg).history[-1]
     return {"images_per_s": round(last["images_per_s"], 2), "seconds": last["seconds"],
             "data_wait_s": last.get("data_wait_s"), "loss": round(last["loss"], 4)}
 
@@ -172,6 +172,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict[str, Any]:
     from rxray.bench.embed import write_random_shards
     from rxray.data.shards import channel_stats
     from rxray.outputs import write_manifest
+    from rxray.results import IngestResult
 
     ensure_ray()
     gpu = torch.cuda.is_available() if cfg.gpu is None else cfg.gpu
@@ -182,7 +183,8 @@ def bench_train(cfg: BenchTrainConfig) -> dict[str, Any]:
         if cfg.data is None:
             write_random_shards(data, cfg.images, cfg.size, cfg.seed)
             uniform_mean, uniform_std = 127.5, 73.9  # a uniform 0..255 image's per-channel statistics
-            write_manifest(data, "ingest", {}, channel_mean=[uniform_mean] * 6, channel_std=[uniform_std] * 6)
+            write_manifest(data, "ingest", {}, IngestResult(channel_mean=[uniform_mean] * 6,
+                                                            channel_std=[uniform_std] * 6))
         mean, std = channel_stats(data)
         images = _load_images(data)
         steps = len(images) // (cfg.batch_size * cfg.workers)

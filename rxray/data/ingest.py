@@ -25,12 +25,14 @@ import pandas as pd
 import pyarrow as pa
 
 from rxray import storage
-from rxray.config import ConfigError, IngestConfig, config_to_dict
+from rxray.config import ConfigError, IngestConfig
 from rxray import layout
 from rxray.data import select, shards
 from rxray.data.shard_writer import ShardWriter
 from rxray.errors import StepFailed
-from rxray.outputs import read_manifest, write_manifest
+from rxray.outputs import read_manifest
+from rxray.results import IngestResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 
 # Content of a shard depends on these config fields; the others (thresholds, threads)
@@ -92,18 +94,19 @@ def plan_ingest(cfg: IngestConfig) -> IngestPlan:
 # --------------------------------------------------------------------------- the step
 
 
-def ingest(cfg: IngestConfig) -> dict[str, Any]:
-    """Run `rxray ingest`: stream the selected sites into shards; returns the summary counts."""
+@step_function("ingest")
+def ingest(cfg: IngestConfig) -> IngestResult:
+    """Run `rxray ingest`: stream the selected sites into shards; returns the counts and the shards' statistics."""
     timer = Timer()
     started = time.perf_counter()
     with timer.time("plan"):
         plan = plan_ingest(cfg)
         done = _check_output(cfg.out, plan)
     if done is not None:
-        summary = {"status": "already complete", "out": cfg.out, **done["counts"]}
-        _say(f"ingest: already complete: {summary['written']} written, {summary['rejected']} rejected "
-             f"of {summary['selected']} selected sites in {cfg.out}")
-        return summary
+        counts = done["counts"]
+        _say(f"ingest: already complete: {counts['written']} written, {counts['rejected']} rejected "
+             f"of {counts['selected']} selected sites in {cfg.out}")
+        return IngestResult.from_manifest(done, status="already complete", unchanged=True)
 
     if cfg.balance is not None:
         short = {name: n for name, n in plan.selected_per_class.items() if n < cfg.balance}
@@ -129,19 +132,16 @@ def ingest(cfg: IngestConfig) -> dict[str, Any]:
                          f"most common: {top}; all in {storage.join(cfg.out, shards.REJECTS_FILE)}")
     mean, std = _channel_stats(histogram)
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
-    write_manifest(
-        cfg.out, "ingest", config_to_dict(cfg), counts=counts, timings=timer.seconds,
-        sites_per_second=round(rate, 2), fingerprint=plan.fingerprint,
+    result = IngestResult(
+        counts=counts, timings=timer.seconds, sites_per_second=round(rate, 2), fingerprint=plan.fingerprint,
         channel_mean=mean, channel_std=std, channel_names=layout.CHANNEL_NAMES,
         image_shape=[layout.N_CHANNELS, cfg.size, cfg.size], image_dtype="uint8",
         label_columns=plan.label_columns, selected_per_class=plan.selected_per_class,
-        rejects_file=shards.REJECTS_FILE,
-    )
+        rejects_file=shards.REJECTS_FILE)
     _say(f"ingest: {counts['written']} written, {counts['rejected']} rejected of {plan.selected} selected sites "
          f"in {timer.seconds['total']:.1f} s ({rate:.1f} sites/s this run; {counts['shards_resumed']} of "
          f"{plan.n_shards} shards were already done) -> {cfg.out}")
-    return {"status": "complete", "out": cfg.out, **counts, "sites_per_second": round(rate, 2),
-            "seconds": timer.seconds["total"]}
+    return result
 
 
 def _collect_results(out: str, plan: IngestPlan) -> tuple[dict[str, int], pd.DataFrame, np.ndarray]:

@@ -28,14 +28,15 @@ import cv2
 import ray
 
 from rxray import storage
-from rxray.config import SynthConfig, config_to_dict
+from rxray.config import SynthConfig
 from rxray import layout
 from rxray.data import cells
 from rxray.layout import MOA_FILE
 from rxray.data.synth_design import (RARE_MOA, Plan, Site, Treatment, batch_effects, build_sites, build_treatments,
                                     site_conditions, stable_rng)
 from rxray.errors import StepFailed
-from rxray.outputs import write_manifest
+from rxray.results import SynthResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 
 TRUTH_FILE = "truth.json"
@@ -121,8 +122,9 @@ def _truth(cfg: SynthConfig, treatments: list[Treatment], batch: dict[str, Any])
                 treatments=table, batch=batch)
 
 
-def synthesize(cfg: SynthConfig) -> dict[str, Any]:
-    """Write a synthetic RxRx2 dataset to cfg.out; returns a summary of what was written."""
+@step_function("synth")
+def synthesize(cfg: SynthConfig) -> SynthResult:
+    """Write a synthetic RxRx2 dataset to cfg.out; returns what was written."""
     timer = Timer()
     start = time.perf_counter()
     with timer.time("plan"):
@@ -148,9 +150,9 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     counts = dict(sites=len(sites), images=len(sites) * layout.N_CHANNELS, wells=len({s.well_id for s in sites}),
                   plates=cfg.experiments * cfg.plates, treatments=len(treatments),
                   null_treatments=sum(t.null for t in treatments), size=cfg.size)
-    write_manifest(cfg.out, "synth", config_to_dict(cfg), counts=counts, timings=timer.seconds)
-    return dict(out=cfg.out, **counts, chunks=len(chunks), seconds=seconds,
-                sites_per_second=round(len(sites) / max(seconds, 1e-9), 1))
+    timer.seconds["total"] = seconds
+    return SynthResult(counts=counts, timings=timer.seconds, chunks=len(chunks),
+                       sites_per_second=round(len(sites) / max(seconds, 1e-9), 1))
 
 
 def _render_all(plan: Plan, chunks: list[list[Site]], embeddings_uri: str, window: int) -> None:

@@ -32,6 +32,8 @@ from rxray import storage
 from rxray.config import PROBE_CORRECTIONS
 from rxray.evaluate.probe_sites import probe_dataset, probe_targets
 from rxray.layout import CONTROL, plate_groups
+from rxray.results import ProbeResult
+from rxray.runner import step_function
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -190,7 +192,8 @@ def score_embeddings(X: np.ndarray, columns: dict[str, np.ndarray], *, task: str
                        center_on=(treatments == control) if correct == "center" else None)
 
 
-def probe(cfg: "ProbeConfig") -> dict[str, Any]:
+@step_function("probe")
+def probe(cfg: "ProbeConfig") -> ProbeResult:
     """`rxray probe`: plate-grouped probes on a trained encoder's embeddings beside random-init encoders'.
 
     A self-supervised encoder is only worth its training if simple probes on its frozen embeddings
@@ -202,9 +205,8 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     import pandas as pd
     import ray
 
-    from rxray.config import ConfigError, config_to_dict
+    from rxray.config import ConfigError
     from rxray.evaluate.correction import MIN_PLATE_CONTROLS
-    from rxray.outputs import write_manifest
     from rxray.runtime import Timer, ensure_ray, hide_progress_bars, verbose
     from rxray.models.checkpoints import model_provenance, require_checkpoint
 
@@ -244,11 +246,10 @@ def probe(cfg: "ProbeConfig") -> dict[str, Any]:
     table = pd.DataFrame(rows)
     comparison = compare_to_baselines(table)
     storage.write_text(storage.join(cfg.out, PROBE_TABLE), table.to_csv(index=False))
-    write_manifest(cfg.out, "probe", config_to_dict(cfg), model=model_provenance(checkpoint),
-                   counts={"sites": len(sample), "plates": int(table["groups"].iloc[0])}, comparison=comparison,
-                   timings=timer.seconds)
     print(format_comparison(comparison), flush=True)
-    return {"out": cfg.out, "sites": len(sample), "comparison": comparison}
+    return ProbeResult(counts={"sites": len(sample), "plates": int(table["groups"].iloc[0])},
+                       timings=timer.seconds, outputs=[PROBE_TABLE], model=model_provenance(checkpoint),
+                       comparison=comparison)
 
 
 def _embed_probe_sites(checkpoint_uri: str, sites: "ray.data.Dataset", baseline_seeds: int, batch_size: int,

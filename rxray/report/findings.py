@@ -63,7 +63,7 @@ def read_table(uri: str) -> pd.DataFrame:
 
 def score_table_uri(output: StepOutput) -> str | None:
     """The score table of a score output (Parquet preferred), found by name in its folder."""
-    names = [posixpath.basename(str(p)) for p in output.manifest.get("outputs") or []]
+    names = [posixpath.basename(str(p)) for p in output.result.outputs or []]
     names += list(SCORE_TABLE_FILES)
     for name in sorted(dict.fromkeys(names), key=lambda n: not n.endswith(".parquet")):
         if name in output.files:
@@ -92,8 +92,7 @@ def activity_findings(score: StepOutput, top_stain: dict[str, str]) -> dict[str,
              "roc_auc": _round(r.roc_auc), "active": bool(r.active),
              "top_stain": r.top_stain if isinstance(r.top_stain, str) else None}
             for r in table.head(TOP_TREATMENTS).itertuples()]
-    config = score.manifest.get("config") or {}
-    return {"correction": correction, "fdr": config.get("fdr"), "n_tested": int(tested.sum()),
+    return {"correction": correction, "fdr": score.config.get("fdr"), "n_tested": int(tested.sum()),
             "n_active": int(table["active"].sum()), "active": table.loc[table["active"], "treatment"].tolist(),
             "ranked": rows, "n_treatments": int(len(table))}
 
@@ -137,7 +136,7 @@ def mechanism_findings(score: StepOutput, correction: str) -> dict[str, Any] | N
 
 def probe_findings(probe: StepOutput) -> dict[str, Any] | None:
     """The probe's treated-vs-control comparison: does the trained encoder beat every random-init one?"""
-    rows = [r for r in probe.manifest.get("comparison") or [] if r.get("task") == "control"]
+    rows = [r for r in probe.result.comparison if r.get("task") == "control"]
     if not rows:
         return None
     beats = all(r.get("margin") is not None and r["margin"] > 0 for r in rows)
@@ -152,10 +151,10 @@ def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
     for output in outputs:
         if output.step != "finetune":
             continue
-        config = output.manifest.get("config") or {}
-        test = output.manifest.get("test") or {}
+        config, result = output.config, output.result
+        test = result.test
         compounds = test.get("compounds") or {}
-        found.append({"name": output.label, "task": output.manifest.get("task"), "positive": config.get("positive"),
+        found.append({"name": output.label, "task": result.task, "positive": config.get("positive"),
                       "label_col": config.get("label_col"), "split_by": config.get("split_by"),
                       "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
                       "accuracy": _round(test.get("accuracy")), "compound_accuracy": _round(compounds.get("accuracy")),
@@ -208,7 +207,7 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
             return None
 
     explain = _first(outputs, "explain")
-    top_stain = dict(explain.manifest.get("top_stain") or {}) if explain else {}
+    top_stain = dict(explain.result.top_stain) if explain else {}
     score, probe = _first(outputs, "score"), _first(outputs, "probe")
     activity = part("score", activity_findings, score, top_stain) if score else None
     treatment_map = part("score", map_findings, score, activity["correction"]) if score and activity else None

@@ -17,22 +17,24 @@ ends with every step's wall time. Output layout under ``out``:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
 import pandas as pd
 
 from rxray import storage
-from rxray.config import ConfigError, ReportConfig, config_to_dict
+from rxray.config import ConfigError, ReportConfig
 from rxray.report.findings import collect_findings, untestable_reason
 from rxray.report.folder import ReportFolder
 from rxray.report.html import CSS, escape, format_value, html_table, link_html, provenance_html
-from rxray.report.sections import (SECTION_RENDERERS, SECTIONS, Context, other_html, pipeline_position,
+from rxray.report.sections import (Context, other_html, pipeline_position, renderer,
                                             timings_html)
-from rxray.report.step_outputs import (FIGURES_DIR, SEARCH_DEPTH, TABLES_DIR, StepOutput,
+from rxray.report.step_outputs import (SEARCH_DEPTH, StepOutput,
                                          find_step_outputs)
-from rxray.outputs import MANIFEST_FILE, write_manifest
+from rxray.outputs import MANIFEST_FILE
+from rxray.results import ReportResult
+from rxray.runner import step_function
+from rxray.steps import report_sections
 from rxray.runtime import Timer
 
 REPORT_FILE = "report.html"
@@ -162,8 +164,9 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
     by_step: dict[str, list[StepOutput]] = {}
     for output in outputs:
         by_step.setdefault(output.step, []).append(output)
-    others = [o for o in outputs if o.step not in SECTION_RENDERERS]
-    nav = [("findings", "Findings"), *SECTIONS] + ([("other", "Other step outputs")] if others else []) + \
+    sections = report_sections()
+    others = [o for o in outputs if o.step not in dict(sections)]
+    nav = [("findings", "Findings"), *sections] + ([("other", "Other step outputs")] if others else []) + \
         [("timings", "Step timings")]
     body = [f"<h1>rxray report</h1><p>Run: <code>{escape(run)}</code> &middot; written "
             f"{escape(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))} &middot; {len(outputs)} step outputs</p>",
@@ -179,12 +182,12 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
         ctx.problems.append(f"findings: {type(exc).__name__}: {exc}")
         body.append(f'<p class="problem">could not summarise the findings: {escape(exc)}</p>')
     body.append("<details><summary>Step outputs found</summary>" + html_table(found) + "</details>")
-    for step, title in SECTIONS:
+    for step, title in sections:
         body.append(f'<h2 id="{step}">{escape(title)}</h2>')
         instances = by_step.get(step, [])
         if not instances:
             body.append('<p class="not-run">not run</p>')
-        body += [output_html(o, ctx, SECTION_RENDERERS[step]) for o in instances]
+        body += [output_html(o, ctx, renderer(step)) for o in instances]
     if others:
         body.append('<h2 id="other">Other step outputs</h2>')
         body += [output_html(o, ctx, other_html) for o in others]
@@ -200,7 +203,8 @@ def render_page(run: str, outputs: list[StepOutput], ctx: Context) -> str:
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def report(cfg: ReportConfig) -> dict[str, Any]:
+@step_function("report")
+def report(cfg: ReportConfig) -> ReportResult:
     """Find every step output under ``cfg.run`` and write report.html with its figures under ``cfg.out``."""
     timer = Timer()
     if not storage.exists(cfg.run):
@@ -210,22 +214,13 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     if not outputs:
         raise ConfigError("report.run", f"no step output ({MANIFEST_FILE}) within {SEARCH_DEPTH} folder levels of "
                                         f"{cfg.run}")
-    # Figures of an earlier report here are replaced, not mixed with this one's.
-    previous = storage.join(cfg.out, MANIFEST_FILE)
-    if storage.exists(previous) and json.loads(storage.read_text(previous)).get("step") == "report":
-        for stale in (MANIFEST_FILE, FIGURES_DIR, TABLES_DIR):
-            storage.remove(storage.join(cfg.out, stale), recursive=True)
-    storage.makedirs(cfg.out)
     ctx = Context(cfg, ReportFolder(cfg.out))
     with timer.time("render"):
         page = render_page(cfg.run, outputs, ctx)
     report_uri = storage.join(cfg.out, REPORT_FILE)
     storage.write_text(report_uri, page)
     found = sorted({o.step for o in outputs}, key=pipeline_position)
-    not_run = [step for step, _ in SECTIONS if step not in found]
-    write_manifest(cfg.out, "report", config_to_dict(cfg),
-                   counts={"step_outputs": len(outputs), "figures": ctx.folder.figures},
-                   outputs=[{"step": o.step, "uri": o.uri} for o in outputs], not_run=not_run,
-                   problems=ctx.problems, timings=timer.seconds)
-    return {"report": report_uri, "figures": ctx.folder.figures, "steps": found, "not_run": not_run,
-            "problems": ctx.problems}
+    not_run = [step for step, _ in report_sections() if step not in found]
+    return ReportResult(counts={"step_outputs": len(outputs), "figures": ctx.folder.figures},
+                        timings=timer.seconds, outputs=[{"step": o.step, "uri": o.uri} for o in outputs],
+                        report=report_uri, steps=found, not_run=not_run, problems=ctx.problems)

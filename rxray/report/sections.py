@@ -4,8 +4,8 @@ A section reads the output's manifest, its small tables and its per-epoch metric
 draws the figures of :mod:`rxray.report.figures`, copies the PNGs and tables the
 step wrote into the report's folder and returns the HTML of its block. Big inputs are
 read in part: the embedding scatter reads ``max_points`` sampled rows and only the
-columns it draws. ``SECTIONS`` (the step registry's report titles) lists the steps in pipeline order,
-``SECTION_RENDERERS`` the function of each.
+columns it draws. A step's row in the registry (:mod:`rxray.steps`) names its section's title and
+renderer (one of the functions here); :func:`renderer` finds it.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ from rxray.report.figures import (MAX_BAR_TREATMENTS, MAX_LEGEND, activity_volca
 from rxray.report.step_outputs import (StepOutput, list_entries, step_figures, step_timings, total_seconds,
                                          training_history)
 from rxray.evaluate.treatment_map import MAP_FILES
-from rxray.steps import PIPELINE_STEPS, REPORT_SECTIONS
+from rxray.steps import get_step, pipeline_steps, resolve
 
-# Sections in pipeline order; steps not listed here go to "Other step outputs".
-SECTIONS = REPORT_SECTIONS  # (step, heading) in pipeline order, from the step registry
 # Score rows shown in the page; the full table is linked as CSV.
 MAX_TABLE_ROWS = 200
 SAMPLE_SEED = 0
@@ -44,7 +42,7 @@ SAMPLE_SEED = 0
 
 def pipeline_position(step: str) -> tuple[int, str]:
     """Sort key putting steps in pipeline order (synth first, unknown steps last, by name)."""
-    order = list(PIPELINE_STEPS)
+    order = list(pipeline_steps())
     return (order.index(step) if step in order else len(order), step)
 
 
@@ -60,12 +58,12 @@ class Context:
 
 def ingest_html(output: StepOutput, ctx: Context) -> str:
     """Counts, throughput and per-channel intensity statistics of one ingest output."""
-    manifest = output.manifest
-    parts = [kv_table({**manifest.get("counts", {}), "sites_per_second": manifest.get("sites_per_second"),
-                       "image_shape": manifest.get("image_shape")})]
-    mean, std = manifest.get("channel_mean"), manifest.get("channel_std")
-    if mean and std:
-        figure = channel_intensity_bars(mean, std, manifest.get("channel_names") or CHANNEL_NAMES)
+    result = output.result
+    parts = [kv_table({**result.counts, "sites_per_second": result.sites_per_second,
+                       "image_shape": result.image_shape})]
+    if result.channel_mean and result.channel_std:
+        figure = channel_intensity_bars(result.channel_mean, result.channel_std,
+                                        result.channel_names or CHANNEL_NAMES)
         parts.append(figure_html(ctx.folder.save_figure(figure, f"ingest-{output.label}-channels"),
                                  "Per-channel intensity mean and standard deviation (normalisation statistics)"))
     return "".join(parts)
@@ -73,8 +71,8 @@ def ingest_html(output: StepOutput, ctx: Context) -> str:
 
 def pretrain_html(output: StepOutput, ctx: Context) -> str:
     """Loss, top-1 retrieval and images/s per epoch of one SimCLR run."""
-    manifest = output.manifest
-    parts = [kv_table({k: manifest.get(k) for k in ("status", "epochs_completed", "resumed_from", "checkpoint")})]
+    result = output.result
+    parts = [kv_table({k: getattr(result, k) for k in ("status", "epochs_completed", "resumed_from", "checkpoint")})]
     history = training_history(output)
     if history:
         figure = training_curves(history, "SimCLR pretraining per epoch")
@@ -88,12 +86,12 @@ def pretrain_html(output: StepOutput, ctx: Context) -> str:
 
 def probe_html(output: StepOutput, ctx: Context) -> str:
     """The probe comparison (balanced accuracy of the trained encoder, the random-init ones, the margin)."""
-    comparison = output.manifest.get("comparison") or []
-    if not comparison:
+    result = output.result
+    if not result.comparison:
         return '<p class="not-run">no probe comparison in the manifest</p>'
     frame = pd.DataFrame([{**row, "random_init": ", ".join(f"{b:.3f}" for b in row["random_init"])}
-                          for row in comparison])
-    counts = output.manifest.get("counts") or {}
+                          for row in result.comparison])
+    counts = result.counts
     note = (f"<p>Balanced accuracy of plate-grouped probes on {counts.get('sites', '?')} sites of "
             f"{counts.get('plates', '?')} plates (held-out plates; margin = trained minus the best random-init "
             f"encoder).</p>")
@@ -117,7 +115,7 @@ def _class_names(metrics: dict[str, Any], n: int) -> list[str]:
 
 def finetune_html(output: StepOutput, ctx: Context) -> str:
     """Test metrics, per-class detail, confusion matrix, PR and ROC curves and training curves of one classifier."""
-    config = output.manifest.get("config") or {}
+    config = output.config
     setup = {k: config.get(k) for k in ("task", "label_col", "positive", "negative", "freeze", "channels",
                                         "split_by") if k in config}
     parts = [kv_table(setup)] if setup else []
@@ -190,13 +188,10 @@ def embed_html(output: StepOutput, ctx: Context) -> str:
 
     from rxray.evaluate.profiles import plate_keys
 
-    manifest = output.manifest
-    layout = manifest.get("layout") or {}
-    model = manifest.get("model") or {}
-    parts = [kv_table({**(manifest.get("counts") or {}), "dim": manifest.get("dim"),
-                       "images_per_s": manifest.get("images_per_s"), "backbone": model.get("backbone"),
-                       "checkpoint": model.get("uri")})]
-    sites_uri = storage.join(output.uri, layout.get("sites") or "sites")
+    result = output.result
+    parts = [kv_table({**result.counts, "dim": result.dim, "images_per_s": result.images_per_s,
+                       "backbone": result.model.get("backbone"), "checkpoint": result.model.get("uri")})]
+    sites_uri = storage.join(output.uri, result.layout.get("sites") or "sites")
     meta, vectors, total = sample_sites(sites_uri, ["treatment", "experiment", "plate"], ctx.cfg.max_points)
     if len(vectors) < 3:
         return "".join(parts) + '<p class="not-run">fewer than 3 sites: no PCA</p>'
@@ -241,7 +236,7 @@ def score_html(output: StepOutput, ctx: Context) -> str:
         parts.append(figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-bars"), caption, wide=True))
     correction = headline_correction(frame["correction"])
     if correction is not None and {"map", "q_value"} <= set(frame.columns):
-        fdr = float((output.manifest.get("config") or {}).get("fdr") or 0.05)
+        fdr = float(output.config.get("fdr") or 0.05)
         figure = activity_volcano(frame[frame["correction"] == correction], fdr, correction)
         parts.append(figure_html(ctx.folder.save_figure(figure, f"score-{output.label}-volcano"),
                                  "Each treatment's mAP against its q-value; the most significant are named"))
@@ -308,18 +303,15 @@ def _spread_panels(panels: list[str], limit: int) -> list[str]:
 
 def explain_html(output: StepOutput, ctx: Context) -> str:
     """Channel-importance chart and table, planted-channel check, and up to ``max_panels`` Grad-CAM panels."""
-    manifest = output.manifest
-    figures = manifest.get("figures") or {}
-    parts = [kv_table({**{k: v for k, v in (manifest.get("counts") or {}).items() if k != "per_target"},
-                       "importance_method": manifest.get("importance_method"),
-                       "images_per_s": manifest.get("images_per_s")})]
-    importance_png = figures.get("channel_importance") or "channel_importance.png"
+    result = output.result
+    parts = [kv_table({**{k: v for k, v in result.counts.items() if k != "per_target"},
+                       "importance_method": result.importance_method, "images_per_s": result.images_per_s})]
+    importance_png = "channel_importance.png"
     if importance_png in output.files:
         relative = ctx.folder.copy_figure(storage.join(output.uri, importance_png),
                                           f"explain-{output.label}-channel-importance")
         parts.append(figure_html(relative, "Channel importance per treatment (mean attribution share)"))
-    table_name = ((manifest.get("tables") or {}).get("channel_importance") or {}).get("csv") or \
-        "channel_importance.csv"
+    table_name = (result.tables.get("channel_importance") or {}).get("csv") or "channel_importance.csv"
     if table_name in output.files:
         table = read_table(storage.join(output.uri, table_name))
         link = ctx.folder.write_table(table, f"explain-{output.label}-channel-importance")
@@ -328,11 +320,11 @@ def explain_html(output: StepOutput, ctx: Context) -> str:
         wide.insert(0, "top stain", wide.idxmax(axis=1))
         parts.append(f"<p>Mean attribution share per stain (full table: {link_html(link, 'CSV')})</p>")
         parts.append(html_table(wide.reset_index().head(MAX_TABLE_ROWS)))
-    planted = manifest.get("planted")
+    planted = result.planted
     if planted:
         parts.append(f"<p>Planted channel ranked first for {escape(planted.get('ranked_first'))} of "
                      f"{escape(planted.get('with_planted_channel'))} treatments with a planted channel.</p>")
-    panels = figures.get("panels")
+    panels = [p for p in result.figures if p.startswith("panels/")] or None
     if panels is None and "panels" in output.dirs:
         files, _ = list_entries(storage.join(output.uri, "panels"))
         panels = [f"panels/{name}" for name in files if name.endswith(".png")]
@@ -347,7 +339,7 @@ def explain_html(output: StepOutput, ctx: Context) -> str:
 
 def other_html(output: StepOutput, ctx: Context) -> str:
     """Counts of a step this report has no section for (e.g. synth)."""
-    counts = output.manifest.get("counts")
+    counts = output.result.counts
     return kv_table(counts) if isinstance(counts, dict) and counts else ""
 
 
@@ -355,7 +347,7 @@ def timings_html(outputs: list[StepOutput], ctx: Context) -> str:
     """Wall time of every step output (bar chart) and its phases (table)."""
     rows = []
     for output in outputs:
-        timings = step_timings(output.manifest)
+        timings = step_timings(output)
         if timings:
             phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items() if k != "total")
             rows.append({"step": output.step, "folder": output.label, "seconds": total_seconds(timings),
@@ -367,7 +359,10 @@ def timings_html(outputs: list[StepOutput], ctx: Context) -> str:
     return figure_html(ctx.folder.save_figure(figure, "timings"), "Wall time per step output") + html_table(frame)
 
 
-SECTION_RENDERERS: dict[str, Callable[[StepOutput, Context], str]] = {
-    "ingest": ingest_html, "pretrain": pretrain_html, "probe": probe_html, "finetune": finetune_html,
-    "embed": embed_html, "score": score_html, "explain": explain_html,
-}
+def renderer(step: str) -> Callable[[StepOutput, Context], str]:
+    """How the report shows one output of a step: the renderer its registry row names, else :func:`other_html`."""
+    try:
+        ref = get_step(step).report_renderer
+    except KeyError:  # an output of a step this build does not know
+        ref = None
+    return resolve(ref) if ref else other_html

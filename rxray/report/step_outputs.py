@@ -50,6 +50,23 @@ class StepOutput:
         return str(self.manifest.get("step") or "unknown")
 
     @property
+    def result(self) -> Any:
+        """The manifest as the step's result type (:mod:`rxray.results`); a plain StepResult for an unknown step."""
+        from rxray.outputs import StepResult
+        from rxray.steps import get_step
+
+        try:
+            result_class = get_step(self.step).result_class()
+        except KeyError:  # an output of a step this build does not know
+            result_class = StepResult
+        return result_class.from_manifest(self.manifest)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config the step ran with, as recorded ({} if none)."""
+        return self.manifest.get("config") or {}
+
+    @property
     def label(self) -> str:
         """A short name for headings: the folder under the run ('.' for the run itself)."""
         return self.relative or "."
@@ -106,20 +123,10 @@ def find_step_outputs(run: str, depth: int = SEARCH_DEPTH, exclude: str | None =
 # --------------------------------------------------------------------------- what an output holds
 
 
-def _manifest_figure_paths(value: Any) -> list[str]:
-    """Relative PNG paths named anywhere in a manifest's ``figures`` field (str, list or dict)."""
-    if isinstance(value, str):
-        return [value] if value.lower().endswith(".png") else []
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return [p for item in value for p in _manifest_figure_paths(item)]
-    return []
-
-
 def step_figures(output: StepOutput) -> list[str]:
-    """Relative paths of a step's PNG figures: those its manifest names, at its top level and in plots/."""
-    paths = _manifest_figure_paths(output.manifest.get("figures"))
+    """Relative paths of a step's PNG figures: those its result names, at its top level and in plots/."""
+    named = getattr(output.result, "figures", None) or []
+    paths = [p for p in named if isinstance(p, str) and p.lower().endswith(".png")]
     paths += [name for name in output.files if name.lower().endswith(".png")]
     for folder in FIGURE_SUBDIRS:
         if folder in output.dirs:
@@ -136,9 +143,9 @@ def training_history(output: StepOutput) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def step_timings(manifest: dict[str, Any]) -> dict[str, float]:
-    """Named seconds of a manifest's ``timings`` (every step records its phases there)."""
-    return {str(k): float(v) for k, v in (manifest.get("timings") or {}).items()
+def step_timings(output: StepOutput) -> dict[str, float]:
+    """Named seconds of an output's ``timings`` (every step records its phases there)."""
+    return {str(k): float(v) for k, v in (output.result.timings or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

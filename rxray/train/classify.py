@@ -26,11 +26,13 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import PoolPlan
-from rxray.config import ConfigError, FinetuneConfig, config_to_dict, config_to_yaml
+from rxray.config import ConfigError, FinetuneConfig, config_to_yaml
 from rxray.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.models.checkpoints import (CHECKPOINT_FILE, Checkpoint, checkpoint_epoch, latest_checkpoint,
                                       read_checkpoint, write_checkpoint)
-from rxray.outputs import CONFIG_FILE, read_manifest, write_manifest
+from rxray.outputs import CONFIG_FILE, read_manifest
+from rxray.results import FinetuneResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray, json_safe
 from rxray.train.classifier_step import ClassifierStep, EncoderStart, build_classifier
 from rxray.train.epoch_log import read_metrics
@@ -83,7 +85,8 @@ class _Run:
         return [self.splits["counts"]["train"]["classes"].get(c, 0) for c in self.plan.classes]
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+@step_function("finetune")
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Train (or resume, or report complete) a classifier into ``cfg.out``, then score it on the test split."""
     timer = Timer()
     with timer.time("prepare"):
@@ -93,7 +96,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         print(f"finetune: {cfg.out} is already complete ({how}); nothing to train", flush=True)
         recorded = read_manifest(cfg.out)
         if recorded is not None and recorded["config"].get("epochs") == cfg.epochs:
-            return _summary(cfg, status="complete")
+            return FinetuneResult.from_manifest(recorded, status="complete", unchanged=True,
+                                                history=read_metrics(cfg.out))
         # Early stopping ended it before a larger --epochs: the manifest is rewritten for this config below,
         # so the rerun policy finds it complete next time instead of continuing it forever.
     else:
@@ -102,17 +106,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     test_metrics = _evaluate(cfg, run, selected, timer)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 3)
     counts = run.splits["counts"]
-    fields = {"status": "trained", "task": run.plan.task, "classes": run.plan.classes,
-              "negative_classes": run.plan.negative_classes, "checkpoint": selected.uri,
-              "best_epoch": selected.epoch, "epochs_completed": selected.epochs_trained, "resumed_from": run.done,
-              "stopped_early": bool((selected.early_stopping or {}).get("stopped")),
-              "encoder_init": run.start.description, "splits": run.splits["document"],
-              "counts": {"sites": {s: counts[s]["sites"] for s in counts},
-                         "classes": {s: counts[s]["classes"] for s in counts}},
-              "test": _headline(test_metrics), "figures": list(FIGURES) if test_metrics else [],
-              "timings": timer.seconds}
-    write_manifest(cfg.out, "finetune", config_to_dict(cfg), **json_safe(fields))
-    return _summary(cfg, status="trained")
+    return FinetuneResult(
+        status="trained", task=run.plan.task, classes=list(run.plan.classes),
+        negative_classes=list(run.plan.negative_classes), checkpoint=selected.uri, best_epoch=selected.epoch,
+        epochs_completed=selected.epochs_trained, resumed_from=run.done,
+        stopped_early=bool((selected.early_stopping or {}).get("stopped")), encoder_init=run.start.description,
+        splits=json_safe(run.splits["document"]), counts=json_safe({"sites": {s: counts[s]["sites"] for s in counts},
+                                                         "classes": {s: counts[s]["classes"] for s in counts}}),
+        test=json_safe(_headline(test_metrics) or {}), figures=list(FIGURES) if test_metrics else [],
+        timings=timer.seconds, history=read_metrics(cfg.out))
 
 
 def _prepare(cfg: FinetuneConfig) -> _Run:
@@ -378,11 +380,3 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n",
             "compounds", "unlabelled")
     return {k: metrics[k] for k in keys if k in metrics}
-
-
-def _summary(cfg: FinetuneConfig, status: str) -> dict[str, Any]:
-    """The summary the CLI prints: the manifest's status, counts, test metrics, and the per-epoch history."""
-    manifest = read_manifest(cfg.out) or {}
-    keep = ("task", "classes", "checkpoint", "best_epoch", "epochs_completed", "resumed_from", "stopped_early",
-            "counts", "test", "figures", "timings")
-    return {"out": cfg.out, **{k: manifest.get(k) for k in keep}, "status": status, "history": read_metrics(cfg.out)}

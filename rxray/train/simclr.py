@@ -25,7 +25,9 @@ from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, checkpoint_epoch, latest_checkpoint
 from rxray.models.device import autocast_for
-from rxray.outputs import CONFIG_FILE, MANIFEST_FILE, write_manifest
+from rxray.outputs import CONFIG_FILE, read_manifest
+from rxray.results import PretrainResult
+from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
 from rxray.train.epochs import RunSettings, TrainingStep
@@ -186,8 +188,9 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
 # --------------------------------------------------------------------------- driver
 
 
-def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> dict[str, Any]:
-    """Train (or resume, or report complete) a SimCLR run into ``cfg.out``; returns a summary dict.
+@step_function("pretrain")
+def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> PretrainResult:
+    """Train (or resume, or report complete) a SimCLR run into ``cfg.out``; returns how far it got.
 
     ``crash_once`` is for recovery tests: it makes rank 0's process die once mid-run.
     """
@@ -288,14 +291,16 @@ def _shard_rows(uri: str, dataset) -> int:
     return int(shard_manifest(uri).get("counts", {}).get("written") or dataset.count())
 
 
-def _finish(cfg: PretrainConfig, *, status: str, resumed_from: int, timer: Timer, **counts: Any) -> dict[str, Any]:
-    """Write the run manifest and return the summary the CLI prints."""
+def _finish(cfg: PretrainConfig, *, status: str, resumed_from: int, timer: Timer, rows: int | None = None,
+            cpus_per_worker: float | None = None) -> PretrainResult:
+    """The run's result; a complete run asked again keeps the manifest its training wrote (``unchanged``)."""
     history = read_metrics(cfg.out)
     checkpoint = latest_checkpoint(cfg.out)
-    fields = {"status": status, "epochs_completed": checkpoint_epoch(checkpoint), "resumed_from": resumed_from,
-              "checkpoint": checkpoint, "final_metrics": history[-1] if history else None,
-              "timings": timer.seconds, **counts}
-    if status == "trained" or not storage.exists(storage.join(cfg.out, MANIFEST_FILE)):
-        write_manifest(cfg.out, "pretrain", config_to_dict(cfg), **fields,
-                       counts={"rows": counts.get("rows"), "epochs": fields["epochs_completed"]})
-    return {"out": cfg.out, **fields, "history": history}
+    epochs = checkpoint_epoch(checkpoint)
+    recorded = read_manifest(cfg.out)
+    if status == "complete" and recorded is not None:
+        return PretrainResult.from_manifest(recorded, unchanged=True, status=status, history=history)
+    return PretrainResult(counts={"rows": rows, "epochs": epochs}, timings=timer.seconds, status=status,
+                          epochs_completed=epochs, resumed_from=resumed_from, checkpoint=checkpoint,
+                          final_metrics=history[-1] if history else None, rows=rows, cpus_per_worker=cpus_per_worker,
+                          history=history)

@@ -12,8 +12,10 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from rxray import storage
-from rxray.config import TuneConfig, config_to_dict, config_to_yaml
-from rxray.outputs import CONFIG_FILE, CONFLICT, NEW, rerun_decision, write_manifest
+from rxray.config import TuneConfig, config_to_yaml
+from rxray.outputs import CONFIG_FILE, CONFLICT, NEW, rerun_decision
+from rxray.results import TuneResult
+from rxray.runner import step_function
 from rxray.runtime import Timer
 from rxray.train.worker import PLACEMENT_GROUP_KEY
 from rxray.tune.plan import BEST_OUT, SearchPlan, plan_search, to_tune_space
@@ -30,8 +32,9 @@ MODE = "max"
 ASHA_REDUCTION = 2
 
 
-def tune(cfg: TuneConfig) -> dict[str, Any]:
-    """Run (or resume, or report) a hyperparameter search into ``cfg.out``; returns a summary with the best trial."""
+@step_function("tune")
+def tune(cfg: TuneConfig) -> TuneResult:
+    """Run (or resume, or report) a hyperparameter search into ``cfg.out``; returns the search with its best trial."""
     from ray import tune as ray_tune
 
     timer = Timer()
@@ -65,16 +68,13 @@ def tune(cfg: TuneConfig) -> dict[str, Any]:
         best_cfg = trial_config(plan.objective, plan.fixed, best["values"], storage.join(cfg.out, BEST_OUT))
         storage.write_text(storage.join(cfg.out, BEST_CONFIG), config_to_yaml(best_cfg))
         write_results(cfg.out, results, table, plan.metric, best["trial_id"])
-    counts = table["status"].value_counts().to_dict()
-    fields = {"objective": plan.objective, "metric": plan.metric, "mode": MODE, "restored": restored,
-              "concurrency": plan.concurrency, "space": plan.space, "trials": len(table), "status_counts": counts,
-              "best": {k: best[k] for k in ("trial_id", "score", "epochs", "values", "out")},
-              "best_config": storage.join(cfg.out, BEST_CONFIG), "results": [RESULTS_PARQUET, RESULTS_CSV],
-              "figures": [PLOT_FILE], "timings": timer.seconds}
-    write_manifest(cfg.out, "tune", config_to_dict(cfg), counts={"trials": len(table), **counts}, **fields)
-    return {"out": cfg.out, "status": "complete", **{k: fields[k] for k in ("objective", "metric", "trials",
-                                                                               "status_counts", "restored", "best",
-                                                                               "best_config")}}
+    counts = {str(k): int(v) for k, v in table["status"].value_counts().items()}
+    return TuneResult(counts={"trials": len(table), **counts}, timings=timer.seconds, objective=plan.objective,
+                      metric=plan.metric, mode=MODE, restored=restored, concurrency=plan.concurrency,
+                      space=plan.space, trials=len(table), status_counts=counts,
+                      best={k: best[k] for k in ("trial_id", "score", "epochs", "values", "out")},
+                      best_config=storage.join(cfg.out, BEST_CONFIG), results=[RESULTS_PARQUET, RESULTS_CSV],
+                      figures=[PLOT_FILE])
 
 
 def _absolute(cfg: TuneConfig) -> TuneConfig:

@@ -51,12 +51,12 @@ def run_trial(config: dict[str, Any]) -> None:
     step_cfg = trial_config(config["objective"], {**config["fixed"], **config["resources"]}, config["search"], out)
     _record_start(out, trial_id, config["search"])
     module, _, name = STEPS[config["objective"]][1].partition(":")
-    summary = getattr(importlib.import_module(module), name)(step_cfg)
-    history = summary.get("history") or []
+    result = getattr(importlib.import_module(module), name)(step_cfg)
+    history = result.history
     # A trial killed after its last epoch but before the step wrote its manifest resumes with nothing left to
     # train: its TorchTrainer reports no epoch, and Tune fails the trial for a result without the metric.
-    trained_now = (summary.get("epochs_completed") or 0) > (summary.get("resumed_from") or 0)
-    if history and (summary.get("status") == "complete" or not trained_now):
+    trained_now = (result.epochs_completed or 0) > (result.resumed_from or 0)
+    if history and (result.status == "complete" or not trained_now):
         ray.tune.report({k: v for k, v in history[-1].items() if isinstance(v, (int, float, bool))})
 
 
