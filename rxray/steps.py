@@ -72,7 +72,7 @@ STEPS: tuple[Step, ...] = (
          inputs={"data": "ingest"}, output="pretrain", trains=True,
          result="rxray.results:PretrainResult", keeps_output=True,
          report_title="SimCLR pretraining", report_renderer=f"{SECTIONS}:pretrain_html"),
-    Step("probe", "rxray.config:ProbeConfig", "rxray.evaluate.probe:probe",
+    Step("probe", "rxray.config:ProbeConfig", "rxray.evaluate.probe_step:probe",
          "plate-grouped probes on a trained encoder beside random-init encoders",
          inputs={"data": "ingest", "model": "pretrain"}, output="probe",
          result="rxray.results:ProbeResult", replaces=("probe.csv",),

@@ -21,7 +21,8 @@ from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
 from rxray.outputs import read_manifest
 from rxray.models.checkpoints import load_checkpoint
-from rxray.train.classifier_step import EarlyStopping, build_classifier, slice_stem_channels
+from rxray.models.classifier import build_classifier, slice_stem_channels
+from rxray.train.classifier_step import EarlyStopping
 from rxray.train.classify import RUN_NAME, finetune
 from rxray.train.epoch_log import read_metrics
 from rxray.train.plate_norm import control_sums

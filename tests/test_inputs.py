@@ -79,7 +79,7 @@ def _training_inputs(checkpoint: dict, batch: dict[str, np.ndarray], seen: list[
 def test_training_embed_probe_and_explain_give_the_encoder_the_same_inputs(tmp_path, encoder_inputs):
     from rxray.batch.embed import EmbedBatch
     from rxray.batch.explain import ExplainBatch
-    from rxray.evaluate.probe import embed_probe_batches
+    from rxray.evaluate.probe_step import embed_probe_batches
 
     checkpoint = _save_classifier(str(tmp_path / "finetune"))
     batch = _batch()

@@ -9,7 +9,8 @@ import torch
 
 from rxray.layout import plate_groups
 from rxray.evaluate import probe
-from rxray.evaluate.probe import embed_batches, grouped_folds, probe_score
+from rxray.evaluate.probe import grouped_folds, probe_score
+from rxray.evaluate.probe_step import PROBE_TABLE, embed_batches
 from rxray.evaluate.probe_sites import probe_targets, select_probe_sites
 from conftest import shard_row
 
@@ -202,7 +203,7 @@ def test_probe_command_scores_the_encoder_beside_random_init_baselines(probe_sha
     printed = capsys.readouterr().out
     assert "72 sites of 3 treatment(s) on 4 plates" in printed and "margin" in printed
 
-    table = pd.read_csv(storage.join(out, probe.PROBE_TABLE))
+    table = pd.read_csv(storage.join(out, PROBE_TABLE))
     assert len(table) == 3 * 2 * 2 and set(table["encoder"]) == {"trained", "random_init_seed0", "random_init_seed1"}
     assert (table["n"] == 72).all() and (table["groups"] == 4).all()
     scores = table.set_index(["encoder", "task", "method"])["score"]

@@ -180,7 +180,7 @@ def test_a_manifest_with_a_field_its_result_lacks_is_caught(tmp_path):
 
 def test_the_registry_rows_name_the_files_their_steps_write():
     from rxray.batch import embed, explain
-    from rxray.evaluate.probe import PROBE_TABLE
+    from rxray.evaluate.probe_step import PROBE_TABLE
     from rxray.report.step_outputs import FIGURES_DIR, TABLES_DIR
 
     assert set(steps.get_step("embed").replaces) == {embed.SITES_DIR, embed.WELLS_DIR}

@@ -23,14 +23,12 @@ EFAAR-style same-MoA recall, per-MoA consistency and the predicted mechanism of 
 active treatment with its leave-one-compound-out benchmark (see
 :mod:`rxray.evaluate.treatment_map`, :mod:`rxray.evaluate.moa_prediction`). Nothing in the
 map is compared with controls, so its profiles come from the correction fitted on every
-control (see :func:`_map_profiles`). It is treatments x treatments, never per site.
+control (see :func:`rxray.batch.score_map.map_well_profiles`). It is treatments x treatments, never per site.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import posixpath
 import sys
 import time
 from typing import Any
@@ -43,7 +41,7 @@ from rxray import storage
 from rxray.batch.forest import rows_by_code, score_treatment_task
 from rxray.errors import StepFailed
 from rxray.config import ConfigError, ScoreConfig
-from rxray.evaluate.correction import correct, sphere, split_controls
+from rxray.evaluate.correction import correct, split_controls
 from rxray.evaluate.profiles import (
     benjamini_hochberg,
     load_embeddings,
@@ -52,19 +50,14 @@ from rxray.evaluate.profiles import (
     unit_rows,
     well_profiles,
 )
-from rxray.evaluate.treatment_map import (CLUSTER_DISTANCE, MAP_FILES, TOP_FRACTION, similarity_long,
-                                         treatment_map)
-from rxray.layout import MOA_FILE
-from rxray.outputs import read_manifest
+from rxray.batch.score_map import load_moa, map_well_profiles, write_map
+from rxray.evaluate.treatment_map import treatment_map
 from rxray.results import ScoreResult
 from rxray.runner import step_function
-from rxray.runtime import Timer, ensure_ray, json_safe
+from rxray.runtime import Timer, ensure_ray
 
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines while the treatment tasks run
 SCORE_TABLE = "scores"
-# The benchmark numbers of each correction that go into the manifest summary (the JSON file has them all).
-MAP_SUMMARY_KEYS = ["n_treatments", "n_related", "n_clusters", "n_annotated", "n_same_moa_pairs", "recall_top",
-                    "recall_bottom", "null_mean", "null_sd", "p_value", "p_floor", "mean_moa_map", "n_moas_consistent"]
 COLUMNS = ["treatment", "correction", "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
            "n_treated", "n_control", "n_plates", "n_replicates", "map", "p_value", "q_value", "active", "status"]
 
@@ -104,93 +97,6 @@ def _write_table(frame: pd.DataFrame, out: str) -> list[str]:
     storage.write_bytes(parquet_uri, buffer.getvalue())
     storage.write_text(csv_uri, frame.to_csv(index=False))
     return [parquet_uri, csv_uri]
-
-
-def _map_profiles(meta: pd.DataFrame, X: np.ndarray, plates: np.ndarray, is_control: np.ndarray,
-                  correction: str) -> tuple[np.ndarray, np.ndarray]:
-    """Unit well profiles for the similarity map: the correction fitted on all of each plate's controls; and for the
-    mechanism prediction, the same wells sphered on all wells (:func:`rxray.evaluate.correction.sphere`).
-
-    Scores hold half the controls out of the fit so treatments are not compared with
-    the controls that centred them. The map compares treatments with each other, and
-    every treatment on a plate shares the error of the plate's fitted control mean: with
-    the reference half alone, the planted nulls of a 24-treatment synthetic dataset had
-    mean cosine 0.45 to each other (a relationship that is not there); fitted on every
-    control, 0.04. Sphering keeps the directions every treatment moves along from ruling
-    the cosines that name a mechanism: on the default screen's SimCLR embeddings (seeds 0-4) the
-    leave-one-compound-out MoA top-1 went from 0.58-0.74 (TVN alone) to 0.74-0.84, and on the
-    generator's hand-made embeddings it stayed at 0.74-1.0. The map itself shows unsphered
-    cosines: sphering spreads every treatment over all the whitened noise directions (same-MoA
-    cosines of 0.05-0.2 instead of 0.6), which a reader and the clusters' cut could not use.
-    """
-    wells = well_profiles(meta, correct(X, plates, is_control, correction))[1]
-    return unit_rows(wells), unit_rows(sphere(wells))
-
-
-def default_moa(embeddings: str) -> str | None:
-    """The moa.csv beside the dataset an embedding table came from: beside an embeddings.csv, or the ingest source."""
-    from rxray.data.shards import source_file
-
-    if embeddings.lower().endswith((".csv", ".csv.gz")):
-        uri = storage.join(posixpath.dirname(embeddings.rstrip("/")), MOA_FILE)
-        return uri if storage.exists(uri) else None
-    data = ((read_manifest(embeddings) or {}).get("config") or {}).get("data")
-    return source_file(data, MOA_FILE) if data else None
-
-
-def _load_moa(cfg: ScoreConfig) -> tuple[pd.DataFrame | None, str | None]:
-    """The treatment -> MoA table (``cfg.moa``, else :func:`default_moa`) and its URI; (None, None) without one."""
-    uri = cfg.moa or default_moa(cfg.embeddings)
-    if uri is None:
-        return None, None
-    try:
-        with storage.open_file(uri, "rb") as handle:
-            frame = pd.read_csv(handle, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ConfigError("score.moa", f"not found: {uri}") from None
-    missing = [c for c in ("treatment", "moa") if c not in frame.columns]
-    if missing:
-        raise ConfigError("score.moa", f"{uri} lacks columns {missing} (needs treatment,moa)")
-    frame = frame[["treatment", "moa"]].drop_duplicates()
-    conflicting = frame["treatment"][frame["treatment"].duplicated()].unique().tolist()
-    if conflicting:
-        raise ConfigError("score.moa", f"treatments with more than one moa: {', '.join(conflicting[:5])}")
-    return frame, uri
-
-
-def _write_map(maps: dict[str, dict[str, Any]], cfg: ScoreConfig, moa_uri: str | None
-               ) -> tuple[list[str], dict[str, Any]]:
-    """Write the similarity map files of every correction; return their URIs and the manifest summary."""
-    def stacked(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-        frame = pd.concat([table.assign(correction=c) for c, table in tables.items()], ignore_index=True)
-        return frame[["correction"] + [c for c in frame.columns if c != "correction"]]
-
-    parts = ["clusters", "neighbors", "doses"] + (["mechanisms"] if moa_uri is not None else [])
-    uris = {name: storage.join(cfg.out, MAP_FILES[name]) for name in ["similarity", *parts, "summary"]}
-    buffer = io.BytesIO()
-    stacked({c: similarity_long(m["names"], m["similarity"]) for c, m in maps.items()}).to_parquet(buffer, index=False)
-    storage.write_bytes(uris["similarity"], buffer.getvalue())
-    for part in parts:
-        storage.write_text(uris[part], stacked({c: m[part] for c, m in maps.items()}).to_csv(index=False))
-    detail = {c: {**m["benchmark"], "moa_map": m["moa"].to_dict("records")} for c, m in maps.items()}
-    storage.write_text(uris["summary"], json.dumps(json_safe(
-        {"moa": moa_uri, "top_fraction": TOP_FRACTION, "cluster_distance": CLUSTER_DISTANCE,
-         "permutations": cfg.map_permutations, "moa_neighbours": cfg.moa_neighbours, "corrections": detail},
-        digits=6), indent=1))
-    summary = {c: json_safe({**{k: m["benchmark"][k] for k in MAP_SUMMARY_KEYS if k in m["benchmark"]},
-                             **_prediction_summary(m["benchmark"])}, digits=6) for c, m in maps.items()}
-    return list(uris.values()), summary
-
-
-def _prediction_summary(benchmark: dict[str, Any]) -> dict[str, Any]:
-    """The leave-one-compound-out MoA prediction's headline numbers, for the manifest (empty without moa.csv)."""
-    prediction = benchmark.get("moa_prediction")
-    if prediction is None:
-        return {}
-    retrieval = benchmark.get("moa_retrieval") or {}
-    return {"moa_top1": prediction["top1"], "moa_top3": prediction["top3"], "moa_null_mean": prediction["null_mean"],
-            "moa_p_value": prediction["p_value"], "moa_evaluable": prediction["n_evaluable"],
-            **{f"moa_map_{rule}": (values or {}).get("mean_map") for rule, values in retrieval.items()}}
 
 
 def gather_with_progress(pending: list, step: str, what: str, every_s: float = PROGRESS_EVERY_S) -> list:
@@ -242,7 +148,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     n_input = len(meta)
     finite = np.isfinite(X).all(axis=1)
     treatments = _select_treatments(cfg, meta)
-    moa, moa_uri = _load_moa(cfg)
+    moa, moa_uri = load_moa(cfg)
     keep = finite & meta["treatment"].isin(list(cfg.controls) + treatments).to_numpy()
     meta, X = meta[keep].reset_index(drop=True), X[keep]
 
@@ -280,9 +186,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                                                  cfg.permutations, cfg.seed)
                     for name in treatments]
         with timer.time("map"):  # in the driver, while the tasks run
-            # The map fits the correction on every control (see _map_profiles); wells x features, kept until the
+            # The map fits the correction on every control (see map_well_profiles); wells x features, kept until the
             # activity calls say which treatments it relates.
-            map_profiles[correction] = _map_profiles(meta, X, sites["plate"], is_control, correction)
+            map_profiles[correction] = map_well_profiles(meta, X, sites["plate"], is_control, correction)
         del corrected, profiles
     with timer.time("score"):
         rows = gather_with_progress(pending, "score", "treatment scores")
@@ -302,7 +208,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     storage.makedirs(cfg.out)
     with timer.time("write"):
         outputs = _write_table(frame, cfg.out)
-        map_outputs, map_summary = _write_map(maps, cfg, moa_uri)
+        map_outputs, map_summary = write_map(maps, cfg, moa_uri)
     outputs += map_outputs
     summary = {"out": cfg.out, "n_treatments": len(treatments), "n_sites": int(len(meta)),
                "n_wells": int(len(well_meta)), "corrections": summarize(frame), "treatment_map": map_summary}

@@ -2,12 +2,13 @@
 
 It always takes the full (B, 6, H, W) normalised image, so Grad-CAM and per-channel
 attributions are computed over all six stains even when the model uses a subset
-(unused stains then get exactly zero attribution).
+(unused stains then get exactly zero attribution). One place builds it from a config
+(:func:`build_classifier`), one from a checkpoint (:func:`classifier_from_checkpoint`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from rxray.layout import N_CHANNELS
 from rxray.models.backbones import Encoder
 from rxray.models.checkpoints import Checkpoint, load_checkpoint
 from rxray.models.heads import ClassifierHead
+
+if TYPE_CHECKING:
+    from rxray.config import FinetuneConfig
 
 
 def concentration_feature(conc: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,55 @@ class Classifier(nn.Module):
                 raise ValueError("this classifier was trained with --with-conc: pass treatment_conc")
             extra = concentration_feature(conc).to(images.device)
         return self.head(self.features(images), extra)
+
+
+def slice_stem_channels(encoder_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor],
+                        channels: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A 6-channel encoder state dict with its input convolution cut to the selected (1-based) stains.
+
+    The one weight whose input dimension is 6 in ``encoder_state`` and len(channels) in
+    ``target_state`` (the adapted first conv, or the 1x1 projection of a project stem)
+    keeps the kernels of the selected stains. Inputs are per-channel z-scores, so this
+    equals feeding the 6-channel encoder zeros (each dropped stain's mean) for the
+    dropped stains, at a fraction of the first layer's cost.
+    """
+    index = torch.tensor([c - 1 for c in channels])
+    sliced, cut = dict(encoder_state), []
+    for key, value in encoder_state.items():
+        target = target_state.get(key)
+        if target is not None and value.dim() >= 2 and value.shape != target.shape \
+                and value.shape[1] == N_CHANNELS and target.shape[1] == len(channels) \
+                and value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]:
+            sliced[key] = value.index_select(1, index).clone()
+            cut.append(key)
+    if len(channels) != N_CHANNELS and len(cut) != 1:
+        raise ValueError(f"expected exactly one input convolution to cut to {len(channels)} channels, found {cut}")
+    return sliced
+
+
+def build_classifier(cfg: "FinetuneConfig", n_classes: int, *, backbone: str, stem: str,
+                     encoder_state: dict[str, torch.Tensor] | None = None, weights: str | None = None) -> Classifier:
+    """The classifier of a config: encoder for the selected stains (+ a head with a conc input if asked).
+
+    ``encoder_state`` is a 6-channel SimCLR encoder's state dict (cut to the stains);
+    otherwise the encoder is random or loads RGB ``weights``.
+    """
+    from rxray.models.backbones import build_encoder
+
+    channels = list(cfg.channels)
+    encoder = build_encoder(backbone, stem=stem, weights=None if encoder_state else weights,
+                            in_channels=len(channels))
+    if encoder_state is not None:
+        encoder.load_state_dict(slice_stem_channels(encoder_state, encoder.state_dict(), channels))
+    head = ClassifierHead(encoder.feature_dim, n_classes, hidden_dim=cfg.head_hidden, dropout=cfg.dropout,
+                          extra_inputs=1 if cfg.with_conc else 0)
+    return Classifier(encoder, head, channels=channels, with_conc=cfg.with_conc)
+
+
+def freeze_encoder(model: Classifier) -> None:
+    """Stop the encoder learning: no gradients, and batch norm statistics fixed (eval mode)."""
+    model.encoder.requires_grad_(False)
+    model.encoder.eval()
 
 
 def classifier_from_checkpoint(state: dict) -> Classifier:

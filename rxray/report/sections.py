@@ -23,7 +23,7 @@ from rxray.config import ReportConfig
 from rxray.layout import CHANNEL_NAMES, CONTROL
 from rxray.report.findings import headline_correction, read_table, score_table_uri
 from rxray.evaluate.plots import plot_confusion_matrix
-from rxray.evaluate.probe import PROBE_TABLE
+from rxray.evaluate.probe_step import PROBE_TABLE
 from rxray.report.folder import ReportFolder
 from rxray.report.html import escape, figure_html, format_value, html_table, kv_table, link_html
 from rxray.train.predictions import COMPOUNDS_FILE

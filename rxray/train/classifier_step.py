@@ -1,4 +1,4 @@
-"""The classifier's part of the shared training loop: model, optimiser, augmentation, validation, early stopping.
+"""The classifier's part of the shared training loop: optimiser, augmentation, validation, early stopping.
 
 The classifier (:class:`rxray.models.classifier.Classifier`) is a 6-channel encoder
 (random init, torchvision weights, or a SimCLR encoder from `rxray pretrain`, cut to the
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from rxray.config import FinetuneConfig, config_to_dict
-from rxray.layout import N_CHANNELS
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, read_checkpoint
+from rxray.models.classifier import build_classifier, freeze_encoder
 from rxray.models.device import autocast_for
 from rxray.models.inputs import model_inputs
 from rxray.ssl.augment import SimCLRAugment
@@ -48,57 +48,6 @@ class EncoderStart:
     stem: str
     encoder_uri: str | None  # a SimCLR checkpoint whose encoder is cut to the stains, else None
     description: str  # "random", "weights:<file>" or "simclr:<checkpoint>" (recorded as encoder_init)
-
-
-def slice_stem_channels(encoder_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor],
-                        channels: Sequence[int]) -> dict[str, torch.Tensor]:
-    """A 6-channel encoder state dict with its input convolution cut to the selected (1-based) stains.
-
-    The one weight whose input dimension is 6 in ``encoder_state`` and len(channels) in
-    ``target_state`` (the adapted first conv, or the 1x1 projection of a project stem)
-    keeps the kernels of the selected stains. Inputs are per-channel z-scores, so this
-    equals feeding the 6-channel encoder zeros (each dropped stain's mean) for the
-    dropped stains, at a fraction of the first layer's cost.
-    """
-    index = torch.tensor([c - 1 for c in channels])
-    sliced, cut = dict(encoder_state), []
-    for key, value in encoder_state.items():
-        target = target_state.get(key)
-        if target is not None and value.dim() >= 2 and value.shape != target.shape \
-                and value.shape[1] == N_CHANNELS and target.shape[1] == len(channels) \
-                and value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]:
-            sliced[key] = value.index_select(1, index).clone()
-            cut.append(key)
-    if len(channels) != N_CHANNELS and len(cut) != 1:
-        raise ValueError(f"expected exactly one input convolution to cut to {len(channels)} channels, found {cut}")
-    return sliced
-
-
-def build_classifier(cfg: FinetuneConfig, n_classes: int, *, backbone: str, stem: str,
-                     encoder_state: dict[str, torch.Tensor] | None = None, weights: str | None = None) -> "Classifier":
-    """The classifier of a config: encoder for the selected stains (+ a head with a conc input if asked).
-
-    ``encoder_state`` is a 6-channel SimCLR encoder's state dict (cut to the stains);
-    otherwise the encoder is random or loads RGB ``weights``.
-    """
-    from rxray.models.backbones import build_encoder
-    from rxray.models.classifier import Classifier
-    from rxray.models.heads import ClassifierHead
-
-    channels = list(cfg.channels)
-    encoder = build_encoder(backbone, stem=stem, weights=None if encoder_state else weights,
-                            in_channels=len(channels))
-    if encoder_state is not None:
-        encoder.load_state_dict(slice_stem_channels(encoder_state, encoder.state_dict(), channels))
-    head = ClassifierHead(encoder.feature_dim, n_classes, hidden_dim=cfg.head_hidden, dropout=cfg.dropout,
-                          extra_inputs=1 if cfg.with_conc else 0)
-    return Classifier(encoder, head, channels=channels, with_conc=cfg.with_conc)
-
-
-def freeze_encoder(model: "Classifier") -> None:
-    """Stop the encoder learning: no gradients, and batch norm statistics fixed (eval mode)."""
-    model.encoder.requires_grad_(False)
-    model.encoder.eval()
 
 
 def make_optimizer(cfg: FinetuneConfig, model: "Classifier") -> torch.optim.Optimizer:

@@ -34,7 +34,8 @@ from rxray.outputs import CONFIG_FILE, read_manifest
 from rxray.results import FinetuneResult
 from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray, json_safe
-from rxray.train.classifier_step import ClassifierStep, EncoderStart, build_classifier
+from rxray.models.classifier import build_classifier
+from rxray.train.classifier_step import ClassifierStep, EncoderStart
 from rxray.train.epoch_log import read_metrics
 from rxray.train.epochs import RunSettings
 from rxray.train.loop import cache_datasets, check_rerun, fit, shard_image_side, worker_cpus

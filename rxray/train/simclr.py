@@ -168,7 +168,8 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
     eval mode; the next epoch's ``model.train()`` switches it back. Other ranks
     return no scores: only rank 0's metrics are logged and reach Tune.
     """
-    from rxray.evaluate.probe import embed_batches, score_embeddings
+    from rxray.evaluate.probe import score_embeddings
+    from rxray.evaluate.probe_step import embed_batches
 
     batches = worker.stall_guarded(worker.dataset_shard("probe").iter_batches(batch_size=cfg.batch_size,
                                                                               batch_format="numpy"), "probe")
