@@ -148,23 +148,20 @@ class ClassifierStep(TrainingStep):
             unwrap(model).encoder.eval()
         return {}
 
-    def train_batch(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                    generator: torch.Generator) -> dict[str, torch.Tensor | float]:
-        """One step of weighted cross-entropy: ``train_loss`` and ``train_accuracy``."""
+    def batch_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Plate-normalised, augmented images (and concentrations with --with-conc)."""
+        images = model_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.run.channel_mean, self.run.channel_std,
+                              self.augment, generator)
+        return (images, batch["conc"]) if self.cfg.with_conc else (images,)
+
+    def batch_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Weighted cross-entropy of the logits: ``train_loss`` and ``train_accuracy``."""
         labels = batch["label"]
-        with torch.no_grad():
-            inputs = model_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.run.channel_mean,
-                                  self.run.channel_std, self.augment, generator)
-        if self.worker.on_gpu:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.worker.device):
-            logits = model(inputs, batch["conc"] if self.cfg.with_conc else None)
-        loss = self.criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = self.criterion(outputs, labels)
         # Full batches only, so the mean of the batch accuracies is the epoch's.
-        return {"train_loss": loss.detach(), "train_accuracy": (logits.detach().argmax(dim=1) == labels).float().mean()}
+        accuracy = (outputs.detach().argmax(dim=1) == labels).float().mean()
+        return loss, {"train_loss": loss.detach(), "train_accuracy": accuracy}
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """Validation metrics (``val_*``), and the best epoch so far; keeps that epoch's weights."""

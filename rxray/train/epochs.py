@@ -2,10 +2,13 @@
 
 The loop owns what the steps share: restore the run's latest checkpoint, seed, build,
 prepare for DDP, restore the optimizer, run the epochs (per-worker, per-epoch view
-seeds, throughput, fault injection), average the metrics over workers, write one
-checkpoint per epoch (:class:`~rxray.models.checkpoints.Checkpoint`) and the epoch log.
-A step plugs in as a :class:`TrainingStep`: it builds its model and optimizer, runs one
-batch, scores the epoch (validation, probe) and names what its checkpoints record.
+seeds, throughput, fault injection), each batch's optimisation step (:func:`optimisation_step`:
+the forward pass under the device's autocast, backward, optimiser step), average the
+metrics over workers, write one checkpoint per epoch
+(:class:`~rxray.models.checkpoints.Checkpoint`) and the epoch log. A step plugs in as a
+:class:`TrainingStep`: it builds its model and optimizer, turns a batch into the model's
+inputs and the model's outputs into a loss, scores the epoch (validation, probe) and names
+what its checkpoints record.
 Settings reach the workers as typed dataclasses inside the step (:class:`RunSettings`
 and the step's own config), never as untyped dicts.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from rxray import storage
 from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
+from rxray.models.device import autocast_for
 from rxray.runtime import quiet_data_notices
 from rxray.train.epoch_log import EpochLog, EpochProgress
 from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
@@ -85,9 +89,14 @@ class TrainingStep(ABC):
         return {}
 
     @abstractmethod
-    def train_batch(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                    generator: torch.Generator) -> dict[str, torch.Tensor | float]:
-        """One optimisation step on a full batch; the batch's mean of each metric (device tensors need no sync)."""
+    def batch_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """The model's inputs for a training batch (called without gradients: augmentation, normalisation)."""
+
+    @abstractmethod
+    def batch_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The loss of the model's float32 outputs on a batch, and the batch's mean of each metric (device tensors
+        need no sync)."""
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """Metrics scored after the 0-based epoch's training (validation, probe); rank 0's are the ones recorded."""
@@ -104,6 +113,22 @@ class TrainingStep(ABC):
     @abstractmethod
     def checkpoint_fields(self) -> dict[str, Any]:
         """The checkpoint's fields besides weights, optimizer, epoch, metrics and starts (Checkpoint's names)."""
+
+
+def optimisation_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: tuple[torch.Tensor, ...],
+                      loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:
+    """One optimisation step, the same for every training step: the forward pass under the device's autocast (images
+    channels-last on a GPU), the loss of its float32 outputs, backward and the optimiser's step; the batch's metrics."""
+    images = inputs[0]
+    if images.device.type == "cuda":
+        inputs = (images.contiguous(memory_format=torch.channels_last), *inputs[1:])
+    with autocast_for(images.device):
+        outputs = model(*inputs)
+    loss, metrics = loss_of(outputs.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return metrics
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -183,7 +208,10 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
     for index, batch in enumerate(meter.timed(batches)):
         if run.crash_once is not None:
             run.crash_once.maybe_crash(epoch, index, worker.rank)
-        for name, value in step.train_batch(model, optimizer, batch, generator).items():
+        with torch.no_grad():
+            inputs = step.batch_inputs(batch, generator)
+        metrics = optimisation_step(model, optimizer, inputs, lambda outputs: step.batch_loss(outputs, batch))
+        for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
         steps += 1
         meter.update(batch[IMAGE_COLUMN].shape[0] * worker.world_size)

@@ -24,13 +24,12 @@ from rxray import storage
 from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, checkpoint_epoch, latest_checkpoint
-from rxray.models.device import autocast_for
 from rxray.outputs import CONFIG_FILE, read_manifest
 from rxray.results import PretrainResult
 from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
-from rxray.train.epochs import RunSettings, TrainingStep
+from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step
 from rxray.train.loop import INPUT_TASK_CPUS, cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
 from rxray.train.worker import CrashOnce, TrainWorker, unwrap
 
@@ -67,29 +66,30 @@ def build_augment(cfg: PretrainConfig, image_size: int, mean: list[float], std: 
     return SimCLRAugment(cfg.crop_size or image_size, strength=cfg.aug_strength, mean=mean, std=std)
 
 
-def train_step(model: nn.Module, augment: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
-               temperature: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """One SimCLR step on uint8 images (B, 6, H, W) on the model's device; returns (loss, positive-pair top-1).
+def simclr_views(augment: nn.Module, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Two augmented views of every uint8 image (B, 6, H, W) as one (2B, 6, H, W) batch: the model sees both at once."""
+    view1, view2 = augment(images, generator)
+    return torch.cat([view1, view2])
 
-    Both views go through the model as one 2B batch. The loss stays a device tensor
-    so callers can sum it without waiting for the device every step.
-    """
+
+def simclr_loss(projections: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """NT-Xent of the two views' projections (gathered over workers), and positive-pair ``top1``; the loss also as
+    the detached ``loss`` metric, a device tensor callers sum without waiting for the device every step."""
     from rxray.ssl.ntxent import nt_xent_loss, positive_pair_top1
 
-    device = images.device
-    with torch.no_grad():
-        view1, view2 = augment(images, generator)
-    views = torch.cat([view1, view2])
-    if device.type == "cuda":
-        views = views.contiguous(memory_format=torch.channels_last)
-    with autocast_for(device):
-        projections = model(views)
-    z1, z2 = projections.float().chunk(2)
+    z1, z2 = projections.chunk(2)
     loss = nt_xent_loss(z1, z2, temperature=temperature, gather=True)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), positive_pair_top1(z1.detach(), z2.detach())
+    return loss, {"loss": loss.detach(), "top1": positive_pair_top1(z1.detach(), z2.detach())}
+
+
+def train_step(model: nn.Module, augment: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
+               temperature: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """One SimCLR step on uint8 images outside Ray Train (the benchmark's plain loop), through the training loop's
+    own :func:`~rxray.train.epochs.optimisation_step`; returns (loss, positive-pair top-1)."""
+    with torch.no_grad():
+        views = simclr_views(augment, images, generator)
+    metrics = optimisation_step(model, optimizer, (views,), lambda outputs: simclr_loss(outputs, temperature))
+    return metrics["loss"], metrics["top1"]
 
 
 def epoch_learning_rate(cfg: PretrainConfig, epoch: int) -> float:
@@ -142,12 +142,14 @@ class SimCLRStep(TrainingStep):
             group["lr"] = learning_rate
         return {"lr": learning_rate}
 
-    def train_batch(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                    generator: torch.Generator) -> dict[str, torch.Tensor | float]:
-        """One SimCLR step: ``loss`` and positive-pair ``top1``."""
-        loss, top1 = train_step(model, self.augment, optimizer, batch[IMAGE_COLUMN], temperature=self.cfg.temperature,
-                                generator=generator)
-        return {"loss": loss, "top1": top1}
+    def batch_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Both views of every image, as one batch."""
+        return (simclr_views(self.augment, batch[IMAGE_COLUMN], generator),)
+
+    def batch_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """NT-Xent: ``loss`` and positive-pair ``top1``."""
+        return simclr_loss(outputs, self.cfg.temperature)
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """The probe's scores with --probe, else nothing."""
