@@ -19,7 +19,7 @@ from rxray.cli import main
 from rxray import layout
 from rxray.data.shards import image_column
 from rxray.models.backbones import build_encoder
-from rxray.models.inputs import input_channels
+from rxray.models.inputs import InputRecipe
 from rxray.ssl.augment import normalize
 from rxray.models.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
@@ -91,14 +91,21 @@ def _read_sites(uri: str) -> pd.DataFrame:
     return frame.sort_values("site_id").reset_index(drop=True)
 
 
-def test_input_channels_selects_trained_channels():
+def test_the_recipe_selects_trained_channels():
+    def encoder_view(checkpoint):
+        recipe = InputRecipe.from_checkpoint(checkpoint)
+        index = recipe.stain_index
+        return index, [recipe.mean[i] for i in index or range(6)], [recipe.std[i] for i in index or range(6)]
+
     six = {"channel_mean": [1, 2, 3, 4, 5, 6], "channel_std": [7, 8, 9, 10, 11, 12]}
-    assert input_channels(six) == (None, [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12])
-    assert input_channels({**six, "channels": [1, 5]}) == ([0, 4], [1, 5], [7, 11])
-    assert input_channels({"channel_mean": [1, 5], "channel_std": [7, 11], "channels": [1, 5]}) == ([0, 4], [1, 5],
-                                                                                                    [7, 11])
+    assert encoder_view(six) == (None, [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12])
+    assert encoder_view({**six, "channels": [1, 5]}) == ([0, 4], [1, 5], [7, 11])
+    assert encoder_view({"channel_mean": [1, 5], "channel_std": [7, 11], "channels": [1, 5]}) == ([0, 4], [1, 5],
+                                                                                                  [7, 11])
     with pytest.raises(ValueError):
-        input_channels({**six, "channels": [7]})
+        InputRecipe.from_checkpoint({**six, "channels": [7]})
+    recipe = InputRecipe.from_checkpoint({**six, "channels": [1, 5], "plate_gains": {"E_1": [2.0] * 6}})
+    assert InputRecipe.from_checkpoint(recipe.checkpoint_fields()) == recipe  # what a checkpoint records reads back
 
 
 def test_one_embedding_per_site_from_the_latest_checkpoint(setup):

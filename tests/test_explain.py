@@ -24,7 +24,7 @@ from rxray.evaluate import plots
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import Classifier
 from rxray.models.heads import ClassifierHead
-from rxray.models.inputs import classifier_channel_stats
+from rxray.models.inputs import InputRecipe
 from rxray.ssl.augment import normalize
 from rxray.models.checkpoints import checkpoint_dir_name, save_checkpoint_file
 
@@ -237,8 +237,8 @@ def test_channel_shares_and_stats_helpers():
     used = np.array([True, True, True, False, False, False])
     shares = channel_shares(np.array([[1.0, 3.0, 0.0, 9.0, 9.0, 9.0], [0, 0, 0, 0, 0, 0]]), used)
     np.testing.assert_allclose(shares, [[0.25, 0.75, 0, 0, 0, 0], [1 / 3, 1 / 3, 1 / 3, 0, 0, 0]], atol=1e-6)
-    mean, std = classifier_channel_stats({"channel_mean": [1, 2], "channel_std": [3, 4], "channels": [2, 5]})
-    assert mean == [0, 1, 0, 0, 2, 0] and std == [1, 3, 1, 1, 4, 1]
+    recipe = InputRecipe.from_checkpoint({"channel_mean": [1, 2], "channel_std": [3, 4], "channels": [2, 5]})
+    assert recipe.mean == (0, 1, 0, 0, 2, 0) and recipe.std == (1, 3, 1, 1, 4, 1)
 
 
 def test_channel_importance_against_a_naive_mean_and_rank():

@@ -11,6 +11,7 @@ from rxray.layout import plate_groups
 from rxray.evaluate import probe
 from rxray.evaluate.probe import grouped_folds, probe_score
 from rxray.evaluate.probe_step import PROBE_TABLE, embed_batches
+from rxray.models.inputs import InputRecipe
 from rxray.evaluate.probe_sites import probe_targets, select_probe_sites
 from conftest import shard_row
 
@@ -134,15 +135,15 @@ def test_embed_batches_runs_the_encoder_in_eval_mode_and_keeps_row_order():
     images = np.random.default_rng(0).integers(0, 255, (5, 6, 8, 8), dtype=np.uint8)
     batches = [{"image": images[:3], "site_id": np.array(["a", "b", "c"])},
                {"image": images[3:], "site_id": np.array(["d", "e"])}]
-    features, columns = embed_batches(encoder, batches, mean=[100.0] * 6, std=[50.0] * 6, device=torch.device("cpu"))
+    recipe = InputRecipe((100.0,) * 6, (50.0,) * 6)
+    features, columns = embed_batches(encoder, batches, recipe=recipe, device=torch.device("cpu"))
     assert features.shape == (5, 4) and features.dtype == np.float32 and not encoder.training
     assert columns["site_id"].tolist() == ["a", "b", "c", "d", "e"]
     with torch.no_grad():
         expected = encoder((torch.from_numpy(images).float() - 100.0) / 50.0).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
     # Blocks read in another order (Ray Data hands them over as they finish) give the same rows: by site_id.
-    shuffled, again = embed_batches(encoder, batches[::-1], mean=[100.0] * 6, std=[50.0] * 6,
-                                    device=torch.device("cpu"))
+    shuffled, again = embed_batches(encoder, batches[::-1], recipe=recipe, device=torch.device("cpu"))
     assert again["site_id"].tolist() == ["a", "b", "c", "d", "e"]
     np.testing.assert_allclose(shuffled, features, rtol=1e-6, atol=1e-6)
 

@@ -222,7 +222,7 @@ def gradcam_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, 
     from rxray.models.classifier import Classifier
     from rxray.models.device import torch_device
     from rxray.models.heads import ClassifierHead
-    from rxray.models.inputs import classifier_channel_stats
+    from rxray.models.inputs import InputRecipe
     from rxray.models.checkpoints import load_encoder
 
     with _torch_threads(threads):
@@ -230,7 +230,8 @@ def gradcam_loop(data: str, checkpoint_uri: str, batch_size: int, threads: int, 
         encoder, checkpoint = load_encoder(checkpoint_uri)
         model = Classifier(encoder, ClassifierHead(encoder.feature_dim, 2), channels=checkpoint.get("channels"))
         model = model.to(torch_device(gpu)).eval()
-        mean, std = classifier_channel_stats(checkpoint)
+        recipe = InputRecipe.from_checkpoint(checkpoint)
+        mean, std = list(recipe.mean), list(recipe.std)
         for images in _image_batches(data, batch_size):
             gradcam_batch(model, images, mean, std, target_index=0)
             meter.add(len(images))

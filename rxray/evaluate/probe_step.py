@@ -8,7 +8,7 @@ embedding serves SimCLR's per-epoch probe (:func:`embed_batches`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -30,19 +30,15 @@ if TYPE_CHECKING:
 PROBE_TABLE = "probe.csv"
 
 
-def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.ndarray]], *,
-                  mean: Sequence[float], std: Sequence[float],
+def embed_batches(encoder: "torch.nn.Module", batches: Iterable[dict[str, np.ndarray]], *, recipe: "InputRecipe",
                   device: "torch.device") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Features (n, d) float32 of every image in numpy ``batches`` (``image`` (B, 6, H, W) uint8 + metadata),
     and the batches' other columns in the same row order (by site_id when they carry it).
 
     The encoder runs in eval mode without gradients (batch norm uses its running
-    statistics), on inputs normalised like training inputs (six stains, no plate
-    gains, as pretraining sees them); the caller restores train mode.
+    statistics), on the inputs of ``recipe`` (pretraining's: six stains, no plate gains);
+    the caller restores train mode.
     """
-    from rxray.models.inputs import InputRecipe
-
-    recipe = InputRecipe(tuple(mean), tuple(std))
     features, columns = embed_with_encoders({"encoder": encoder}, batches, recipe=recipe, device=device)
     return features["encoder"], columns
 

@@ -122,6 +122,18 @@ class InputRecipe:
             return images
         return np.asarray(images, dtype=np.float32) * gains[:, :, None, None]
 
+    def tensor_inputs(self, images: torch.Tensor, gains: torch.Tensor | None,
+                      augment: Callable[..., torch.Tensor] | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised inputs (B, 6, H, W) of uint8 image tensors and their plate gains (B, 6) (None: none), for a
+        training batch (with ``augment``, which normalises itself) or an evaluation batch already on the device."""
+        return model_inputs(images, gains, self.mean, self.std, augment, generator)
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """What a checkpoint records of the recipe (:meth:`from_checkpoint` reads it back)."""
+        return {"channel_mean": list(self.mean), "channel_std": list(self.std), "channels": list(self.channels),
+                "plate_gains": {group: list(row) for group, row in self.plate_gains.items()}}
+
     def classifier_inputs(self, batch: Mapping[str, np.ndarray], device: torch.device) -> torch.Tensor:
         """Normalised inputs (B, 6, H, W) of a Classifier (it picks its stains itself) from a shard batch."""
         return self._inputs(batch, device, None)
@@ -139,18 +151,3 @@ class InputRecipe:
             gains = None if gains is None else gains[:, index]
         gain = None if gains is None else torch.from_numpy(gains)
         return model_inputs(image_tensor(images, device), gain, mean, std)
-
-
-def input_channels(checkpoint: Mapping[str, Any]) -> tuple[list[int] | None, list[float], list[float]]:
-    """An encoder's view of a checkpoint's recipe: its 0-based stains (None: all six) and their mean/std."""
-    recipe = InputRecipe.from_checkpoint(checkpoint)
-    index = recipe.stain_index
-    if index is None:
-        return None, list(recipe.mean), list(recipe.std)
-    return index, [recipe.mean[i] for i in index], [recipe.std[i] for i in index]
-
-
-def classifier_channel_stats(checkpoint: Mapping[str, Any]) -> tuple[list[float], list[float]]:
-    """A Classifier's view of a checkpoint's recipe: six-stain mean/std (uint8 units) for its full-image input."""
-    recipe = InputRecipe.from_checkpoint(checkpoint)
-    return list(recipe.mean), list(recipe.std)

@@ -25,7 +25,6 @@ from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, read_checkpoint
 from rxray.models.classifier import build_classifier, freeze_encoder
 from rxray.models.device import autocast_for
-from rxray.models.inputs import model_inputs
 from rxray.ssl.augment import SimCLRAugment
 from rxray.train.epochs import RunSettings, TrainingStep
 from rxray.train.tasks import GAIN_COLUMN, TaskPlan, selection_metric
@@ -109,7 +108,6 @@ class ClassifierStep(TrainingStep):
     plan: TaskPlan
     start: EncoderStart
     class_weights: list[float]  # loss weight per class, logit order
-    plate_gains: dict[str, list[float]]  # plate group -> stain gains ({}: no plate normalisation)
     has_val: bool  # a validation split exists: it selects the best epoch and stops early
     predictions_uri: str | None = None  # where the workers write the selected model's predictions of "predict"
     batch_dtypes = TENSOR_DTYPES
@@ -132,8 +130,8 @@ class ClassifierStep(TrainingStep):
         """Augmentation and loss on the device; early stopping and the best weights as the checkpoint left them."""
         super().setup(worker, restored)
         run = self.run
-        self.augment = TrainAugment(run.image_side, self.cfg.aug_strength, run.channel_mean,
-                                    run.channel_std).to(worker.device) if self.cfg.aug_strength > 0 else None
+        self.augment = TrainAugment(run.image_side, self.cfg.aug_strength, list(run.recipe.mean),
+                                    list(run.recipe.std)).to(worker.device) if self.cfg.aug_strength > 0 else None
         self.loss_weights = torch.tensor(self.class_weights, dtype=torch.float32, device=worker.device)
         self.criterion = nn.CrossEntropyLoss(weight=self.loss_weights)
         self.stopping = EarlyStopping(**restored.early_stopping) if restored and restored.early_stopping \
@@ -150,8 +148,7 @@ class ClassifierStep(TrainingStep):
 
     def batch_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Plate-normalised, augmented images (and concentrations with --with-conc)."""
-        images = model_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.run.channel_mean, self.run.channel_std,
-                              self.augment, generator)
+        images = self.run.recipe.tensor_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.augment, generator)
         return (images, batch["conc"]) if self.cfg.with_conc else (images,)
 
     def batch_loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -209,7 +206,7 @@ class ClassifierStep(TrainingStep):
                     batch_size=self.cfg.batch_size, batch_format="numpy"), "predict"):
                 images = torch.from_numpy(np.ascontiguousarray(batch[IMAGE_COLUMN])).to(self.worker.device)
                 gains = torch.from_numpy(np.asarray(batch[GAIN_COLUMN], dtype=np.float32))
-                inputs = model_inputs(images, gains, self.run.channel_mean, self.run.channel_std)
+                inputs = self.run.recipe.tensor_inputs(images, gains)
                 conc = torch.from_numpy(np.asarray(batch["conc"], dtype=np.float32)).to(self.worker.device)
                 with autocast_for(self.worker.device):
                     logits = inner(inputs, conc if self.cfg.with_conc else None)
@@ -222,12 +219,11 @@ class ClassifierStep(TrainingStep):
         """How the model was made and how to feed it; early stopping and the best epoch's weights."""
         cfg, plan = self.cfg, self.plan
         return {"config": config_to_dict(cfg), "backbone": self.start.backbone, "stem": self.start.stem,
-                "channels": list(cfg.channels), "with_conc": cfg.with_conc, "classes": list(plan.classes),
+                "with_conc": cfg.with_conc, "classes": list(plan.classes),
                 "task": plan.task, "label_col": plan.label_col, "positive": plan.positive,
-                "negative_classes": list(plan.negative_classes), "channel_mean": list(self.run.channel_mean),
-                "channel_std": list(self.run.channel_std), "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
-                "encoder_init": self.start.description, "plate_norm": bool(self.plate_gains),
-                "plate_gains": self.plate_gains,
+                "negative_classes": list(plan.negative_classes), **self.run.recipe.checkpoint_fields(),
+                "head_hidden": cfg.head_hidden, "dropout": cfg.dropout, "encoder_init": self.start.description,
+                "plate_norm": bool(self.run.recipe.plate_gains),
                 "selection_metric": selection_metric(plan.task) if self.has_val else None,
                 "early_stopping": dataclasses.asdict(self.stopping), "best": self.best}
 
@@ -247,8 +243,7 @@ class ClassifierStep(TrainingStep):
             for batch in worker.stall_guarded(shard.iter_torch_batches(
                     batch_size=self.cfg.batch_size, drop_last=False, device=worker.device, dtypes=TENSOR_DTYPES),
                     "val"):
-                inputs = model_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN], self.run.channel_mean,
-                                      self.run.channel_std)
+                inputs = self.run.recipe.tensor_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN])
                 with autocast_for(worker.device):
                     logits = model(inputs, batch["conc"] if self.cfg.with_conc else None)
                 probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())

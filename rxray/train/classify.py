@@ -26,19 +26,19 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import PoolPlan
-from rxray.config import ConfigError, FinetuneConfig, config_to_yaml
+from rxray.config import ConfigError, FinetuneConfig
 from rxray.layout import CONTROL, N_CHANNELS, plate_groups
 from rxray.models.checkpoints import (CHECKPOINT_FILE, Checkpoint, checkpoint_epoch, latest_checkpoint,
                                       read_checkpoint, write_checkpoint)
-from rxray.outputs import CONFIG_FILE, read_manifest
+from rxray.outputs import read_manifest
 from rxray.results import FinetuneResult
 from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray, json_safe
 from rxray.models.classifier import build_classifier
+from rxray.models.inputs import InputRecipe
 from rxray.train.classifier_step import ClassifierStep, EncoderStart
 from rxray.train.epoch_log import read_metrics
-from rxray.train.epochs import RunSettings
-from rxray.train.loop import cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
+from rxray.train.loop import check_rerun, input_statistics, launch, worker_cpus
 from rxray.train.plate_norm import plate_gains
 from rxray.train.predictions import (FIGURES, PREDICTION_COLUMNS, UNLABELLED_FILE, WORKER_PREDICTIONS_FILE,
                                      compound_predictions, plate_control_zscores, predict, read_worker_predictions,
@@ -120,12 +120,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
 def _prepare(cfg: FinetuneConfig) -> _Run:
     """Check the inputs and work out the task, the splits and the progress so far; ConfigError on bad input."""
-    from rxray.data.shards import channel_stats
-
-    try:
-        mean, std = channel_stats(cfg.data)
-    except FileNotFoundError as exc:
-        raise ConfigError("finetune.data", str(exc)) from None
+    mean, std = input_statistics(cfg)
     start = _starting_point(cfg)
     meta = read_metadata(cfg)
     plan = plan_task(cfg, meta[cfg.label_col].tolist())
@@ -149,7 +144,6 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
     if run.done:
         print(f"finetune: resuming from epoch {run.done} ({run.resume_from})", flush=True)
     storage.makedirs(cfg.out)
-    storage.write_text(storage.join(cfg.out, CONFIG_FILE), config_to_yaml(cfg))
     write_split_files(cfg, run.splits)
     ensure_ray()
     cpus = worker_cpus(cfg.workers, cfg.gpu, None)
@@ -162,20 +156,15 @@ def _train(cfg: FinetuneConfig, run: _Run, timer: Timer) -> None:
         splits = _evaluated_splits(cfg, run)
         datasets["predict"] = _prediction_dataset(cfg, run, splits)
         rows["predict"] = sum(run.splits["counts"][split]["sites"] for split in splits) + run.unlabelled_sites
-    image_side = shard_image_side(cfg.data)
-    datasets = cache_datasets(datasets, rows, N_CHANNELS * image_side ** 2, cfg.cache, "finetune")
-    settings = RunSettings(step="finetune", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size, seed=cfg.seed, image_side=image_side,
-                           channel_mean=list(run.channel_mean), channel_std=list(run.channel_std),
-                           cpus_per_worker=cpus, threads=cfg.threads, resume_from=run.resume_from,
-                           stall_timeout_s=cfg.stall_timeout, train_rows=run.splits["counts"]["train"]["sites"])
-    step = ClassifierStep(cfg, settings, run.plan, run.start, class_weights(run.train_sites, cfg.class_weights),
-                          plate_gains=gains, has_val="val" in datasets,
-                          predictions_uri=storage.join(cfg.out, WORKER_PREDICTIONS_FILE) if "predict" in datasets
-                          else None)
+    predictions = storage.join(cfg.out, WORKER_PREDICTIONS_FILE) if "predict" in datasets else None
+    weights = class_weights(run.train_sites, cfg.class_weights)
     with timer.time("fit"):
-        fit(step, workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
-            what="fine-tuning")
+        launch(cfg, lambda settings: ClassifierStep(cfg, settings, run.plan, run.start, weights,
+                                                    has_val="val" in datasets, predictions_uri=predictions),
+               run_name=RUN_NAME, recipe=InputRecipe(tuple(run.channel_mean), tuple(run.channel_std),
+                                                     tuple(cfg.channels), gains),
+               datasets=datasets, rows=rows, resume_from=run.resume_from,
+               train_rows=run.splits["counts"]["train"]["sites"], cpus=cpus, what="fine-tuning")
 
 
 def _evaluate(cfg: FinetuneConfig, run: _Run, selected: Checkpoint, timer: Timer) -> dict[str, Any] | None:

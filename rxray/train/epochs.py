@@ -27,6 +27,7 @@ from rxray.config import STALL_TIMEOUT_S
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint
 from rxray.models.device import autocast_for
+from rxray.models.inputs import InputRecipe
 from rxray.runtime import quiet_data_notices
 from rxray.train.epoch_log import EpochLog, EpochProgress
 from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
@@ -46,8 +47,7 @@ class RunSettings:
     batch_size: int  # per worker
     seed: int
     image_side: int  # S of the shards' (6, S, S) images
-    channel_mean: list[float]  # per stain, uint8 units (the ingest manifest's)
-    channel_std: list[float]
+    recipe: InputRecipe  # how its images become model inputs: ingest statistics, stains, plate gains
     cpus_per_worker: float
     threads: int | None = None  # torch threads per worker (None: the reserved CPUs)
     resume_from: str | None = None  # the latest checkpoint a rerun continues from

@@ -1,24 +1,30 @@
 """Ray Train on the driver side: the one way every training step runs, stores and recovers.
 
-:func:`fit` builds the TorchTrainer (scaling, storage, failure and checkpoint policy)
-around the shared worker loop (:mod:`rxray.train.epochs`) and turns a spent failure
-budget into :class:`~rxray.errors.StepFailed`. Datasets are cached in the object store
-when they fit (:func:`cache_datasets`) and then split once into fixed worker shares.
+:func:`launch` is pretrain's and finetune's one way onto Ray Train: the run's config.yaml, its
+datasets cached in the object store when they fit (:func:`cache_datasets`, then split once
+into fixed worker shares), its :class:`~rxray.train.epochs.RunSettings`, and :func:`fit`,
+which builds the TorchTrainer (scaling, storage, failure and checkpoint policy) around the
+shared worker loop (:mod:`rxray.train.epochs`) and turns a spent failure budget into
+:class:`~rxray.errors.StepFailed`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rxray import storage
 from rxray.errors import ConfigError, StepFailed
-from rxray.outputs import CONFLICT, STALE, Rerun, rerun_decision
+from rxray.layout import N_CHANNELS
+from rxray.options import config_to_yaml
+from rxray.outputs import CONFIG_FILE, CONFLICT, STALE, Rerun, rerun_decision
 from rxray.runtime import hide_progress_bars, verbose, wait_for_a_free_cpu
 from rxray.train.worker import worker_share_name
 
 if TYPE_CHECKING:
-    from rxray.train.epochs import TrainingStep
+    from rxray.models.inputs import InputRecipe
+    from rxray.train.epochs import RunSettings, TrainingStep
+    from rxray.train.worker import CrashOnce
 
 # Checkpoints kept per run: the latest for resuming, a couple more in case the newest is damaged.
 CHECKPOINTS_KEPT = 3
@@ -69,6 +75,35 @@ def cpus_per_worker(total: float, workers: int, gpu: bool) -> float:
     if gpu or total >= workers + 1:
         return 1.0
     return max(0.25, min(1.0 - INPUT_TASK_CPUS, (total - 1.0) / workers))
+
+
+def input_statistics(cfg: Any) -> tuple[list[float], list[float]]:
+    """The per-stain mean and std the ingest of ``cfg.data`` recorded; ConfigError naming ``<section>.data`` if none."""
+    from rxray.data.shards import channel_stats
+
+    try:
+        return channel_stats(cfg.data)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{cfg.section}.data", str(exc)) from None
+
+
+def launch(cfg: Any, make_step: Callable[["RunSettings"], "TrainingStep"], *, run_name: str, recipe: "InputRecipe",
+           datasets: dict[str, Any], rows: dict[str, int], resume_from: str | None, train_rows: int, cpus: float,
+           what: str, crash_once: "CrashOnce | None" = None) -> Any:
+    """Train a run of a training step's config on Ray Train: its config.yaml, its datasets cached (``cfg.cache``),
+    its settings, then :func:`fit` of the step ``make_step`` builds from them; returns the ray.train.Result."""
+    from rxray.train.epochs import RunSettings
+
+    storage.makedirs(cfg.out)
+    storage.write_text(storage.join(cfg.out, CONFIG_FILE), config_to_yaml(cfg))
+    image_side = shard_image_side(cfg.data)
+    datasets = cache_datasets(datasets, rows, N_CHANNELS * image_side ** 2, cfg.cache, cfg.section)
+    settings = RunSettings(step=cfg.section, out=cfg.out, run_name=run_name, epochs=cfg.epochs,
+                           batch_size=cfg.batch_size, seed=cfg.seed, image_side=image_side, recipe=recipe,
+                           cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once,
+                           stall_timeout_s=cfg.stall_timeout, train_rows=train_rows)
+    return fit(make_step(settings), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures,
+               datasets=datasets, what=what)
 
 
 def fit(step: "TrainingStep", *, workers: int, gpu: bool, max_failures: int, datasets: dict[str, Any],

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from rxray import storage
-from rxray.config import ConfigError, PretrainConfig, config_to_dict, config_to_yaml
+from rxray.config import ConfigError, PretrainConfig, config_to_dict
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, checkpoint_epoch, latest_checkpoint
-from rxray.outputs import CONFIG_FILE, read_manifest
+from rxray.outputs import read_manifest
 from rxray.results import PretrainResult
 from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
+from rxray.models.inputs import InputRecipe
 from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step
-from rxray.train.loop import INPUT_TASK_CPUS, cache_datasets, check_rerun, fit, shard_image_side, worker_cpus
+from rxray.train.loop import INPUT_TASK_CPUS, check_rerun, input_statistics, launch, worker_cpus
 from rxray.train.worker import CrashOnce, TrainWorker, unwrap
 
 RUN_NAME = "simclr"
@@ -131,8 +131,9 @@ class SimCLRStep(TrainingStep):
     def setup(self, worker: TrainWorker, restored: Checkpoint | None) -> None:
         """The view generator on the worker's device."""
         super().setup(worker, restored)
-        self.augment = build_augment(self.cfg, self.run.image_side, self.run.channel_mean,
-                                     self.run.channel_std).to(worker.device)
+        recipe = self.run.recipe
+        self.augment = build_augment(self.cfg, self.run.image_side, list(recipe.mean),
+                                     list(recipe.std)).to(worker.device)
 
     def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
         """Train mode and the epoch's learning rate (recorded as ``lr``)."""
@@ -153,17 +154,15 @@ class SimCLRStep(TrainingStep):
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         """The probe's scores with --probe, else nothing."""
-        return _probe_epoch(self.cfg, self.worker, model, self.run.channel_mean, self.run.channel_std) \
-            if self.cfg.probe else {}
+        return _probe_epoch(self.cfg, self.worker, model, self.run.recipe) if self.cfg.probe else {}
 
     def checkpoint_fields(self) -> dict[str, Any]:
         """The encoder's architecture and input statistics, and the config."""
         return {"config": config_to_dict(self.cfg), "backbone": self.cfg.backbone, "stem": self.cfg.stem,
-                "channel_mean": list(self.run.channel_mean), "channel_std": list(self.run.channel_std)}
+                "channel_mean": list(self.run.recipe.mean), "channel_std": list(self.run.recipe.std)}
 
 
-def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mean: list[float],
-                 std: list[float]) -> dict[str, float]:
+def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, recipe: InputRecipe) -> dict[str, float]:
     """Probe scores of the encoder as it is now: every worker embeds its share of the probe sites, rank 0 scores.
 
     The unwrapped encoder runs (a DDP forward would wait on the other workers) in
@@ -175,7 +174,7 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, mea
 
     batches = worker.stall_guarded(worker.dataset_shard("probe").iter_batches(batch_size=cfg.batch_size,
                                                                               batch_format="numpy"), "probe")
-    features, columns = embed_batches(unwrap(model).encoder, batches, mean=mean, std=std, device=worker.device)
+    features, columns = embed_batches(unwrap(model).encoder, batches, recipe=recipe, device=worker.device)
     shares = [share for share in worker.gather((features, columns)) if len(share[0])]
     if not worker.is_chief:
         return {}
@@ -197,13 +196,10 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> Pre
 
     ``crash_once`` is for recovery tests: it makes rank 0's process die once mid-run.
     """
-    from rxray.data.shards import channel_stats, read_shards
+    from rxray.data.shards import read_shards
 
     timer = Timer()
-    try:
-        mean, std = channel_stats(cfg.data)
-    except FileNotFoundError as exc:
-        raise ConfigError("pretrain.data", str(exc)) from None
+    mean, std = input_statistics(cfg)
     _check_weights(cfg)
     done, resume_from = _completed_epochs(cfg)
     if done >= cfg.epochs:
@@ -215,27 +211,20 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> Pre
 
     ensure_ray()
     dataset = read_shards(cfg.data, columns=["image"], task_cpus=INPUT_TASK_CPUS)
-    rows, image_side = _shard_rows(cfg.data, dataset), shard_image_side(cfg.data)
+    rows = _shard_rows(cfg.data, dataset)
     if rows // cfg.workers < cfg.batch_size:
         raise ConfigError("pretrain.batch_size", f"{cfg.batch_size} per worker x {cfg.workers} workers needs at "
                                                  f"least {cfg.batch_size * cfg.workers} images; {cfg.data} has {rows}")
-    storage.makedirs(cfg.out)
-    storage.write_text(storage.join(cfg.out, CONFIG_FILE), config_to_yaml(cfg))
-
     datasets = {"train": dataset}
     sizes = {"train": rows}
     if cfg.probe:
         datasets["probe"] = _probe_dataset(cfg)
         sizes["probe"] = min(rows, cfg.probe_sites)
-    datasets = cache_datasets(datasets, sizes, IN_CHANNELS * image_side ** 2, cfg.cache, "pretrain")
     cpus = worker_cpus(cfg.workers, cfg.gpu, cfg.worker_cpus)
-    run = RunSettings(step="pretrain", out=cfg.out, run_name=RUN_NAME, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                      seed=cfg.seed, image_side=image_side, channel_mean=list(mean), channel_std=list(std),
-                      cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once,
-                      stall_timeout_s=cfg.stall_timeout, train_rows=rows)
     with timer.time("train"):
-        fit(SimCLRStep(cfg, run), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures, datasets=datasets,
-            what="pretraining")
+        launch(cfg, lambda settings: SimCLRStep(cfg, settings), run_name=RUN_NAME,
+               recipe=InputRecipe(tuple(mean), tuple(std)), datasets=datasets, rows=sizes, resume_from=resume_from,
+               train_rows=rows, cpus=cpus, what="pretraining", crash_once=crash_once)
     return _finish(cfg, status="trained", resumed_from=done, timer=timer, rows=rows, cpus_per_worker=cpus)
 
 
