@@ -11,7 +11,7 @@ MAX_MODULE_LINES = 400
 
 
 def _package_of(module: str) -> str:
-    """`rxray.train.loop` -> `train`; top-level modules (`rxray.config`) are the foundation, one node each."""
+    """`rxray.train.launch` -> `train`; top-level modules (`rxray.config`) are the foundation, one node each."""
     parts = module.split(".")
     if len(parts) == 1:
         return module  # rxray/__init__.py

@@ -19,7 +19,7 @@ from rxray.outputs import read_manifest
 from rxray.models.checkpoints import (Checkpoint, checkpoint_epoch, latest_checkpoint, load_checkpoint,
                                      load_encoder, read_checkpoint)
 from rxray.train.epoch_log import read_metrics
-from rxray.train.loop import cache_datasets
+from rxray.train.launch import cache_datasets
 from rxray.train.worker import CrashOnce
 from rxray.train.simclr import RUN_NAME, pretrain
 from conftest import shard_row

@@ -58,7 +58,7 @@ def test_a_slow_training_step_never_trips_the_guard():
 def test_a_run_whose_workers_cannot_be_placed_again_says_so_and_how_to_resume():
     from ray.train import ControllerError
 
-    from rxray.train.loop import WORKER_GROUP_START_ATTEMPTS, failure_message
+    from rxray.train.launch import WORKER_GROUP_START_ATTEMPTS, failure_message
 
     startup = TimeoutError("The worker group startup timed out after 60.0 seconds waiting for 2 workers.\nmore")
     message = failure_message(ControllerError(startup), "pretraining", max_failures=2)
@@ -73,7 +73,7 @@ def test_a_run_whose_workers_cannot_be_placed_again_says_so_and_how_to_resume():
 def test_a_stall_the_restarts_cannot_cure_ends_in_one_line_naming_it():
     from ray.train import WorkerGroupError
 
-    from rxray.train.loop import failure_message
+    from rxray.train.launch import failure_message
 
     remote = RuntimeError("ray::RayTrainWorker.run_train_fn() (pid=1, ip=10.0.0.2)\n  File \"worker.py\", line 80\n"
                           "rxray.train.worker.DataStalled: no train batch arrived for 120 s (a lost node's data)")
@@ -169,7 +169,7 @@ def test_a_long_wait_is_told_while_it_lasts():
 
 @pytest.mark.parametrize("workers", [2, 3, 4, 5, 8])
 def test_workers_holding_every_one_cpu_node_leave_room_for_the_input_tasks(workers):
-    from rxray.train.loop import INPUT_TASK_CPUS, cpus_per_worker
+    from rxray.train.launch import INPUT_TASK_CPUS, cpus_per_worker
 
     share = cpus_per_worker(float(workers), workers, gpu=False)  # one worker per 1-CPU node, no spare node
     assert 1.0 - share >= INPUT_TASK_CPUS and share >= 0.25

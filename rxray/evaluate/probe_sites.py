@@ -99,7 +99,7 @@ def probe_dataset(data: str, *, task: str, treatments: Sequence[str] | None, max
     Only metadata columns are read to choose the sites; the images of the chosen
     ones are read by a site_id filter inside the Parquet scan. Raises ValueError
     when the selection is unusable. ``task_cpus``: the logical CPUs each read task asks for (a training run's
-    input: see :data:`rxray.train.loop.INPUT_TASK_CPUS`).
+    input: see :data:`rxray.train.launch.INPUT_TASK_CPUS`).
     """
     import pyarrow.dataset as pads
     from ray.data.expressions import col

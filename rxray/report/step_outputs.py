@@ -29,7 +29,7 @@ BULK_DIRS = frozenset({"images", "heatmaps", "panels", "sites", "wells", "tensor
                        TABLES_DIR})
 # Folders inside a step output that may hold its PNG figures (besides its top level).
 FIGURE_SUBDIRS = ("plots", "figures")
-# Per-epoch metrics of training runs: rxray.train.loop.METRICS_FILE, named here because importing
+# Per-epoch metrics of training runs: rxray.train.epoch_log.METRICS_FILE, named here because importing
 # that module loads torch, seconds of start-up for a report that never trains anything.
 TRAINING_METRICS_FILE = "metrics.jsonl"
 

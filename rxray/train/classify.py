@@ -38,7 +38,7 @@ from rxray.models.classifier import build_classifier
 from rxray.models.inputs import InputRecipe
 from rxray.train.classifier_step import ClassifierStep, EncoderStart
 from rxray.train.epoch_log import read_metrics
-from rxray.train.loop import check_rerun, input_statistics, launch, worker_cpus
+from rxray.train.launch import check_rerun, input_statistics, launch, worker_cpus
 from rxray.train.plate_norm import plate_gains
 from rxray.train.predictions import (FIGURES, PREDICTION_COLUMNS, UNLABELLED_FILE, WORKER_PREDICTIONS_FILE,
                                      compound_predictions, plate_control_zscores, predict, read_worker_predictions,

@@ -30,7 +30,7 @@ from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
 from rxray.models.inputs import InputRecipe
 from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step
-from rxray.train.loop import INPUT_TASK_CPUS, check_rerun, input_statistics, launch, worker_cpus
+from rxray.train.launch import INPUT_TASK_CPUS, check_rerun, input_statistics, launch, worker_cpus
 from rxray.train.worker import CrashOnce, TrainWorker, unwrap
 
 RUN_NAME = "simclr"

@@ -204,7 +204,7 @@ def _labelled_rows(cfg: FinetuneConfig, plan: TaskPlan, rows: Any, keep: Sequenc
                    gains: dict[str, list[float]] | None, unlabelled: bool = False) -> "ray.data.Dataset":
     """The shards' ``rows`` (a Ray Data expression) with the task's label columns, every task at INPUT_TASK_CPUS."""
     from rxray.data.shards import read_shards
-    from rxray.train.loop import INPUT_TASK_CPUS
+    from rxray.train.launch import INPUT_TASK_CPUS
 
     columns = list(dict.fromkeys(["image", "experiment", "plate", "well", "treatment", "well_id", "treatment_conc",
                                   plan.label_col, *keep]))

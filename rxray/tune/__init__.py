@@ -4,7 +4,7 @@ Each trial is a Tune *function trainable* (:func:`rxray.tune.trial.run_trial`, R
 Ray Train under Tune): it builds the step's config from the fixed settings and the
 trial's sampled values and calls the ordinary step (`rxray pretrain` or
 `rxray finetune`) with its output under ``<out>/trials/<trial_id>``. The step's
-TorchTrainer forwards every epoch's report to Tune (:func:`rxray.train.loop.fit`
+TorchTrainer forwards every epoch's report to Tune (:func:`rxray.train.launch.fit`
 adds Ray's ``TuneReportCallback`` inside a trial), so ASHA can stop weak trials
 after any epoch.
 

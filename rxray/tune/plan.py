@@ -170,7 +170,7 @@ def _fit_to_cluster(cfg: TuneConfig, step: Any) -> tuple[int, dict[str, Any]]:
         if cfg.cpus_per_trial is not None:
             raise ConfigError("tune.cpus_per_trial", "fine-tuning trials reserve their workers' CPUs themselves; "
                                                      "leave it unset (or set workers in --base)")
-        from rxray.train.loop import worker_cpus
+        from rxray.train.launch import worker_cpus
 
         per_trial = workers * worker_cpus(workers, False, None)
         return max(1, min(cfg.max_concurrent, int(spare // per_trial))), {}
