@@ -16,10 +16,12 @@ setup: $(VENV)/.installed
 # __pycache__ folders.
 unexport PYTHONDONTWRITEBYTECODE
 
-$(VENV)/.installed: pyproject.toml
+# testing/ is rxray's test support (a multi-node cluster on one machine, a node killer, faults injected into
+# training workers): installed here beside rxray, never part of the rxray wheel.
+$(VENV)/.installed: pyproject.toml testing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/pip install --quiet --no-compile -e ".[dev]" -e ./testing
 	touch $@
 
 # The whole pipeline on the default synthetic dataset (rayjobs/configs/demo.yaml); rerunning skips the

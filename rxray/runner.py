@@ -86,7 +86,7 @@ def clear(step: Step, out: str) -> None:
         storage.remove(storage.join(out, name), recursive=True)
 
 
-def run_cycle(step: Step, cfg: Any, body: Callable[..., Any], **hooks: Any) -> Any:
+def run_cycle(step: Step, cfg: Any, body: Callable[[Any], Any]) -> Any:
     """Clear, run the body, check its result type and record it; returns the result.
 
     An output that holds another step's manifest is refused, never cleared: a rerun replaces only its own step's.
@@ -98,7 +98,7 @@ def run_cycle(step: Step, cfg: Any, body: Callable[..., Any], **hooks: Any) -> A
     if not step.keeps_output:
         storage.ensure_bucket(cfg.out)
         storage.makedirs(cfg.out)
-    result = body(cfg, **hooks)
+    result = body(cfg)
     expected = step.result_class()
     if not isinstance(result, expected):
         raise TypeError(f"step {step.name} returned {type(result).__name__}, not its result class {expected.__name__}")
@@ -114,8 +114,8 @@ def step_function(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
     def wrap(body: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(body)
-        def run(cfg: Any, **hooks: Any) -> Any:
-            return run_cycle(get_step(name), cfg, body, **hooks)
+        def run(cfg: Any) -> Any:
+            return run_cycle(get_step(name), cfg, body)
 
         run.body = body  # type: ignore[attr-defined]
         return run

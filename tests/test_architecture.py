@@ -1,5 +1,6 @@
 """The layout docs/architecture.md promises: no import cycles between packages, a library that never
-imports its CLI, and modules small enough to read (no Ray, no torch: it parses the sources)."""
+imports its CLI or leans on its test support, and modules small enough to read (no Ray, no torch: it parses
+the sources)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,20 @@ def test_the_library_never_imports_the_cli():
     offenders = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
                  if p.name != "cli.py" and "rxray.cli" in p.read_text()]
     assert not offenders
+
+
+def test_the_test_support_stays_out_of_the_wheel():
+    import tomllib
+
+    from setuptools import find_packages
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    shipped = find_packages(str(PACKAGE.parent), **project["tool"]["setuptools"]["packages"]["find"])
+    assert "rxray.bench" in shipped and not [p for p in shipped if not p.startswith("rxray") or "testing" in p]
+    # Only the chaos benchmark may use it, and only when a source checkout installed it (a guarded import).
+    users = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if "rxray_testing" in p.read_text()}
+    assert users == {"rxray/bench/chaos.py"}
+    assert "except ImportError" in (PACKAGE / "bench" / "chaos.py").read_text()
 
 
 def test_no_module_over_the_size_a_newcomer_reads():

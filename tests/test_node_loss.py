@@ -1,6 +1,6 @@
 """A bad day on a real cluster, on one machine: worker nodes lost mid-step, the head lost, the job resubmitted.
 
-A multi-node Ray cluster (:class:`rxray.bench.cluster.LocalCluster`: a head with no CPUs,
+A multi-node Ray cluster (:class:`rxray_testing.cluster.LocalCluster`: a head with no CPUs,
 as in cluster.yaml, and one-CPU worker nodes, each its own raylet and object store,
 token authentication on) runs the pipeline as a submitted job on S3. A node killer
 SIGKILLs a whole worker node (raylet, object store, workers) in the middle of ingest,
@@ -43,8 +43,8 @@ from rxray import storage
 from rxray.batch.embed import EMBEDDING_COLUMN, embed
 from rxray.batch.score import score
 from rxray.bench.chaos import checkpoint_in_storage
-from rxray.bench.cluster import (FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller, free_ports,
-                                 process_tree)
+from rxray.bench.ingest import process_tree
+from rxray_testing.cluster import FAST_FAILURE_DETECTION, RAY, Fault, LocalCluster, NodeKiller, free_ports
 from rxray.config import EmbedConfig, ScoreConfig, SynthConfig, load_config
 from rxray.data.synth import synthesize
 from rxray.models.checkpoints import load_checkpoint

@@ -20,7 +20,7 @@ from rxray.models.checkpoints import (Checkpoint, checkpoint_epoch, latest_check
                                      load_encoder, read_checkpoint)
 from rxray.train.epoch_log import read_metrics
 from rxray.train.launch import cache_datasets
-from rxray.train.worker import CrashOnce
+from rxray_testing.faults import crash_once
 from rxray.train.simclr import RUN_NAME, pretrain
 from conftest import shard_row
 
@@ -76,8 +76,8 @@ def finished_run(science_run, s3_proxy, tmp_path_factory):
                                                "max_failures": 1})
     assert cfg.workers == 2 and cfg.cache == "on"
     marker = tmp_path_factory.mktemp("crash") / "crashed"
-    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults:
-        summary = pretrain(cfg, crash_once=CrashOnce(epoch=1, marker=str(marker)))  # 0-based: epoch 2
+    with s3_proxy.flaky(failure_rate=0.1, delay_rate=0.1) as faults, crash_once(epoch=1, marker=str(marker)):
+        summary = pretrain(cfg)  # 0-based epoch 1: rank 0 dies one step into epoch 2
     assert faults["503"] + faults["500"] + faults["reset"] > 0, faults  # checkpoints to a store failing 10%
     assert faults["applied-reset"] and faults["truncated"], faults  # uploads applied unheard, restores cut off
     return cfg, summary, marker

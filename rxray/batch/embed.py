@@ -89,13 +89,10 @@ class EmbedBatch(InferenceActor):
 # --------------------------------------------------------------------------- the pipeline
 
 
-def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int, plan: PoolPlan,
-                  embedder: type[EmbedBatch] = EmbedBatch) -> "ray.data.Dataset":
-    """The lazy Ray Dataset of shard rows with ``embedding`` in place of ``image``.
-
-    ``embedder`` swaps in a subclass of :class:`EmbedBatch` (the benchmark's timed one).
-    """
-    return map_batches(shards, embedder, plan, batch_size=batch_size, checkpoint_uri=checkpoint_uri)
+def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size: int,
+                  plan: PoolPlan) -> "ray.data.Dataset":
+    """The lazy Ray Dataset of shard rows with ``embedding`` in place of ``image``."""
+    return map_batches(shards, EmbedBatch, plan, batch_size=batch_size, checkpoint_uri=checkpoint_uri)
 
 
 def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:

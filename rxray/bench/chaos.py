@@ -1,17 +1,19 @@
 """`rxray bench chaos`: each heavy step run three times on a multi-node cluster — warm-up, undisturbed, and
 with a worker node killed partway — in the style of Ray's release chaos tests.
 
-The cluster is :class:`~rxray.bench.cluster.LocalCluster` on this machine: a head with no
+The cluster is :class:`~rxray_testing.cluster.LocalCluster` on this machine: a head with no
 CPUs (the drivers' node, as in cluster.yaml) and one-CPU worker nodes, each its own raylet
 and object store. Each run is the step's own command (``rxray <step> ...``) as a driver on
-the head; the third has a :class:`~rxray.bench.cluster.NodeKiller` SIGKILL the worker node
+the head; the third has a :class:`~rxray_testing.cluster.NodeKiller` SIGKILL the worker node
 doing the step's work (training: at ``--kill-at``, by default as soon as the first epoch's
 checkpoint is in storage, before Ray Train has registered it) and a replacement
 node join a second later, as cluster.yaml's autoscaler would. Per run: wall time and the
 peak proportional set size of the driver and every Ray process on every node; per step:
 whether the node-loss run's outputs equal the undisturbed run's (training: every epoch
 logged once, the epoch it resumed from, and whether the weights came out identical). The
-table goes to the "Chaos benchmark" section of ``cfg.table`` (docs/reliability.md).
+table goes to the "Chaos benchmark" section of ``cfg.table`` (docs/reliability.md). The cluster and the
+node killer are rxray's test support (``testing/``, which ``make setup`` installs from a source checkout),
+not part of the rxray wheel.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from typing import Any, Callable
 import numpy as np
 
 from rxray import storage
-from rxray.bench.cluster import FAST_FAILURE_DETECTION, Fault, LocalCluster, NodeKiller
 from rxray.bench.ingest import PeakMemory
 from rxray.bench.tables import record_rows
 from rxray.config import option
+from rxray.errors import ConfigError
 from rxray.outputs import read_manifest
+
+try:
+    from rxray_testing.cluster import FAST_FAILURE_DETECTION, Fault, LocalCluster, NodeKiller
+except ImportError:  # an installed wheel without the test support: bench_chaos says how to get it
+    LocalCluster = None
 
 CASES = ["ingest", "pretrain", "pretrain-streamed", "finetune", "finetune-streamed", "embed", "score"]
 KILL_MOMENTS = ["checkpoint", "mid-epoch", "epoch-logged"]
@@ -255,6 +262,9 @@ def run_step(cluster: LocalCluster, args: list[str], log: Path, fault: Fault | N
 
 def bench_chaos(cfg: BenchChaosConfig) -> dict[str, Any]:
     """Generate a small dataset, start the cluster, run every chosen case three times, write the table."""
+    if LocalCluster is None:
+        raise ConfigError("bench_chaos", "needs rxray's test support (its multi-node cluster): run it from a source "
+                                         "checkout after `make setup`, or `pip install -e testing/` there")
     from rxray.config import SynthConfig, load_config
     from rxray.data.synth import synthesize
 

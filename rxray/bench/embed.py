@@ -258,13 +258,12 @@ def actor_pool(data: str, checkpoint_uri: str, batch_size: int, actors: int, thr
     Output blocks may bundle several batches, so steady state comes from the time each
     batch finished in its actor, stamped on its rows.
     """
-    from rxray.batch.embed import embed_dataset
-    from rxray.batch.pool import PoolPlan
+    from rxray.batch.pool import PoolPlan, map_batches
     from rxray.data.shards import read_shards
 
-    start = time.perf_counter()
-    embedded = embed_dataset(read_shards(data), checkpoint_uri, batch_size=batch_size,
-                             plan=PoolPlan(actors=actors, threads=threads, gpu=gpu), embedder=_timed_embedder())
+    start = time.perf_counter()  # the step's own pool (rxray.batch.embed.embed_dataset) with a timed EmbedBatch
+    embedded = map_batches(read_shards(data), _timed_embedder(), PoolPlan(actors=actors, threads=threads, gpu=gpu),
+                           batch_size=batch_size, checkpoint_uri=checkpoint_uri)
     done = np.concatenate([block[DONE_COLUMN] for block in
                            embedded.iter_batches(batch_size=None, batch_format="numpy")])
     seconds = time.perf_counter() - start

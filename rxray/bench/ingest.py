@@ -24,12 +24,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
 
-from rxray.bench.cluster import process_tree
 from rxray import storage
 from rxray.config import IngestConfig, SynthConfig, config_to_dict, load_config, option
 from rxray import layout
@@ -75,6 +75,23 @@ def _pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and every live descendant's pid (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
 
 
 class PeakMemory:

@@ -2,7 +2,7 @@
 
 The loop owns what the steps share: restore the run's latest checkpoint, seed, build,
 prepare for DDP, restore the optimizer, run the epochs (per-worker, per-epoch view
-seeds, throughput, fault injection), each batch's optimisation step (:func:`optimisation_step`:
+seeds, throughput), each batch's optimisation step (:func:`optimisation_step`:
 the forward pass under the device's autocast, backward, optimiser step), average the
 metrics over workers, write one checkpoint per epoch
 (:class:`~rxray.models.checkpoints.Checkpoint`) and the epoch log. A step plugs in as a
@@ -30,7 +30,7 @@ from rxray.models.device import autocast_for
 from rxray.models.inputs import InputRecipe
 from rxray.runtime import quiet_data_notices
 from rxray.train.epoch_log import EpochLog, EpochProgress
-from rxray.train.worker import CrashOnce, ThroughputMeter, TrainWorker, unwrap, worker_print
+from rxray.train.worker import ThroughputMeter, TrainWorker, unwrap, worker_print
 
 # Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
 _RANK_SEED_STRIDE = 1_000_003
@@ -51,7 +51,6 @@ class RunSettings:
     cpus_per_worker: float
     threads: int | None = None  # torch threads per worker (None: the reserved CPUs)
     resume_from: str | None = None  # the latest checkpoint a rerun continues from
-    crash_once: CrashOnce | None = None  # recovery tests only
     stall_timeout_s: float = STALL_TIMEOUT_S  # longest wait for a batch before the worker fails
     train_rows: int | None = None  # training rows of the run (an upper bound), for the progress lines' ETA
 
@@ -206,8 +205,6 @@ def _train_epoch(step: TrainingStep, worker: TrainWorker, model: nn.Module, opti
     progress = EpochProgress(run.step, epoch, run.epochs, expected or None) if worker.is_chief else None
     batches = worker.batches(run.batch_size, seed=run.seed, epoch=epoch, dtypes=step.batch_dtypes)
     for index, batch in enumerate(meter.timed(batches)):
-        if run.crash_once is not None:
-            run.crash_once.maybe_crash(epoch, index, worker.rank)
         with torch.no_grad():
             inputs = step.batch_inputs(batch, generator)
         metrics = optimisation_step(model, optimizer, inputs, lambda outputs: step.batch_loss(outputs, batch))

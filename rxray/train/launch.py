@@ -24,7 +24,6 @@ from rxray.train.worker import worker_share_name
 if TYPE_CHECKING:
     from rxray.models.inputs import InputRecipe
     from rxray.train.epochs import RunSettings, TrainingStep
-    from rxray.train.worker import CrashOnce
 
 # Checkpoints kept per run: the latest for resuming, a couple more in case the newest is damaged.
 CHECKPOINTS_KEPT = 3
@@ -89,7 +88,7 @@ def input_statistics(cfg: Any) -> tuple[list[float], list[float]]:
 
 def launch(cfg: Any, make_step: Callable[["RunSettings"], "TrainingStep"], *, run_name: str, recipe: "InputRecipe",
            datasets: dict[str, Any], rows: dict[str, int], resume_from: str | None, train_rows: int, cpus: float,
-           what: str, crash_once: "CrashOnce | None" = None) -> Any:
+           what: str) -> Any:
     """Train a run of a training step's config on Ray Train: its config.yaml, its datasets cached (``cfg.cache``),
     its settings, then :func:`fit` of the step ``make_step`` builds from them; returns the ray.train.Result."""
     from rxray.train.epochs import RunSettings
@@ -100,7 +99,7 @@ def launch(cfg: Any, make_step: Callable[["RunSettings"], "TrainingStep"], *, ru
     datasets = cache_datasets(datasets, rows, N_CHANNELS * image_side ** 2, cfg.cache, cfg.section)
     settings = RunSettings(step=cfg.section, out=cfg.out, run_name=run_name, epochs=cfg.epochs,
                            batch_size=cfg.batch_size, seed=cfg.seed, image_side=image_side, recipe=recipe,
-                           cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from, crash_once=crash_once,
+                           cpus_per_worker=cpus, threads=cfg.threads, resume_from=resume_from,
                            stall_timeout_s=cfg.stall_timeout, train_rows=train_rows)
     return fit(make_step(settings), workers=cfg.workers, gpu=cfg.gpu, max_failures=cfg.max_failures,
                datasets=datasets, what=what)

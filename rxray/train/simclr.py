@@ -31,7 +31,7 @@ from rxray.train.epoch_log import read_metrics
 from rxray.models.inputs import InputRecipe
 from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step
 from rxray.train.launch import INPUT_TASK_CPUS, check_rerun, input_statistics, launch, worker_cpus
-from rxray.train.worker import CrashOnce, TrainWorker, unwrap
+from rxray.train.worker import TrainWorker, unwrap
 
 RUN_NAME = "simclr"
 IN_CHANNELS = 6
@@ -191,11 +191,8 @@ def _probe_epoch(cfg: PretrainConfig, worker: TrainWorker, model: nn.Module, rec
 
 
 @step_function("pretrain")
-def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> PretrainResult:
-    """Train (or resume, or report complete) a SimCLR run into ``cfg.out``; returns how far it got.
-
-    ``crash_once`` is for recovery tests: it makes rank 0's process die once mid-run.
-    """
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Train (or resume, or report complete) a SimCLR run into ``cfg.out``; returns how far it got."""
     from rxray.data.shards import read_shards
 
     timer = Timer()
@@ -224,7 +221,7 @@ def pretrain(cfg: PretrainConfig, *, crash_once: CrashOnce | None = None) -> Pre
     with timer.time("train"):
         launch(cfg, lambda settings: SimCLRStep(cfg, settings), run_name=RUN_NAME,
                recipe=InputRecipe(tuple(mean), tuple(std)), datasets=datasets, rows=sizes, resume_from=resume_from,
-               train_rows=rows, cpus=cpus, what="pretraining", crash_once=crash_once)
+               train_rows=rows, cpus=cpus, what="pretraining")
     return _finish(cfg, status="trained", resumed_from=done, timer=timer, rows=rows, cpus_per_worker=cpus)
 
 

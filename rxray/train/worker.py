@@ -1,8 +1,7 @@
 """One Ray Train worker's side of a training run: its rank, device, data and checkpoints, and a throughput meter.
 
 :class:`TrainWorker` (rank, device, threads, channels_last + DDP, dataset shard batches,
-checkpoint report/restore), :class:`ThroughputMeter` (images/s, data waits) and
-:class:`CrashOnce`, which injects a real worker death for recovery tests.
+checkpoint report/restore) and :class:`ThroughputMeter` (images/s, data waits).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -103,28 +101,6 @@ def worker_print(line: str) -> None:
 def worker_share_name(dataset: str, rank: int) -> str:
     """The name under which a worker finds its fixed share of a cached dataset."""
     return f"{dataset}@{rank}"
-
-
-@dataclass
-class CrashOnce:
-    """Fault injection for recovery tests: rank 0 dies (os._exit) at `epoch`, once per `marker` file.
-
-    A real process death, not an exception: Ray sees the worker vanish and must
-    restart the group from the last checkpoint. The marker file records that the
-    crash happened, so the restarted worker carries on.
-    """
-
-    epoch: int
-    marker: str
-    after_steps: int = 1
-
-    def maybe_crash(self, epoch: int, step: int, rank: int) -> None:
-        """Exit the process if this is the chosen rank, epoch and step and it has not crashed before."""
-        if rank != 0 or epoch != self.epoch or step != self.after_steps or os.path.exists(self.marker):
-            return
-        with open(self.marker, "w") as handle:
-            handle.write(f"crashed at epoch {epoch}, step {step}\n")
-        os._exit(1)
 
 
 class TrainWorker:

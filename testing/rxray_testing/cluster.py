@@ -9,7 +9,7 @@ every process under it (its workers, its object store, its agents): what a recla
 instance or a dead machine does. :class:`NodeKiller` does that when a running step prints
 a given line, then optionally adds a replacement node as an autoscaler would.
 
-Used by ``rxray bench chaos`` and by the node-loss tests.
+Used by ``rxray bench chaos`` and by the node-loss tests; part of the test support, not of the rxray wheel.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection
+
+from rxray.bench.ingest import process_tree
 
 RAY = str(Path(sys.executable).parent / "ray")
 WORKER_PORTS = 48  # worker processes one node may run at once (each needs a port of its own)
@@ -57,23 +59,6 @@ def free_ports(count: int, taken: Collection[int] = ()) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def process_tree(pid: int) -> list[int]:
-    """The pid and every live descendant's pid (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            children.setdefault(int(ppid), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
 
 
 def command_line(pid: int) -> str:
