@@ -352,7 +352,10 @@ def test_bad_inputs_are_config_errors_before_training(labelled_shards, tmp_path)
 # --------------------------------------------------------------------------- compounds never seen
 
 MECHANISMS = {"A": 0, "B": 2, "C": 4}  # each brightens its own stain in all its compounds
-OWN_STAINS = [1, 3, 5]  # a compound's own phenotype: another stain, different in each compound of a mechanism
+# A compound's own phenotype: another stain, different in each compound of a mechanism, weaker than the shared one
+# (+20 against +45). At +30 a held-out compound whose own stain two training compounds of other mechanisms share was
+# named by it on an AMD EPYC machine (2026-12-07: 2 of 3 held out right on every run, at 016bd0e and after).
+OWN_STAINS = [1, 3, 5]
 
 
 def _compound_rows(seed: int = 0) -> list[dict]:
@@ -367,7 +370,7 @@ def _compound_rows(seed: int = 0) -> list[dict]:
                 image = rng.normal(60, 12, (6, SIZE, SIZE))
                 if stain is not None:
                     image[stain] += 45
-                    image[own] += 30
+                    image[own] += 20
                 well = f"{'ABCDEFGHIJKL'[t]}01"
                 rows.append(shard_row(experiment, plate, well, site, name, None if moa == "control" else 1.0,
                                       np.clip(image, 0, 255).astype(np.uint8), moa=moa))
