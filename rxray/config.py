@@ -15,11 +15,13 @@ from rxray.layout import RXRX2_LAYOUT, TREATMENT_GROUPS
 from rxray.errors import ConfigError
 from rxray.models.registry import BACKBONES
 from rxray.options import config_to_dict, config_to_yaml, load_config, option, read_yaml
+from rxray.representation_config import (FEATURE_MEASUREMENTS, CompareConfig, FeaturesConfig, ScoreConfig,
+                                         ScoringSettings)
 
 # Names other modules import from here beside a step config (the machinery is rxray.options').
-__all__ = ["BACKBONES", "CACHE_HELP", "PROBE_CORRECTIONS", "PROBE_CORRECT_HELP", "ConfigError", "EmbedConfig",
-           "ExplainConfig", "FinetuneConfig", "IngestConfig", "PretrainConfig", "ProbeConfig", "ReportConfig",
-           "ScoreConfig", "SynthConfig", "TuneConfig", "config_to_dict", "config_to_yaml", "load_config", "option",
+__all__ = ["BACKBONES", "CACHE_HELP", "FEATURE_MEASUREMENTS", "PROBE_CORRECTIONS", "PROBE_CORRECT_HELP", "CompareConfig",
+           "ConfigError", "EmbedConfig", "ExplainConfig", "FeaturesConfig", "FinetuneConfig", "IngestConfig",
+           "PretrainConfig", "ProbeConfig", "ReportConfig", "ScoreConfig", "ScoringSettings", "SynthConfig", "TuneConfig", "config_to_dict", "config_to_yaml", "load_config", "option",
            "read_yaml", "STALL_TIMEOUT_S"]
 
 # A training worker waiting this long for its next batch fails (and Ray Train restarts the group from the last
@@ -205,37 +207,6 @@ class ProbeConfig:
         for name in ("tasks", "methods"):
             if not getattr(self, name):
                 raise ConfigError(f"probe.{name}", "needs at least one value")
-
-
-@dataclass
-class ScoreConfig:
-    """`rxray score`: Random-Forest scores, batch correction and mAP activity per treatment."""
-
-    section = "score"
-
-    embeddings: str = option(help="URI of `rxray embed` output, or an RxRx2 embeddings.csv", uri=True)
-    out: str = option(help="output URI for the score tables", uri=True, role="resource")
-    metadata: Optional[str] = option(None, "metadata.csv to join when --embeddings is an embeddings.csv "
-                                           "(default: the metadata.csv beside it)", uri=True)
-    treatments: Optional[list[str]] = option(None, "treatments to score (default: every non-control treatment)")
-    controls: list[str] = option(["EMPTY"], "control treatments")
-    correct: list[str] = option(["none", "center", "tvn"], "batch corrections to report",
-                                choices=["none", "center", "tvn"])
-    trees: int = option(100, "trees per Random Forest", minimum=1)
-    folds: int = option(5, "cross-validation folds, grouped by plate", minimum=2)
-    permutations: int = option(1000, "label permutations for mAP p-values", minimum=10)
-    fdr: float = option(0.05, "false-discovery rate for calling a treatment active", minimum=0.0, maximum=1.0)
-    seed: int = option(0, "random seed for forests, folds and permutations")
-    moa: Optional[str] = option(None, "moa.csv (treatment,moa): benchmarks the treatment map and predicts the "
-                                      "mechanism of every active treatment, leave-one-compound-out for annotated "
-                                      "ones (default: the moa.csv beside the dataset the embeddings came from, if "
-                                      "any; else no prediction, the map is still built)", uri=True)
-    map_neighbors: int = option(5, "nearest treatments listed per treatment in the similarity map", minimum=1)
-    map_permutations: int = option(1000, "MoA-label permutations for the similarity map's benchmark p-values",
-                                   minimum=10)
-    moa_neighbours: int = option(3, "nearest annotated active treatments whose similarity-weighted vote predicts "
-                                    "each active treatment's mechanism (3: a mechanism of three compounds keeps two "
-                                    "voters when one is held out)", minimum=1)
 
 
 @dataclass

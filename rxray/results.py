@@ -95,10 +95,33 @@ class EmbedResult(StepResult):
 
 
 @dataclass
+class FeaturesResult(StepResult):
+    """`rxray features`: the measurements taken, the features measured and kept, the pool and its throughput."""
+
+    size: Optional[int] = None  # image side of the shards, pixels
+    measurements: list[str] = field(default_factory=list)
+    stains: list[str] = field(default_factory=list)
+    features_measured: Optional[int] = None
+    features_kept: Optional[int] = None  # after pycytominer's feature selection
+    pool: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # folders of the profiles score reads, all features, wells
+    sites_per_s: Optional[float] = None
+
+
+@dataclass
 class ScoreResult(StepResult):
     """`rxray score`: per-correction activity calls and the treatment map's benchmark (``summary``)."""
 
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareResult(StepResult):
+    """`rxray compare`: the leaderboard's rows (one per representation) and what could not be scored."""
+
+    correction: Optional[str] = None  # the correction the leaderboard ranks by
+    leaderboard: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # representation -> why it is not on the board
 
 
 @dataclass
@@ -147,5 +170,5 @@ class TuneResult(StepResult):
     figures: list[str] = field(default_factory=list)
 
 
-__all__ = ["EmbedResult", "ExplainResult", "FinetuneResult", "IngestResult", "PretrainResult",
+__all__ = ["CompareResult", "EmbedResult", "ExplainResult", "FeaturesResult", "FinetuneResult", "IngestResult", "PretrainResult",
            "ProbeResult", "ReportResult", "ScoreResult", "StepResult", "SynthResult", "TuneResult"]

@@ -224,6 +224,26 @@ def test_a_pipeline_from_relative_paths_on_a_joined_ray_writes_under_its_run_wit
 
 
 @pytest.mark.slow
+def test_the_leaderboard_scores_every_representation_on_the_same_treatments(science_run):
+    import pandas as pd
+
+    _, console, folder = science_run
+    board = pd.read_csv(folder / "run" / "compare" / "leaderboard.csv").set_index("representation")
+    assert list(board.index) == ["simclr", "random-init-0", "cellprofiler", "dataset"]
+    assert board["treatments_scored"].nunique() == 1 and board["treatments_scored"].iloc[0] == 6
+    features = read_manifest(str(folder / "run" / "features"))
+    assert board.loc["cellprofiler", "dims"] == features["features_kept"]
+    assert board.loc["dataset", "dims"] == 128 and board.loc["simclr", "dims"] == 960  # resnet18's four stages pooled
+    truth = json.loads((folder / "data" / "truth.json").read_text())["treatments"]
+    cellprofiler = pd.read_csv(folder / "run" / "compare" / "representations" / "cellprofiler" / "score" /
+                               "scores.csv").set_index("treatment")
+    assert cellprofiler.loc["IFN-beta", "active"]  # the interferon's intensity phenotype is a classical feature
+    assert not cellprofiler.loc[[t for t, planted in truth.items() if planted["null"]], "active"].any()
+    assert "most active treatments found by: " in console
+    assert "Representation leaderboard" in (folder / "run" / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
 def test_a_trained_run_finds_the_planted_treatments_and_not_the_null(science_run):
     """Science inside `make test`: the run finds what the generator planted, and its classifier learnt to call it.
 

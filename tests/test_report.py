@@ -31,15 +31,15 @@ from rxray.evaluate.metrics import classification_metrics
 from rxray.report.page import report
 from rxray.report.step_outputs import find_step_outputs
 from rxray.outputs import write_manifest
-from rxray.results import (EmbedResult, ExplainResult, FinetuneResult, IngestResult, PretrainResult, ProbeResult,
-                           ScoreResult, SynthResult)
+from rxray.results import (CompareResult, EmbedResult, ExplainResult, FeaturesResult, FinetuneResult, IngestResult,
+                           PretrainResult, ProbeResult, ScoreResult, SynthResult)
 
 TREATMENTS = ["EMPTY", "IFN-beta", "IFN-gamma", "TNF-alpha"]
 N_SITES = 150
 DIM = 8
 PANELS = ["panels/IFN-beta__HUVEC-1_1_B02_1.png", "panels/IFN-beta__HUVEC-1_1_B02_2.png",
           "panels/IFN-gamma__HUVEC-1_1_C03_1.png", "panels/IFN-gamma__HUVEC-1_1_C03_2.png"]
-ALL_STEPS = ["ingest", "pretrain", "probe", "finetune", "embed", "score", "explain"]
+ALL_STEPS = ["ingest", "pretrain", "probe", "finetune", "embed", "features", "score", "compare", "explain"]
 
 
 # --------------------------------------------------------------------------- a fake run, one writer per step
@@ -177,6 +177,25 @@ def write_score(uri: str) -> list[str]:
     return outputs
 
 
+def write_features(uri: str) -> None:
+    write_manifest(uri, "features", {"data": "shards"}, FeaturesResult(
+        counts={"rows_in": N_SITES, "rows_out": N_SITES, "sites_without_cells": 0}, size=64,
+        measurements=["sizeshape", "intensity"], stains=["DNA", "ER", "Actin", "RNA", "Mito", "Golgi"],
+        features_measured=328, features_kept=140, sites_per_s=19.3, timings={"profile": 33.0, "total": 56.0}))
+
+
+def write_compare(uri: str) -> None:
+    rows = [{"representation": name, "dims": dims, "treatments_scored": 3, "active_treatments": active,
+             "mean_map_annotated": 0.8, "map_same_moa_recall": recall, "map_same_moa_pairs": 1, "map_p_value": 0.2,
+             "moa_top1": top1, "moa_p_value": 0.1, "probe_balanced_accuracy": None, "seconds_to_compute": 5.0,
+             "source": name}
+            for name, dims, active, recall, top1 in [("simclr", DIM, 1, 0.5, 0.5), ("random-init-0", DIM, 0, None, None),
+                                                      ("cellprofiler", 140, 2, 1.0, 1.0)]]
+    write_manifest(uri, "compare", {"embeddings": "emb"}, CompareResult(
+        counts={"representations": 3}, correction="center", leaderboard=rows, outputs=["leaderboard.csv"],
+        timings={"score_cellprofiler": 1.0}))
+
+
 def write_explain(uri: str) -> None:
     from rxray.batch.attribution import channel_importance
 
@@ -208,7 +227,9 @@ def build_run(root: str, steps=tuple(ALL_STEPS)) -> str:
                "finetune": lambda: (write_finetune(storage.join(root, "clf", "ifn-beta"), with_plots=True),
                                     write_finetune(storage.join(root, "clf", "multi"), with_plots=False)),
                "embed": lambda: write_embed(storage.join(root, "emb")),
+               "features": lambda: write_features(storage.join(root, "cp")),
                "score": lambda: write_score(storage.join(root, "rf")),
+               "compare": lambda: write_compare(storage.join(root, "board")),
                "explain": lambda: write_explain(storage.join(root, "cam"))}
     write_synth(storage.join(root, "data", "rxrx2"))
     for step in steps:
@@ -314,7 +335,9 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
 
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert manifest["step"] == "report" and manifest["counts"]["figures"] == result.counts["figures"]
-    assert manifest["counts"]["step_outputs"] == 9  # synth, ingest, pretrain, probe, 2 finetune, embed, score, explain
+    # synth, ingest, pretrain, probe, 2 finetune, embed, features, score, compare, explain
+    assert manifest["counts"]["step_outputs"] == 11
+    assert any(f.startswith("compare-") for f in figures) and "140" in section(page, "features")
 
 
 def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
@@ -328,6 +351,8 @@ def test_findings_come_first_and_warn_when_a_check_fails(full_run, tmp_path):
     assert "1 of 3 treatments active" in findings and "center correction" in findings
     assert "IFN-beta" in findings and "beats every random-init encoder" in findings
     assert 'class="problem"' not in findings  # every check passed: no warning
+    assert findings.index("Which representation") < findings.index("treatments active")
+    assert "Most active treatments found by: cellprofiler 2 of 3, simclr 1 of 3" in findings
 
     found = collect_findings(find_step_outputs(full_run))
     assert found["activity"]["active"] == ["IFN-beta"] and found["probe"]["beats_random_init"]
@@ -388,7 +413,7 @@ def test_partial_run_says_not_run_via_cli(tmp_path, capsys):
     assert main(["report", "--run", run, "--out", out]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] == ["synth", "ingest", "score"]
-    assert result["not_run"] == ["pretrain", "probe", "finetune", "embed", "explain"]
+    assert result["not_run"] == ["pretrain", "probe", "finetune", "embed", "features", "compare", "explain"]
     parser, page = read_page(result["report"])
     assert_links_resolve(out, parser)
     for step in result["not_run"]:
@@ -407,13 +432,16 @@ def test_search_skips_bulk_folders_and_report_outputs(full_run, tmp_path, monkey
     write_manifest(earlier_report, "report", {})
     excluded = os.path.join(full_run, "reports", "second")
     write_manifest(os.path.join(excluded, "nested"), "ingest", {})
+    # A step's own outputs inside its folder (compare's score of each representation) are its parts, not the run's.
+    write_manifest(os.path.join(full_run, "board", "representations", "cellprofiler", "score"), "score", {})
     outputs = find_step_outputs(full_run, exclude=excluded)
     assert sorted(o.step for o in outputs) == sorted(ALL_STEPS + ["finetune", "synth"])
     assert {o.relative for o in outputs if o.step == "finetune"} == {"clf/ifn-beta", "clf/multi"}
     bulk = {"images", "_shards", "sites", "heatmaps", "panels", "checkpoint_000003", "second"}
     searched = {part for uri in listed for part in os.path.relpath(uri, full_run).split(os.sep)}
     assert not bulk & searched, bulk & searched
-    assert len(find_step_outputs(full_run, depth=1)) == 5  # ssl, ssl-probe, emb, rf, cam; data/* and clf/* deeper
+    # ssl, ssl-probe, emb, cp, rf, board, cam; data/* and clf/* deeper
+    assert len(find_step_outputs(full_run, depth=1)) == 7
     assert len(find_step_outputs(os.path.join(full_run, "rf"))) == 1  # the run URI may be one step's output
 
 

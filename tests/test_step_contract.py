@@ -196,7 +196,8 @@ def test_real_manifests_of_the_science_run_read_strictly(science_run):
 
     plan, _, _ = science_run
     outputs = find_step_outputs(plan.layout.run) + find_step_outputs(plan.layout.source, depth=0)
-    assert {o.step for o in outputs} == {"synth", "ingest", "pretrain", "finetune", "embed", "score"}
+    assert {o.step for o in outputs} == {"synth", "ingest", "pretrain", "finetune", "embed", "features",
+                                          "score", "compare"}
     for output in outputs:
         steps.get_step(output.step).result_class().from_manifest(output.manifest, strict=True)
 

@@ -34,6 +34,7 @@ from rxray.outputs import read_manifest
 EMBEDDING_COLUMN = "embedding"
 EMBED_SITES_DIR = "sites"  # where `rxray embed` writes site embeddings (its manifest's layout.sites)
 FEATURE_PREFIX = "feature_"
+CP_METADATA_PREFIX = "Metadata_"  # CellProfiler's and pycytominer's prefix of every non-feature column
 _METADATA_DTYPES = {"site_id": str, "well_id": str, "cell_type": str, "experiment": str, "plate": "int64",
                     "well": str, "site": "int64", "treatment": str, "treatment_conc": "float64"}
 
@@ -134,18 +135,37 @@ def _attach_metadata(site_ids: pd.Series, metadata_uri: str) -> pd.DataFrame:
     return metadata.loc[site_ids.to_numpy()].reset_index(drop=True)
 
 
+def _cellprofiler_profiles(uri: str, table: pa.Table) -> tuple[pd.DataFrame, np.ndarray]:
+    """Metadata and features of a table in CellProfiler's conventions (``Metadata_<column>`` + feature columns)."""
+    names = table.column_names
+    missing = [c for c in METADATA_COLUMNS if f"{CP_METADATA_PREFIX}{c}" not in names]
+    if missing:
+        raise ValueError(f"{uri} lacks metadata columns {[CP_METADATA_PREFIX + c for c in missing]}")
+    features = [c for c in names if not c.startswith(CP_METADATA_PREFIX)]
+    if not features:
+        raise ValueError(f"{uri} has Metadata_ columns but no feature column")
+    meta = table.select([CP_METADATA_PREFIX + c for c in METADATA_COLUMNS]).to_pandas()
+    meta.columns = list(METADATA_COLUMNS)
+    X = np.column_stack([table.column(c).to_numpy().astype(np.float32, copy=False) for c in features])
+    return _typed_metadata(meta), X
+
+
 def load_embeddings(uri: str, metadata: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Site metadata (9 RxRx2 columns) and the (n_sites, d) float32 embedding matrix, row-aligned.
 
-    ``uri`` is either `rxray embed` output (Parquet with the metadata columns and an
-    ``embedding`` vector column) or an RxRx2 ``embeddings.csv`` (site_id, feature_0..),
-    joined with ``metadata`` (default: the metadata.csv beside it) on site_id.
+    ``uri`` is `rxray embed` output (Parquet with the metadata columns and an
+    ``embedding`` vector column), `rxray features` output or any Parquet in CellProfiler's
+    conventions (``Metadata_<column>`` and one column per feature), or an RxRx2
+    ``embeddings.csv`` (site_id, feature_0..), joined with ``metadata`` (default: the
+    metadata.csv beside it) on site_id.
     """
     if _is_csv(uri):
         site_ids, X = _read_features_csv(uri)
         meta = _attach_metadata(site_ids, metadata or _sibling(uri, METADATA_FILE))
         return meta, X
     table = _read_embedding_parquet(uri)
+    if EMBEDDING_COLUMN not in table.column_names and any(c.startswith(CP_METADATA_PREFIX) for c in table.column_names):
+        return _cellprofiler_profiles(uri, table)
     if EMBEDDING_COLUMN not in table.column_names:
         raise ValueError(f"{uri} has no {EMBEDDING_COLUMN!r} column (is it `rxray embed` output "
                          f"or an {EMBEDDINGS_FILE}?)")

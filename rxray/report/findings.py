@@ -4,6 +4,8 @@
 images or site tables) and returns a plain dict; the report renders it at the top of
 the page and the pipeline prints it as a few lines at the end of a run:
 
+- the representation leaderboard (`rxray compare`): which representation calls the most
+  treatments active and which recovers mechanisms best;
 - mechanisms: the predicted mechanism of every active compound that moa.csv does not
   annotate (with its confidence and nearest annotated neighbours), and how often the
   same prediction names the right mechanism for the annotated ones, each left out in
@@ -214,6 +216,9 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
     mechanisms = part("score", mechanism_findings, score, activity["correction"]) if score and activity else None
     probe_verdict = part("probe", probe_findings, probe) if probe else None
     classifiers = part("finetune", classifier_findings, outputs) or []
+    compare = _first(outputs, "compare")
+    leaderboard = (part("compare", leaderboard_findings, compare.result.leaderboard, compare.result.correction)
+                   if compare else None)
 
     if activity is not None and activity["n_active"] == 0:
         warnings.append(f"no treatment is active at FDR {activity['fdr']} under {activity['correction']} correction")
@@ -248,8 +253,34 @@ def collect_findings(outputs: list[StepOutput]) -> dict[str, Any]:
             warnings.append(f"the leave-one-compound-out MoA prediction is no better than shuffled labels "
                             f"(top-1 {_round(prediction.get('top1'))}, null {_round(prediction.get('null_mean'))}, "
                             f"p = {prediction['p_value']})")
-    return {"mechanisms": mechanisms, "activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
+    return {"leaderboard": leaderboard, "mechanisms": mechanisms, "activity": activity, "treatment_map": treatment_map, "probe": probe_verdict,
             "classifiers": classifiers, "split_leaks": split_leaks(classifiers), "warnings": warnings}
+
+
+def leaderboard_findings(rows: list[dict[str, Any]], correction: str | None) -> dict[str, Any] | None:
+    """Who calls the most treatments active and who recovers mechanisms best, from the leaderboard's rows."""
+    if not rows:
+        return None
+    board = pd.DataFrame(rows)
+    by_active = board.sort_values("active_treatments", ascending=False, kind="stable")
+    mechanism = board.dropna(subset=["moa_top1"]).sort_values("moa_top1", ascending=False, kind="stable")
+    return {"correction": correction,
+            "active": [(r.representation, r.active_treatments, r.treatments_scored) for r in by_active.itertuples()],
+            "mechanism": [(r.representation, r.moa_top1, r.moa_p_value) for r in mechanism.itertuples()]}
+
+
+def leaderboard_lines(findings: dict[str, Any] | None) -> list[str]:
+    """The leaderboard in two console lines."""
+    if not findings:
+        return []
+    lines = ["most active treatments found by: " + ", ".join(
+        f"{name} {active} of {scored}" for name, active, scored in findings["active"])
+        + f" ({findings['correction']} correction)"]
+    if findings["mechanism"]:
+        lines.append("best mechanism recovery (MoA top-1, leave one compound out): " + ", ".join(
+            f"{name} {top1:.2f}" + (f" (p = {p:.3g})" if p is not None and p == p else "")
+            for name, top1, p in findings["mechanism"]))
+    return lines
 
 
 def map_testable(benchmark: dict[str, Any]) -> bool:
@@ -296,8 +327,9 @@ def mechanism_lines(mechanisms: dict[str, Any] | None) -> list[str]:
 
 
 def findings_lines(findings: dict[str, Any]) -> list[str]:
-    """The findings as a few console lines, the mechanisms of unannotated compounds first."""
-    lines = mechanism_lines(findings.get("mechanisms"))
+    """The findings as a few console lines: the representation leaderboard, the mechanisms of unannotated
+    compounds, then the rest."""
+    lines = leaderboard_lines(findings.get("leaderboard")) + mechanism_lines(findings.get("mechanisms"))
     activity = findings.get("activity")
     if activity:
         active = ", ".join(activity["active"][:8]) + (" ..." if len(activity["active"]) > 8 else "")

@@ -26,6 +26,7 @@ from rxray import storage
 from rxray.config import ConfigError, ReportConfig
 from rxray.report.findings import collect_findings, untestable_reason
 from rxray.report.folder import ReportFolder
+from rxray.report.representations import leaderboard_findings_html
 from rxray.report.html import CSS, escape, format_value, html_table, link_html, provenance_html
 from rxray.report.sections import (Context, other_html, pipeline_position, renderer,
                                             timings_html)
@@ -87,11 +88,12 @@ def mechanisms_html(mechanisms: dict[str, Any] | None) -> str:
 
 
 def findings_html(findings: dict[str, Any]) -> str:
-    """The Findings section: mechanisms, activity, ranked treatments, the map, the probe, classifiers, warnings."""
+    """The Findings section: the representation leaderboard, mechanisms, activity, ranked treatments, the map, the probe, classifiers, warnings."""
     parts = []
     if findings["warnings"]:
         parts.append('<ul class="problem">' + "".join(f"<li>{escape(w)}</li>" for w in findings["warnings"])
                      + "</ul>")
+    parts.append(leaderboard_findings_html(findings.get("leaderboard")))
     parts.append(mechanisms_html(findings.get("mechanisms")))
     activity = findings.get("activity")
     if activity:

@@ -99,8 +99,11 @@ def _skipped(name: str) -> bool:
 def find_step_outputs(run: str, depth: int = SEARCH_DEPTH, exclude: str | None = None) -> list[StepOutput]:
     """Every folder under ``run`` (itself included, ``depth`` levels down) that holds a step manifest.
 
-    ``exclude`` is a folder URI not to search (the report's own output when it lies inside the run).
-    Report manifests are left out. Sorted by path.
+    A step output's own folders are its step's business and are not searched: the outputs
+    `rxray compare` runs for each representation (a score, an embed) are the compare's
+    parts, not the run's score or embed. ``exclude`` is a folder URI not to search (the
+    report's own output when it lies inside the run). Report manifests are left out.
+    Sorted by path.
     """
     excluded = storage.strip_scheme(exclude).rstrip("/") if exclude else None
     found: list[StepOutput] = []
@@ -114,6 +117,8 @@ def find_step_outputs(run: str, depth: int = SEARCH_DEPTH, exclude: str | None =
             manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST_FILE)))
             if manifest.get("step") != "report":
                 found.append(StepOutput(uri, relative, manifest, files, dirs))
+            if level > 0:
+                continue
         if level < depth:
             pending += [(storage.join(uri, name), posixpath.join(relative, name) if relative else name, level + 1)
                         for name in dirs if not _skipped(name)]
