@@ -240,6 +240,7 @@ def test_the_leaderboard_scores_every_representation_on_the_same_treatments(scie
     assert cellprofiler.loc["IFN-beta", "active"]  # the interferon's intensity phenotype is a classical feature
     assert not cellprofiler.loc[[t for t, planted in truth.items() if planted["null"]], "active"].any()
     assert "most active treatments found by: " in console
+    assert "compare: simclr: the score step's tables" in console  # scored alike: not scored twice
     assert "Representation leaderboard" in (folder / "run" / "report" / "report.html").read_text()
 
 

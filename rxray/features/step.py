@@ -39,6 +39,7 @@ from rxray.batch.pool import PoolPlan, map_batches
 from rxray.config import ConfigError, FeaturesConfig
 from rxray.data.shards import IMAGE_COLUMN, images_from_table, read_shards
 from rxray.errors import StepFailed
+from rxray.outputs import read_manifest
 from rxray.results import FeaturesResult
 from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
@@ -52,6 +53,7 @@ SITES_DIR, PROFILES_DIR, WELLS_DIR = "sites", "profiles", "wells"
 SELECTION_FILE = "selection.json"
 METADATA_PREFIX = "Metadata_"
 WELL_KEYS = ("experiment", "plate", "well_id")
+NO_CELLS_COLUMN = "Metadata_no_cells"
 SITE_COLUMNS = ("Metadata_site_id", "Metadata_site")  # differ between a well's sites: well profiles drop them  # a well, wherever well ids repeat across plates
 SITES_PER_PARTITION = 50_000  # of the well medians' hash shuffle
 DRIVER_WELL_SITES = 20_000  # up to this many sites, the well medians are computed in the step's own process
@@ -228,9 +230,18 @@ def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
     return shards, rows
 
 
-def _site_size(shards: "ray.data.Dataset") -> int:
-    """The side S of the shards' (6, S, S) images, from their first row."""
-    return int(images_from_table(shards.take_batch(1, batch_format="pyarrow")).shape[-1])
+def _site_size(uri: str, shards: "ray.data.Dataset") -> int:
+    """The side S of the shards' (6, S, S) images: the ingest manifest's image shape, else their first row."""
+    shape = ((read_manifest(uri) or {}).get("image_shape") or [None])[-1]
+    return int(shape) if shape else int(images_from_table(shards.take_batch(1, batch_format="pyarrow")).shape[-1])
+
+
+def _local_table(uri: str, columns: list[str] | None = None) -> "pa.Table":
+    """A Parquet folder read by pyarrow in this process (callers bound its size: a few columns, or few rows)."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
 def _read(uri: str) -> "ray.data.Dataset":
@@ -240,12 +251,14 @@ def _read(uri: str) -> "ray.data.Dataset":
     return ray.data.read_parquet(path, filesystem=fs)
 
 
-def _sample_sites(sites: "ray.data.Dataset", rows: int, limit: int, seed: int) -> "pd.DataFrame":
+def _sample_sites(sites_uri: str, rows: int, limit: int, seed: int) -> "pd.DataFrame":
     """At most about ``limit`` seeded-random site rows as pandas with NumPy dtypes (every row when there are fewer)."""
     import pyarrow as pa
     import ray
 
-    sample = sites if rows <= limit else sites.random_sample(limit / rows, seed=seed)
+    if rows <= limit:
+        return _local_table(sites_uri).to_pandas()
+    sample = _read(sites_uri).random_sample(limit / rows, seed=seed)
     # Through Arrow: Ray's own to_pandas may give Arrow-backed columns, which pycytominer's NumPy checks refuse.
     return pa.concat_tables(ray.get(sample.to_arrow_refs())).to_pandas()
 
@@ -258,14 +271,14 @@ def _write(dataset: "ray.data.Dataset", uri: str) -> None:
 @step_function("features")
 def features(cfg: FeaturesConfig) -> FeaturesResult:
     """Profile every shard site with an actor pool, select and standardise features, aggregate wells."""
-    import ray
+    import pyarrow.compute as pc
 
     from rxray.features.measure import STAIN_NAMES
 
     ensure_ray()
     timer, start = Timer(), time.perf_counter()
     shards, rows_in = _open_shards(cfg.data)
-    size = _site_size(shards)
+    size = _site_size(cfg.data, shards)
     measurements = chosen_measurements(cfg.measurements, size, cfg.nucleus_diameter)
     plan = _pool(cfg.actors)
     sites_uri, profiles_uri, wells_uri = (storage.join(cfg.out, name) for name in (SITES_DIR, PROFILES_DIR,
@@ -277,19 +290,19 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
                            measurements=tuple(m.name for m in measurements), nucleus_diameter=cfg.nucleus_diameter)
     with timer.time("profile"):
         _write(profiled, sites_uri)
-    sites = _read(sites_uri)
-    rows_out = sites.count()
+    flags = _local_table(sites_uri, columns=[NO_CELLS_COLUMN]).column(NO_CELLS_COLUMN)  # 4 bytes a site
+    rows_out = len(flags)
     if rows_out != rows_in:
         raise StepFailed(f"{rows_in} shard rows in but {rows_out} profiles written under {sites_uri}")
     with timer.time("select"):
-        sample = _sample_sites(sites, rows_out, cfg.select_sites, cfg.seed)
+        sample = _sample_sites(sites_uri, rows_out, cfg.select_sites, cfg.seed)
         selection = select_features(sample)
         storage.write_text(storage.join(cfg.out, SELECTION_FILE), json.dumps(selection, indent=1))
     if not selection["kept"]:
         raise StepFailed(f"feature selection kept no feature of {selection['features_in']} (see {SELECTION_FILE})")
-    no_cells = int(sites.sum(f"{METADATA_PREFIX}no_cells") or 0)
+    no_cells = int(pc.sum(flags).as_py() or 0)
     with timer.time("profiles"):
-        _write(sites.map_batches(standardise, fn_kwargs={"selection": selection}, batch_format="pyarrow"),
+        _write(_read(sites_uri).map_batches(standardise, fn_kwargs={"selection": selection}, batch_format="pyarrow"),
                profiles_uri)
     with timer.time("wells"):
         write_well_medians(profiles_uri, wells_uri, rows_out)
