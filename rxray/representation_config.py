@@ -92,6 +92,8 @@ class CompareConfig(ScoringSettings):
                                   uri=True)
     probe: Optional[str] = option(None, "`rxray probe` output: its balanced accuracies join the leaderboard",
                                   uri=True)
+    finetuned: Optional[str] = option(None, "`rxray finetune` output: its encoder joins the board when it was "
+                                            "fine-tuned (not frozen)", uri=True)
     scores: Optional[str] = option(None, "`rxray score` output of --embeddings: reused when it scored them with "
                                          "these settings (its corrections may be more)", uri=True)
     random_seeds: int = option(1, "random-init encoders of the trained one's architecture scored beside it "

@@ -101,7 +101,7 @@ STEPS: tuple[Step, ...] = (
     Step("compare", "rxray.config:CompareConfig", "rxray.batch.compare:compare",
          "every representation (trained, random-init, CellProfiler, the dataset's) scored alike: a leaderboard",
          inputs={"embeddings": "embed", "features": "features", "data": "ingest", "model": "pretrain",
-                 "probe": "probe", "scores": "score"},
+                 "probe": "probe", "scores": "score", "finetuned": "finetune"},
          source_files={"dataset_embeddings": "embeddings.csv", "moa": "moa.csv"}, output="compare",
          result="rxray.results:CompareResult", replaces=("leaderboard.csv", "representations"),
          report_title="Representation leaderboard", report_renderer="rxray.report.representations:compare_html"),

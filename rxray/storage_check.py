@@ -27,6 +27,7 @@ FOLDER, FILE, EITHER, OUTPUT, REACHABLE = "folder", "file", "file or folder", "o
 # (its folders are made as it is written) and no file where its folder goes.
 FIELD_KINDS = {
     "source": FOLDER, "data": FOLDER, "run": FOLDER, "features": FOLDER, "probe": FOLDER, "scores": FOLDER,
+    "finetuned": FOLDER,
     "moa": FILE, "dataset_embeddings": FILE, "labels": FILE, "weights": FILE, "metadata": FILE, "truth": FILE, "base": FILE, "space": FILE,
     "pipeline": FILE,
     "model": EITHER, "encoder": EITHER, "embeddings": EITHER,  # a run folder, or one checkpoint or CSV in it

@@ -10,6 +10,8 @@ tests), under ``out/representations/<representation>/``:
   run's score step scored them with the same settings (``scores``), its tables are the row's;
 - ``random-init-<k>``: encoders of the same architecture at random init (seed k, as
   `rxray probe` seeds its baselines), embedding the shards here with the embed step;
+- ``finetuned``: a classifier's encoder when `rxray finetune` trained it (``finetuned``; a frozen one
+  is the trained encoder again), embedding the shards here;
 - ``cellprofiler``: `rxray features` output;
 - ``dataset``: the dataset's own embeddings.csv.
 
@@ -109,9 +111,27 @@ def _random_init_encoder(cfg: CompareConfig, seed: int) -> Representation:
     return Representation(name, embeddings, _seconds(embeddings), f"{RANDOM_INIT}_seed{seed}")
 
 
+def _finetuned_encoder(cfg: CompareConfig) -> tuple[Representation | None, str | None]:
+    """The fine-tuned classifier's encoder, embedding the shards here; or None and why it is left off."""
+    from rxray.batch.embed import embed
+
+    config = (read_manifest(cfg.finetuned) or {}).get("config") or {}
+    if config.get("freeze", True):
+        return None, "its encoder was frozen: the trained encoder's row is its embeddings"
+    if not cfg.data:
+        return None, "needs the shards (data)"
+    embeddings = storage.join(cfg.out, REPRESENTATIONS_DIR, "finetuned", "embed")
+    embed(EmbedConfig(data=cfg.data, model=cfg.finetuned, out=embeddings, batch_size=cfg.batch_size, per_well=False))
+    return Representation("finetuned", embeddings, _seconds(cfg.finetuned, embeddings)), None
+
+
 def representations(cfg: CompareConfig) -> tuple[list[Representation], dict[str, str]]:
     """What the run has to compare, in leaderboard order, and what is left off with why."""
     found, skipped = _trained_encoder(cfg), {}
+    if cfg.finetuned:
+        finetuned, why = _finetuned_encoder(cfg)
+        found += [finetuned] if finetuned else []
+        skipped.update({"finetuned": why} if why else {})
     if cfg.random_seeds:
         if cfg.model and cfg.data:
             found += [_random_init_encoder(cfg, seed) for seed in range(cfg.random_seeds)]
