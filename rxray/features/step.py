@@ -29,6 +29,7 @@ so pycytominer and copairs read them as they are:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,6 @@ METADATA_PREFIX = "Metadata_"
 WELL_KEYS = ("experiment", "plate", "well_id")
 NO_CELLS_COLUMN = "Metadata_no_cells"
 SITE_COLUMNS = ("Metadata_site_id", "Metadata_site")  # differ between a well's sites: well profiles drop them  # a well, wherever well ids repeat across plates
-PROGRESS_EVERY_S = 20.0  # seconds between an actor's progress lines
 SITES_PER_PARTITION = 50_000  # of the well medians' hash shuffle
 DRIVER_WELL_SITES = 20_000  # up to this many sites, the well medians are computed in the step's own process
 SELECT_OPERATIONS = ["variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist"]
@@ -90,7 +90,6 @@ class ProfileSites:
         self._limits = threadpool_limits(limits=threads or 1)
         self.measurement_names = measurements
         self.nucleus_diameter = nucleus_diameter
-        self.started, self.last_said, self.sites = time.perf_counter(), time.perf_counter(), 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's other columns as ``Metadata_<name>``, then every profile column (float32)."""
@@ -103,17 +102,7 @@ class ProfileSites:
         out = {metadata_name(name): values for name, values in batch.items() if name != IMAGE_COLUMN}
         for name in columns:
             out[name] = np.array([row[name] for row in rows], dtype=np.float32)
-        self._say_progress(len(rows))
         return out
-
-    def _say_progress(self, sites: int) -> None:
-        """Every PROGRESS_EVERY_S, one line of this actor's count and rate (Ray prints it on the driver's console)."""
-        self.sites += sites
-        now = time.perf_counter()
-        if now - self.last_said >= PROGRESS_EVERY_S:
-            print(f"features: {self.sites} sites profiled by this actor, "
-                  f"{self.sites / (now - self.started):.1f}/s", flush=True)
-            self.last_said = now
 
 
 def chosen_measurements(names: tuple[str, ...] | list[str], size: int, nucleus_diameter: float | None):
@@ -300,12 +289,17 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
     shards = shards.repartition(target_num_rows_per_block=cfg.batch_size)
     profiled = map_batches(shards, ProfileSites, plan, batch_size=cfg.batch_size,
                            measurements=tuple(m.name for m in measurements), nucleus_diameter=cfg.nucleus_diameter)
+    print(f"features: profiling {rows_in} sites of {size} px ({', '.join(m.name for m in measurements)}) on "
+          f"{plan.actors} actors", file=sys.stderr, flush=True)
     with timer.time("profile"):
         _write(profiled, sites_uri)
     flags = _local_table(sites_uri, columns=[NO_CELLS_COLUMN]).column(NO_CELLS_COLUMN)  # 4 bytes a site
     rows_out = len(flags)
     if rows_out != rows_in:
         raise StepFailed(f"{rows_in} shard rows in but {rows_out} profiles written under {sites_uri}")
+    print(f"features: {rows_out} sites profiled in {timer.seconds['profile']:.0f} s "
+          f"({rows_out / timer.seconds['profile']:.1f}/s); selecting features, standardising, well medians",
+          file=sys.stderr, flush=True)
     with timer.time("select"):
         sample = _sample_sites(sites_uri, rows_out, cfg.select_sites, cfg.seed)
         selection = select_features(sample)
