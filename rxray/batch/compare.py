@@ -34,7 +34,8 @@ import pandas as pd
 
 from rxray import storage
 from rxray.batch.score import SCORE_TABLE, score
-from rxray.config import CompareConfig, EmbedConfig, ScoreConfig, ScoringSettings
+from rxray.batch.score_map import load_moa
+from rxray.config import CompareConfig, ConfigError, EmbedConfig, ScoreConfig, ScoringSettings
 from rxray.evaluate.probe import RANDOM_INIT, TRAINED
 from rxray.outputs import read_manifest
 from rxray.results import CompareResult, ScoreResult
@@ -186,13 +187,14 @@ def leaderboard_row(representation: Representation, result: ScoreResult, scores:
     }
 
 
-def _annotated(moa_uri: Optional[str], controls: list[str]) -> set[str]:
-    """The treatments moa.csv gives a mechanism (controls left out)."""
-    if not moa_uri:
-        return set()
-    with storage.open_file(moa_uri, "rb") as handle:
-        moa = pd.read_csv(handle, dtype=str, keep_default_na=False)
-    return set(moa["treatment"]) - set(controls)
+def _annotated(cfg: CompareConfig, found: list[Representation]) -> set[str]:
+    """The treatments moa.csv gives a mechanism (controls left out): the one `rxray score` finds for the first
+    representation that has one (``cfg.moa``, else beside its dataset)."""
+    for representation in found:
+        moa, _ = load_moa(ScoreConfig(embeddings=representation.uri, out=cfg.out, moa=cfg.moa))
+        if moa is not None:
+            return set(moa["treatment"]) - set(cfg.controls)
+    return set()
 
 
 def _score_settings(cfg: CompareConfig) -> dict[str, Any]:
@@ -204,11 +206,9 @@ def _score_settings(cfg: CompareConfig) -> dict[str, Any]:
 def compare(cfg: CompareConfig) -> CompareResult:
     """Score every representation of the run with one set of settings; write leaderboard.csv, return its rows."""
     timer = Timer()
-    with timer.time("embed_random_init"):
+    with timer.time("embed"):  # the encoders compare embeds itself: random init, fine-tuned
         found, skipped = representations(cfg)
     if not found:
-        from rxray.config import ConfigError
-
         raise ConfigError("compare.embeddings", "nothing to compare: give embeddings, features, "
                                                 "dataset_embeddings or data and model")
     correction = cfg.correct[0]
@@ -227,7 +227,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
         with storage.open_file(storage.join(out, f"{SCORE_TABLE}.parquet"), "rb") as handle:
             scores = pd.read_parquet(handle)
         rows.append((representation, result, scores))
-    annotated = _annotated(cfg.moa or _moa_of(rows), cfg.controls)
+    annotated = _annotated(cfg, found)
     board = pd.DataFrame([leaderboard_row(r, result, scores, correction, annotated, probe)
                           for r, result, scores in rows], columns=COLUMNS)
     storage.write_text(storage.join(cfg.out, LEADERBOARD_FILE), board.to_csv(index=False))
@@ -237,17 +237,11 @@ def compare(cfg: CompareConfig) -> CompareResult:
                          leaderboard=json_rows(board), skipped=skipped)
 
 
-def _moa_of(rows: list[tuple[Representation, ScoreResult, pd.DataFrame]]) -> Optional[str]:
-    """The moa.csv the representations' scores found, if any."""
-    from rxray.batch.score_map import default_moa
-
-    return next((uri for r, _, _ in rows if (uri := default_moa(r.uri))), None)
-
-
 def json_rows(board: pd.DataFrame) -> list[dict[str, Any]]:
     """The leaderboard's rows as JSON-ready dicts (NaN as None)."""
     return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
             for row in board.astype(object).where(board.notna(), None).to_dict("records")]
 
 
-__all__ = ["COLUMNS", "LEADERBOARD_FILE", "REPRESENTATIONS_DIR", "Representation", "compare", "leaderboard_row", "representations"]
+__all__ = ["COLUMNS", "LEADERBOARD_FILE", "REPRESENTATIONS_DIR", "Representation", "compare", "leaderboard_row",
+           "representations"]

@@ -27,8 +27,8 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import InferenceActor, PoolPlan, map_batches, plan_pool
-from rxray.config import ConfigError, EmbedConfig
-from rxray.data.shards import IMAGE_COLUMN, read_shards
+from rxray.config import EmbedConfig
+from rxray.data.shards import IMAGE_COLUMN, open_shards
 from rxray.errors import StepFailed
 from rxray.models.checkpoints import model_provenance, require_checkpoint
 from rxray.models.inputs import InputRecipe
@@ -93,21 +93,6 @@ def embed_dataset(shards: "ray.data.Dataset", checkpoint_uri: str, *, batch_size
                   plan: PoolPlan) -> "ray.data.Dataset":
     """The lazy Ray Dataset of shard rows with ``embedding`` in place of ``image``."""
     return map_batches(shards, EmbedBatch, plan, batch_size=batch_size, checkpoint_uri=checkpoint_uri)
-
-
-def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
-    """The shard dataset and its row count (from Parquet footers); ConfigError if there are none."""
-    try:
-        shards = read_shards(uri)
-        rows = shards.count()
-        columns = shards.schema().names
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise ConfigError("embed.data", f"no ingest shards at {uri}: {str(exc).splitlines()[0]}") from None
-    if IMAGE_COLUMN not in columns:
-        raise ConfigError("embed.data", f"{uri} has no {IMAGE_COLUMN!r} column (not ingest output?)")
-    if rows == 0:
-        raise ConfigError("embed.data", f"the shards at {uri} hold no rows")
-    return shards, rows
 
 
 def embedding_matrix(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
@@ -195,7 +180,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     start = time.perf_counter()
     checkpoint = require_checkpoint(cfg.model, "embed.model")
     checkpoint_uri = checkpoint["uri"]
-    shards, rows_in = _open_shards(cfg.data)
+    shards, rows_in = open_shards(cfg.data, "embed.data")
     plan = plan_pool(cfg.actors, cfg.gpu, field="embed.actors")
 
     sites_uri, wells_uri = storage.join(cfg.out, SITES_DIR), storage.join(cfg.out, WELLS_DIR)

@@ -212,7 +212,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     outputs += map_outputs
     summary = {"out": cfg.out, "n_treatments": len(treatments), "n_sites": int(len(meta)),
                "n_wells": int(len(well_meta)), "corrections": summarize(frame), "treatment_map": map_summary}
-    counts = {"input_sites": n_input, "dims": int(X.shape[1]), "scored_sites": int(len(meta)), "control_sites": int(is_control.sum()),
+    counts = {"input_sites": n_input, "dims": int(X.shape[1]), "scored_sites": int(len(meta)),
+              "control_sites": int(is_control.sum()),
               "reference_control_sites": int(is_reference.sum()),
               "rejected": {"non-finite embedding": int((~finite).sum())},
               "other_treatment_sites_ignored": int((finite & ~keep).sum())}

@@ -112,6 +112,24 @@ def read_shards(uri: str, columns: list[str] | None = None, task_cpus: float | N
     return dataset
 
 
+def open_shards(uri: str, field: str) -> tuple["ray.data.Dataset", int]:
+    """The shards under a URI and their row count (from Parquet footers) for a step that reads their images;
+    ConfigError naming ``field`` when there are none, no image column, or no rows."""
+    from rxray.errors import ConfigError
+
+    try:
+        shards = read_shards(uri)
+        rows = shards.count()
+        columns = shards.schema().names
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise ConfigError(field, f"no ingest shards at {uri}: {str(exc).splitlines()[0]}") from None
+    if IMAGE_COLUMN not in columns:
+        raise ConfigError(field, f"{uri} has no {IMAGE_COLUMN!r} column (not ingest output?)")
+    if rows == 0:
+        raise ConfigError(field, f"the shards at {uri} hold no rows")
+    return shards, rows
+
+
 def shard_manifest(uri: str) -> dict[str, Any]:
     """The ingest manifest of a shard URI; FileNotFoundError if ingest has not completed there."""
     manifest = read_manifest(uri)

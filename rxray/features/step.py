@@ -12,7 +12,7 @@ CellProfiler run, but without ever loading every site on one machine:
    (a scale, the same for every plate: batch correction is the scorer's job, identical
    for every representation), streamed through Ray Data;
 3. **wells**: the median of each well's sites (pycytominer ``aggregate``'s default),
-   grouped by Ray Data.
+   grouped in the step's process up to ``DRIVER_WELL_SITES`` sites, by Ray Data above.
 
 Output layout under ``out``, every column named in CellProfiler's conventions (shard
 columns as ``Metadata_<name>``, features as ``<Object>_<Measurement>_<Feature>_<Stain>``),
@@ -21,8 +21,8 @@ so pycytominer and copairs read them as they are:
 - ``sites/*.parquet``: every feature of every site, ``Metadata_no_cells`` and ``Cells_Count``;
 - ``profiles/*.parquet``: the selected, standardised features: what ``rxray score`` reads;
 - ``wells/*.parquet``: per-well medians of the profiles and ``Metadata_n_sites``;
-- ``selection.json``: the kept features with their mean and standard deviation, the dropped
-  ones by reason;
+- ``selection.json``: the kept features with their mean and standard deviation, and how many
+  pycytominer's operations dropped;
 - ``_manifest.json``: written last.
 """
 
@@ -37,9 +37,10 @@ import numpy as np
 
 from rxray import storage
 from rxray.batch.pool import PoolPlan, map_batches
-from rxray.config import ConfigError, FeaturesConfig
-from rxray.data.shards import IMAGE_COLUMN, images_from_table, read_shards
+from rxray.config import FeaturesConfig
+from rxray.data.shards import IMAGE_COLUMN, images_from_table, open_shards, read_shards
 from rxray.errors import StepFailed
+from rxray.evaluate.profiles import CP_METADATA_PREFIX as METADATA_PREFIX
 from rxray.outputs import read_manifest
 from rxray.results import FeaturesResult
 from rxray.runner import step_function
@@ -52,10 +53,9 @@ if TYPE_CHECKING:
 
 SITES_DIR, PROFILES_DIR, WELLS_DIR = "sites", "profiles", "wells"
 SELECTION_FILE = "selection.json"
-METADATA_PREFIX = "Metadata_"
-WELL_KEYS = ("experiment", "plate", "well_id")
-NO_CELLS_COLUMN = "Metadata_no_cells"
-SITE_COLUMNS = ("Metadata_site_id", "Metadata_site")  # differ between a well's sites: well profiles drop them  # a well, wherever well ids repeat across plates
+WELL_KEYS = ("experiment", "plate", "well_id")  # a well, wherever well ids repeat across plates
+NO_CELLS_COLUMN = f"{METADATA_PREFIX}no_cells"
+SITE_COLUMNS = (f"{METADATA_PREFIX}site_id", f"{METADATA_PREFIX}site")  # differ between a well's sites
 SITES_PER_PARTITION = 50_000  # of the well medians' hash shuffle
 DRIVER_WELL_SITES = 20_000  # up to this many sites, the well medians are computed in the step's own process
 SELECT_OPERATIONS = ["variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist"]
@@ -81,26 +81,26 @@ class ProfileSites:
     cp_measure run on CPUs. ``threads`` caps the numeric libraries' threads per actor.
     """
 
-    def __init__(self, measurements: tuple[str, ...], nucleus_diameter: float | None = None,
+    def __init__(self, measurements: tuple[str, ...], size: int, nucleus_diameter: float | None = None,
                  gpu: bool = False, threads: int | None = None):
         from threadpoolctl import threadpool_limits
+
+        from rxray.features.profile import profile_columns
 
         if gpu:
             raise ValueError("CellProfiler features run on CPUs")
         self._limits = threadpool_limits(limits=threads or 1)
-        self.measurement_names = measurements
         self.nucleus_diameter = nucleus_diameter
+        self.measurements = chosen_measurements(measurements, size, nucleus_diameter)
+        self.columns = profile_columns(size, nucleus_diameter, self.measurements)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's other columns as ``Metadata_<name>``, then every profile column (float32)."""
-        from rxray.features.profile import profile_columns, site_profile
+        from rxray.features.profile import site_profile
 
-        images = batch[IMAGE_COLUMN]
-        measurements = chosen_measurements(self.measurement_names, images.shape[-1], self.nucleus_diameter)
-        columns = profile_columns(images.shape[-1], self.nucleus_diameter, measurements)
-        rows = [site_profile(image, self.nucleus_diameter, measurements) for image in images]
+        rows = [site_profile(image, self.nucleus_diameter, self.measurements) for image in batch[IMAGE_COLUMN]]
         out = {metadata_name(name): values for name, values in batch.items() if name != IMAGE_COLUMN}
-        for name in columns:
+        for name in self.columns:
             out[name] = np.array([row[name] for row in rows], dtype=np.float32)
         return out
 
@@ -169,8 +169,9 @@ def write_well_medians(profiles_uri: str, wells_uri: str, rows: int) -> None:
 
     Up to ``DRIVER_WELL_SITES`` sites they are grouped here (a sort, then slices; 6 s for 768
     sites of 971 features): Ray Data's shuffle and write cost 8-60 s of fixed overhead on a
-    demo's few hundred sites with 100-1,000 feature columns. Above it Ray Data groups them (one hash partition per
-    ``SITES_PER_PARTITION`` sites), so this process never holds more than that many sites.
+    demo's few hundred sites with 100-1,000 feature columns. Above it Ray Data groups them
+    (one hash partition per ``SITES_PER_PARTITION`` sites), so this process never holds more
+    than that many sites.
     """
     import pyarrow as pa
     import pyarrow.dataset as pads
@@ -187,8 +188,8 @@ def write_well_medians(profiles_uri: str, wells_uri: str, rows: int) -> None:
         pq.write_table(wells, f"{path}/part-000000.parquet", filesystem=fs, compression="zstd")
         return
     partitions = max(1, min(int(ray.cluster_resources().get("CPU", 1)), rows // SITES_PER_PARTITION))
-    _write(_read(profiles_uri).groupby(keys, num_partitions=partitions).map_groups(well_median, batch_format="pyarrow"),
-           wells_uri)
+    wells = read_shards(profiles_uri).groupby(keys, num_partitions=partitions)
+    _write(wells.map_groups(well_median, batch_format="pyarrow"), wells_uri)
 
 
 def _runs(table: "pa.Table", keys: list[str]) -> list[tuple[int, int]]:
@@ -219,18 +220,6 @@ def _pool(actors: int | None) -> PoolPlan:
                     cpus_per_actor=0.5)
 
 
-def _open_shards(uri: str) -> tuple["ray.data.Dataset", int]:
-    """The shard dataset and its row count; ConfigError if there are none."""
-    try:
-        shards = read_shards(uri)
-        rows, columns = shards.count(), shards.schema().names
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise ConfigError("features.data", f"no ingest shards at {uri}: {str(exc).splitlines()[0]}") from None
-    if IMAGE_COLUMN not in columns or rows == 0:
-        raise ConfigError("features.data", f"{uri} holds no {IMAGE_COLUMN!r} rows (not ingest output?)")
-    return shards, rows
-
-
 def _site_size(uri: str, shards: "ray.data.Dataset") -> int:
     """The side S of the shards' (6, S, S) images: the ingest manifest's image shape, else their first row."""
     shape = ((read_manifest(uri) or {}).get("image_shape") or [None])[-1]
@@ -245,13 +234,6 @@ def _local_table(uri: str, columns: list[str] | None = None) -> "pa.Table":
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
-def _read(uri: str) -> "ray.data.Dataset":
-    import ray.data
-
-    fs, path = storage.pyarrow_filesystem(uri)
-    return ray.data.read_parquet(path, filesystem=fs)
-
-
 def _sample_sites(sites_uri: str, rows: int, limit: int, seed: int) -> "pd.DataFrame":
     """At most about ``limit`` seeded-random site rows as pandas with NumPy dtypes (every row when there are fewer)."""
     import pyarrow as pa
@@ -259,7 +241,7 @@ def _sample_sites(sites_uri: str, rows: int, limit: int, seed: int) -> "pd.DataF
 
     if rows <= limit:
         return _local_table(sites_uri).to_pandas()
-    sample = _read(sites_uri).random_sample(limit / rows, seed=seed)
+    sample = read_shards(sites_uri).random_sample(limit / rows, seed=seed)
     # Through Arrow: Ray's own to_pandas may give Arrow-backed columns, which pycytominer's NumPy checks refuse.
     return pa.concat_tables(ray.get(sample.to_arrow_refs())).to_pandas()
 
@@ -278,7 +260,7 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
 
     ensure_ray()
     timer, start = Timer(), time.perf_counter()
-    shards, rows_in = _open_shards(cfg.data)
+    shards, rows_in = open_shards(cfg.data, "features.data")
     size = _site_size(cfg.data, shards)
     measurements = chosen_measurements(cfg.measurements, size, cfg.nucleus_diameter)
     plan = _pool(cfg.actors)
@@ -288,7 +270,8 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
     # shards would all go to one actor while the others wait.
     shards = shards.repartition(target_num_rows_per_block=cfg.batch_size)
     profiled = map_batches(shards, ProfileSites, plan, batch_size=cfg.batch_size,
-                           measurements=tuple(m.name for m in measurements), nucleus_diameter=cfg.nucleus_diameter)
+                           measurements=tuple(m.name for m in measurements), size=size,
+                           nucleus_diameter=cfg.nucleus_diameter)
     print(f"features: profiling {rows_in} sites of {size} px ({', '.join(m.name for m in measurements)}) on "
           f"{plan.actors} actors", file=sys.stderr, flush=True)
     with timer.time("profile"):
@@ -308,8 +291,9 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
         raise StepFailed(f"feature selection kept no feature of {selection['features_in']} (see {SELECTION_FILE})")
     no_cells = int(pc.sum(flags).as_py() or 0)
     with timer.time("profiles"):
-        _write(_read(sites_uri).map_batches(standardise, fn_kwargs={"selection": selection}, batch_format="pyarrow"),
-               profiles_uri)
+        standardised = read_shards(sites_uri).map_batches(standardise, fn_kwargs={"selection": selection},
+                                                          batch_format="pyarrow")
+        _write(standardised, profiles_uri)
     with timer.time("wells"):
         write_well_medians(profiles_uri, wells_uri, rows_out)
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
