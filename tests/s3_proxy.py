@@ -5,7 +5,8 @@ Inside ``flaky(failure_rate)``, that share of the requests fails, in turn: ``503
 before the request reaches the server, as S3 fails under load; two failures that half happen,
 as a network does: the request is applied by the server and the client sees its connection
 reset (``applied-reset``), or the answer's body is cut off halfway (``truncated``; an answer
-with no body to cut is reset instead); then ``500 InternalError`` and a connection reset,
+with no body to cut is reset instead, and the next answer with a body in the block is cut
+off: which requests carry bodies depends on the interleaving, the cut must not); then ``500 InternalError`` and a connection reset,
 before the request reaches the server. The schedule is fixed (every 1/rate-th request,
 starting with the first in the block), so even a step that makes a handful of requests
 meets a failure; which request that is depends on how the client's threads interleave.
@@ -49,6 +50,7 @@ class FaultyS3Proxy:
         self.delay_rate = 0.0
         self.stats = {"requests": 0, **{fault: 0 for fault in _FAULTS}, "delayed": 0}
         self._in_block = 0  # requests seen inside the current flaky() block
+        self._owed_truncations = 0  # truncations that met an answer without a body, owed to the next one with one
         self._multipart: dict[str, str] = {}  # multipart call -> the fault it still has to meet
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -77,12 +79,14 @@ class FaultyS3Proxy:
         with self._lock:
             before = dict(self.stats)
             self.failure_rate, self.delay_rate, self._in_block = failure_rate, delay_rate, 0
+            self._owed_truncations = 0
         during: dict[str, int] = {}
         try:
             yield during
         finally:
             with self._lock:
                 self.failure_rate = self.delay_rate = 0.0
+                self._owed_truncations = 0
                 during.update({key: self.stats[key] - before[key] for key in self.stats})
 
     @contextlib.contextmanager
@@ -133,6 +137,18 @@ class FaultyS3Proxy:
         """Count a fault that was done after forwarding."""
         with self._lock:
             self.stats[fault] += 1
+
+    def _after_forwarding(self, fault: str | None, method: str, has_body: bool) -> str | None:
+        """The half-done fault an answer meets: a truncation with no body to cut resets it instead and is owed to
+        the next answer with a body inside the block, which is cut off (a fault-free one only)."""
+        with self._lock:
+            if fault == "truncated" and (method == "HEAD" or not has_body):
+                self._owed_truncations += 1
+                return "applied-reset"
+            if fault is None and self._owed_truncations and method == "GET" and has_body and self.failure_rate > 0:
+                self._owed_truncations -= 1
+                return "truncated"
+            return fault
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -193,8 +209,7 @@ class FaultyS3Proxy:
                     upstream.endheaders(body)
                     response = upstream.getresponse()
                     payload = response.read()
-                    if fault == "truncated" and (self.command == "HEAD" or not payload):
-                        fault = "applied-reset"  # no body to cut off
+                    fault = proxy._after_forwarding(fault, self.command, bool(payload))
                     if fault is not None:
                         proxy._count(fault)
                     if fault == "applied-reset":
