@@ -299,6 +299,9 @@ class FinetuneConfig:
     dropout: float = option(0.3, "head dropout", minimum=0.0, maximum=0.95)
     head_hidden: int = option(256, "head hidden units", minimum=1, role="identity")
     aug_strength: float = option(0.5, "training augmentation strength (0 = none)", minimum=0.0)
+    tta: bool = option(False, "orientation carries no label: train on a random flip or quarter turn of each site "
+                              "(as --aug-strength does besides crops and jitter) and predict by the mean of the class "
+                              "probabilities over all 8 (8x the prediction cost)", role="identity")
     patience: int = option(3, "early stopping: epochs without validation improvement", minimum=1)
     workers: int = option(1, "Ray Train workers", minimum=1, role="resource")
     gpu: bool = option(False, "train on GPUs (one per worker)", role="resource")

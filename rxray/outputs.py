@@ -137,11 +137,29 @@ def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any,
     """Field -> (recorded, current) for the fields of ``cfg`` whose value differs from a saved config dict.
 
     Values are compared as JSON, the form configs are saved in, so a YAML or JSON
-    round trip (tuples as lists, ...) compares equal; fields the record lacks are skipped.
+    round trip (tuples as lists, ...) compares equal. A field the record lacks (an option
+    newer than the run) counts as its default, the behaviour the run was made with; a
+    field without a default is skipped.
     """
     current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return {name: (recorded[name], value) for name, value in current.items()
-            if name in recorded and recorded[name] != value}
+    defaults = json.loads(json.dumps({f.name: _field_default(f) for f in dataclasses.fields(cfg)
+                                      if _field_default(f) is not dataclasses.MISSING}, default=str))
+    changed = {}
+    for name, value in current.items():
+        if name in recorded or name in defaults:
+            old = recorded[name] if name in recorded else defaults[name]
+            if old != value:
+                changed[name] = (old, value)
+    return changed
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value, or dataclasses.MISSING when it has none."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
 
 
 def recorded_config(out: str, section: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -175,7 +175,7 @@ SCIENCE_SECTIONS = {
     "ingest": {"size": 32, "shard_rows": 64},
     "pretrain": {"backbone": "resnet18", "epochs": 2, "batch_size": 16, "workers": 2, "cache": "on"},
     "finetune": {"name": "ifn-beta", "positive": "IFN-beta", "epochs": 5, "batch_size": 8, "aug_strength": 0.0,
-                 "val_frac": 0.0, "channels": [1, 2, 3]},
+                 "val_frac": 0.0, "channels": [1, 2, 3], "tta": True},
     "embed": {"batch_size": 64},
     "features": {"measurements": ["intensity"], "batch_size": 32},  # the suite's time: IFN-beta's is intensity
     "score": {"trees": 10, "folds": 2, "permutations": 100, "correct": ["tvn"]},

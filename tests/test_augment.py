@@ -1,10 +1,15 @@
-"""Batched SimCLR augmentations: shapes, seeding, normalisation, exact geometry."""
+"""Batched SimCLR augmentations (shapes, seeding, normalisation, exact geometry) and the orientation views of
+classifiers (training draws, test-time averaging)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from rxray.models.backbones import build_encoder
+from rxray.models.classifier import Classifier, class_probabilities
+from rxray.models.heads import ClassifierHead
+from rxray.models.orientation import ORIENTATIONS, RandomOrientation, orient, random_orientation
 from rxray.ssl.augment import SimCLRAugment, normalize
 
 CHANNEL_MEAN = [20.0, 30.0, 40.0, 25.0, 35.0, 45.0]
@@ -133,3 +138,47 @@ def test_bad_input_is_rejected():
         augment(_images()[:, :3])
     with pytest.raises(ValueError, match="uint8 or float"):
         augment(_images().to(torch.int32))
+
+
+# --------------------------------------------------------------------------- orientations (rxray.models.orientation)
+
+
+def test_the_eight_orientations_are_the_squares_symmetries_exactly():
+    images = _images(batch=2, size=8).float()
+    views = [orient(images, view) for view in range(ORIENTATIONS)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == ORIENTATIONS  # all distinct
+    for view in views:  # pixels moved, never resampled
+        assert torch.equal(view.flatten(2).sort(dim=2).values, images.flatten(2).sort(dim=2).values)
+    assert torch.equal(views[4], images.flip(-1)) and torch.equal(orient(views[1], 3), images)
+    with pytest.raises(ValueError, match="0..7"):
+        orient(images, 8)
+
+
+def test_random_orientation_picks_one_of_the_eight_per_image_from_its_generator():
+    images = _images(batch=64, size=8).float()
+    oriented = random_orientation(images, _seeded(0))
+    assert torch.equal(oriented, random_orientation(images, _seeded(0)))
+    picked = [next(v for v in range(ORIENTATIONS) if torch.equal(oriented[i], orient(images[i], v)))
+              for i in range(len(images))]
+    assert set(picked) == set(range(ORIENTATIONS))  # 64 draws reach every orientation
+    normalised = RandomOrientation(CHANNEL_MEAN, CHANNEL_STD)(images, _seeded(0))
+    assert torch.allclose(normalised, random_orientation(normalize(images, CHANNEL_MEAN, CHANNEL_STD), _seeded(0)))
+    with pytest.raises(ValueError, match="square"):
+        random_orientation(torch.zeros(1, 6, 8, 6))
+
+
+def test_test_time_augmentation_makes_any_classifier_orientation_invariant():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", "adapt")
+    model = Classifier(encoder, ClassifierHead(encoder.feature_dim, 3, extra_inputs=1), with_conc=True).eval()
+    images, conc = normalize(_images(batch=3, size=32), CHANNEL_MEAN, CHANNEL_STD), torch.tensor([0.0, 1.0, 5.0])
+    with torch.no_grad():
+        averaged = class_probabilities(model, images, conc, views=ORIENTATIONS)
+        single = [class_probabilities(model, orient(images, v), conc) for v in range(ORIENTATIONS)]
+        assert torch.allclose(averaged, torch.stack(single).mean(dim=0), atol=1e-5)  # conc follows each view
+        assert not torch.allclose(model.features(images), model.features(orient(images, 1)), atol=1e-3)  # alone
+        for view in range(ORIENTATIONS):
+            turned = class_probabilities(model, orient(images, view), conc, views=ORIENTATIONS)
+            assert torch.allclose(turned, averaged, atol=1e-5)
+    with pytest.raises(ValueError, match="views must be 1 or 8"):
+        class_probabilities(model, images, conc, views=4)

@@ -9,12 +9,15 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig, load_config
+from rxray.data.shards import images_from_table
 from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
 from rxray.layout import RIM_GAIN_KEY
 from rxray.models.backbones import build_encoder
@@ -26,7 +29,7 @@ from rxray.train.classifier_step import EarlyStopping
 from rxray.train.classify import RUN_NAME, finetune
 from rxray.train.epoch_log import read_metrics
 from rxray.train.plate_norm import control_sums
-from rxray.train.predictions import FIGURES
+from rxray.train.predictions import FIGURES, PredictBatch
 from rxray.train.tasks import label_batch, make_splits, plan_task, read_metadata
 from conftest import shard_row
 
@@ -285,11 +288,24 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
     expected = model.encoder.state_dict()
     for state in (load_checkpoint(out), load_checkpoint(storage.join(out, RUN_NAME))):
         assert state["channels"] == [1, 2, 3] and state["in_channels"] == 3 and not state["with_conc"]
+        assert state["orientations"] == 8  # tta: predictions average the 8 orientations
         assert state["encoder_init"].startswith("simclr:")
         for key, value in expected.items():
             assert torch.equal(state["encoder"][key], value), key
     trained = load_checkpoint(storage.join(out, RUN_NAME))
     assert not all(torch.equal(trained["head"][k], v) for k, v in model.head.state_dict().items())
+
+    # With tta the inference pool's actor predicts the test plate as the trained worker did (8 orientations).
+    recorded = pd.read_parquet(storage.join(out, "predictions.parquet")).set_index("site_id")
+    table = pq.read_table(str(folder / "run" / "shards"))
+    rows = table.filter(pc.is_in(table["site_id"], pa.array(recorded.index.to_list())))
+    sites = rows.drop(["image"]).to_pandas()
+    batch = {"image": images_from_table(rows), "experiment": sites["experiment"].to_numpy(),
+             "plate": sites["plate"].to_numpy(), "well": sites["well"].to_numpy(),
+             "conc": np.zeros(len(sites), np.float32)}
+    recorded = recorded.loc[sites["site_id"]]
+    again_predicted = PredictBatch(out, threads=1)(batch)["probs"]
+    np.testing.assert_allclose(again_predicted, np.stack(recorded["probs"].to_numpy()), atol=1e-5)
 
     again = finetune(cfg)  # the same command: nothing to train
     assert f"already complete ({cfg.epochs} of {cfg.epochs} epochs)" in capsys.readouterr().out

@@ -57,6 +57,17 @@ def test_classifier_identity_fields(tmp_path):
     assert rerun_decision(cfg.out, load_config(FinetuneConfig, values={**base, "lr": 0.1})).action == STALE
 
 
+def test_an_option_newer_than_the_run_counts_as_its_default(tmp_path):
+    # A run recorded before `tta` existed was made without it: asking for it is another model, its default is not.
+    base = {"data": str(tmp_path / "d"), "out": str(tmp_path / "c"), "positive": "IFN-beta"}
+    cfg = load_config(FinetuneConfig, values=base)
+    recorded = {name: value for name, value in config_to_dict(cfg).items() if name != "tta"}
+    write_manifest(cfg.out, "finetune", recorded)
+    assert rerun_decision(cfg.out, cfg).action == COMPLETE
+    newer = rerun_decision(cfg.out, load_config(FinetuneConfig, values={**base, "tta": True}))
+    assert newer.action == CONFLICT and newer.changed == {"tta": (False, True)}
+
+
 def test_the_registry_names_resolvable_configs_functions_and_inputs():
     names = {step.name for step in STEPS}
     for step in STEPS:

@@ -61,6 +61,7 @@ class Checkpoint:
     # The classification task (finetune only).
     classes: list[str] | None = None  # class names in logit order
     with_conc: bool | None = None  # the head takes the treatment concentration
+    orientations: int | None = None  # predictions average this many orientation views (8: all; absent: 1)
     task: str | None = None
     label_col: str | None = None
     positive: str | None = None

@@ -17,6 +17,7 @@ from rxray.layout import N_CHANNELS
 from rxray.models.backbones import Encoder
 from rxray.models.checkpoints import Checkpoint, load_checkpoint
 from rxray.models.heads import ClassifierHead
+from rxray.models.orientation import mean_over_orientations
 
 if TYPE_CHECKING:
     from rxray.config import FinetuneConfig
@@ -60,6 +61,17 @@ class Classifier(nn.Module):
                 raise ValueError("this classifier was trained with --with-conc: pass treatment_conc")
             extra = concentration_feature(conc).to(images.device)
         return self.head(self.features(images), extra)
+
+
+def class_probabilities(model: Classifier, inputs: torch.Tensor, conc: torch.Tensor | None = None,
+                        views: int = 1) -> torch.Tensor:
+    """Softmax probabilities (B, K) float32 of normalised inputs; ``views`` 8 averages them over each image's 8
+    orientations (test-time augmentation, :mod:`rxray.models.orientation`)."""
+    def probabilities_of(images: torch.Tensor) -> torch.Tensor:
+        repeated = None if conc is None else conc.repeat(images.shape[0] // inputs.shape[0])
+        return torch.softmax(model(images, repeated).float(), dim=1)
+
+    return mean_over_orientations(probabilities_of, inputs, views)
 
 
 def slice_stem_channels(encoder_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor],

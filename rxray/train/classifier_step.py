@@ -23,8 +23,9 @@ from torch import nn
 from rxray.config import FinetuneConfig, config_to_dict
 from rxray.data.shards import IMAGE_COLUMN
 from rxray.models.checkpoints import Checkpoint, read_checkpoint
-from rxray.models.classifier import build_classifier, freeze_encoder
+from rxray.models.classifier import build_classifier, class_probabilities, freeze_encoder
 from rxray.models.device import autocast_for
+from rxray.models.orientation import ORIENTATIONS, RandomOrientation
 from rxray.ssl.augment import SimCLRAugment
 from rxray.train.epochs import RunSettings, TrainingStep
 from rxray.train.tasks import GAIN_COLUMN, TaskPlan, selection_metric
@@ -130,14 +131,22 @@ class ClassifierStep(TrainingStep):
         """Augmentation and loss on the device; early stopping and the best weights as the checkpoint left them."""
         super().setup(worker, restored)
         run = self.run
-        self.augment = TrainAugment(run.image_side, self.cfg.aug_strength, list(run.recipe.mean),
-                                    list(run.recipe.std)).to(worker.device) if self.cfg.aug_strength > 0 else None
+        if self.cfg.aug_strength > 0:  # crops, jitter and noise, besides a random orientation
+            self.augment = TrainAugment(run.image_side, self.cfg.aug_strength, list(run.recipe.mean),
+                                        list(run.recipe.std)).to(worker.device)
+        else:
+            self.augment = RandomOrientation(run.recipe.mean, run.recipe.std) if self.cfg.tta else None
         self.loss_weights = torch.tensor(self.class_weights, dtype=torch.float32, device=worker.device)
         self.criterion = nn.CrossEntropyLoss(weight=self.loss_weights)
         self.stopping = EarlyStopping(**restored.early_stopping) if restored and restored.early_stopping \
             else EarlyStopping(self.cfg.patience)
         self.stopping.patience = self.cfg.patience
         self.best = restored.best if restored else None
+
+    @property
+    def views(self) -> int:
+        """Orientations a prediction averages over (--tta: all 8)."""
+        return ORIENTATIONS if self.cfg.tta else 1
 
     def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
         """Train mode; a frozen encoder keeps its batch-norm running statistics (eval mode)."""
@@ -209,9 +218,10 @@ class ClassifierStep(TrainingStep):
                 inputs = self.run.recipe.tensor_inputs(images, gains)
                 conc = torch.from_numpy(np.asarray(batch["conc"], dtype=np.float32)).to(self.worker.device)
                 with autocast_for(self.worker.device):
-                    logits = inner(inputs, conc if self.cfg.with_conc else None)
+                    probabilities = class_probabilities(inner, inputs, conc if self.cfg.with_conc else None,
+                                                        self.views)
                 frame = pd.DataFrame({k: v for k, v in batch.items() if k not in (IMAGE_COLUMN, GAIN_COLUMN)})
-                frame["probs"] = list(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                frame["probs"] = list(probabilities.cpu().numpy())
                 parts.append(frame)
         write_worker_predictions(self.predictions_uri, parts, best_epoch=self.stopping.best_epoch)
 
@@ -220,6 +230,7 @@ class ClassifierStep(TrainingStep):
         cfg, plan = self.cfg, self.plan
         return {"config": config_to_dict(cfg), "backbone": self.start.backbone, "stem": self.start.stem,
                 "with_conc": cfg.with_conc, "classes": list(plan.classes),
+                "orientations": ORIENTATIONS if cfg.tta else None,
                 "task": plan.task, "label_col": plan.label_col, "positive": plan.positive,
                 "negative_classes": list(plan.negative_classes), **self.run.recipe.checkpoint_fields(),
                 "head_hidden": cfg.head_hidden, "dropout": cfg.dropout, "encoder_init": self.start.description,
@@ -245,8 +256,8 @@ class ClassifierStep(TrainingStep):
                     "val"):
                 inputs = self.run.recipe.tensor_inputs(batch[IMAGE_COLUMN], batch[GAIN_COLUMN])
                 with autocast_for(worker.device):
-                    logits = model(inputs, batch["conc"] if self.cfg.with_conc else None)
-                probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                    probabilities.append(class_probabilities(model, inputs, batch["conc"] if self.cfg.with_conc
+                                                             else None, self.views).cpu().numpy())
                 labels.append(batch["label"].cpu().numpy())
         # Every worker's share on every worker, so all take the same early-stopping decision.
         shares = worker.gather((np.concatenate(labels) if labels else np.zeros(0, np.int64),

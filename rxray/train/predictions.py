@@ -45,18 +45,21 @@ class PredictBatch(InferenceActor):
         classifier, checkpoint = load_classifier(checkpoint_uri)
         self.classifier = classifier.to(self.device)
         self.with_conc = bool(checkpoint.get("with_conc"))
+        self.views = int(checkpoint.get("orientations") or 1)
         self.recipe = InputRecipe.from_checkpoint(checkpoint)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch's metadata and labels with ``probs`` (B, n_classes) float32."""
         import torch
 
+        from rxray.models.classifier import class_probabilities
+
         conc = torch.from_numpy(np.array(batch["conc"], dtype=np.float32)).to(self.device)
         with torch.inference_mode(), self.precision():
-            logits = self.classifier(self.recipe.classifier_inputs(batch, self.device),
-                                     conc if self.with_conc else None)
+            probabilities = class_probabilities(self.classifier, self.recipe.classifier_inputs(batch, self.device),
+                                                conc if self.with_conc else None, self.views)
         out = {name: values for name, values in batch.items() if name not in (IMAGE_COLUMN, GAIN_COLUMN)}
-        out["probs"] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        out["probs"] = probabilities.cpu().numpy()
         return out
 
 
