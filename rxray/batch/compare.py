@@ -45,7 +45,7 @@ from rxray.runtime import Timer
 LEADERBOARD_FILE = "leaderboard.csv"
 REPRESENTATIONS_DIR = "representations"
 COLUMNS = ["representation", "dims", "treatments_scored", "active_treatments", "mean_map_annotated",
-           "map_same_moa_recall", "map_same_moa_pairs", "map_p_value", "moa_top1", "moa_p_value",
+           "map_same_moa_recall", "map_same_moa_pairs", "map_p_value", "moa_top1", "moa_compounds", "moa_p_value",
            "probe_balanced_accuracy", "seconds_to_compute", "source"]
 
 
@@ -180,6 +180,7 @@ def leaderboard_row(representation: Representation, result: ScoreResult, scores:
         "map_same_moa_pairs": treatment_map.get("n_same_moa_pairs"),
         "map_p_value": treatment_map.get("p_value"),
         "moa_top1": treatment_map.get("moa_top1"),
+        "moa_compounds": treatment_map.get("moa_evaluable"),  # what top-1 is a share of: its own active compounds
         "moa_p_value": treatment_map.get("moa_p_value"),
         "probe_balanced_accuracy": probe.get(representation.probe_encoder or ""),
         "seconds_to_compute": representation.seconds,
