@@ -29,7 +29,7 @@ from rxray.train.classifier_step import EarlyStopping
 from rxray.train.classify import RUN_NAME, finetune
 from rxray.train.epoch_log import read_metrics
 from rxray.train.plate_norm import control_sums
-from rxray.train.predictions import FIGURES, PredictBatch
+from rxray.train.predictions import FIGURES, WORKER_PREDICTIONS_FILE, PredictBatch, read_worker_predictions
 from rxray.train.tasks import label_batch, make_splits, plan_task, read_metadata
 from conftest import shard_row
 
@@ -295,8 +295,9 @@ def test_the_science_runs_classifier_trains_a_head_on_its_simclr_encoder_cut_to_
     trained = load_checkpoint(storage.join(out, RUN_NAME))
     assert not all(torch.equal(trained["head"][k], v) for k, v in model.head.state_dict().items())
 
-    # With tta the inference pool's actor predicts the test plate as the trained worker did (8 orientations).
-    recorded = pd.read_parquet(storage.join(out, "predictions.parquet")).set_index("site_id")
+    # With tta the inference pool's actor predicts the test plate as the trained worker did (8 orientations;
+    # predictions.parquet holds them as plate control z-scores, the worker's file the probabilities).
+    recorded = read_worker_predictions(storage.join(out, WORKER_PREDICTIONS_FILE), cfg.epochs).set_index("site_id")
     table = pq.read_table(str(folder / "run" / "shards"))
     rows = table.filter(pc.is_in(table["site_id"], pa.array(recorded.index.to_list())))
     sites = rows.drop(["image"]).to_pandas()
