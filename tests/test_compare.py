@@ -8,7 +8,7 @@ from __future__ import annotations
 from rxray.batch.compare import scored_alike
 from rxray.config import CompareConfig, ScoreConfig, config_to_dict, load_config
 from rxray.outputs import write_manifest
-from rxray.report.findings import leaderboard_findings, leaderboard_lines
+from rxray.report.leaderboard import leaderboard_findings, leaderboard_lines
 from rxray.results import ScoreResult
 
 

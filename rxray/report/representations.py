@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from rxray.evaluate.plots import new_figure
 from rxray.report.html import escape, figure_html, html_table, kv_table
+from rxray.report.leaderboard import leaderboard_lines
 from rxray.report.sections import Context
 from rxray.report.step_outputs import StepOutput
 
@@ -74,8 +75,6 @@ def leaderboard_findings_html(findings: dict | None) -> str:
     """The leaderboard's verdict at the top of the Findings: who finds the most actives, who names mechanisms best."""
     if not findings:
         return ""
-    from rxray.report.findings import leaderboard_lines
-
     lines = leaderboard_lines(findings)
     return ("<h3>Which representation</h3><p>" + "<br>".join(escape(line[0].upper() + line[1:]) for line in lines)
             + " (<a href=\"#compare\">leaderboard</a>). The findings below read the score step's embeddings.</p>")
