@@ -68,8 +68,7 @@ def class_probabilities(model: Classifier, inputs: torch.Tensor, conc: torch.Ten
     """Softmax probabilities (B, K) float32 of normalised inputs; ``views`` 8 averages them over each image's 8
     orientations (test-time augmentation, :mod:`rxray.models.orientation`)."""
     def probabilities_of(images: torch.Tensor) -> torch.Tensor:
-        repeated = None if conc is None else conc.repeat(images.shape[0] // inputs.shape[0])
-        return torch.softmax(model(images, repeated).float(), dim=1)
+        return torch.softmax(model(images, conc).float(), dim=1)
 
     return mean_over_orientations(probabilities_of, inputs, views)
 

@@ -12,7 +12,7 @@ a square image move pixels without resampling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -58,15 +58,16 @@ class RandomOrientation:
         return random_orientation(normalize(images, self.mean, self.std), generator)
 
 
-def mean_over_orientations(probabilities_of, images: torch.Tensor, views: int) -> torch.Tensor:
+def mean_over_orientations(probabilities_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                           views: int) -> torch.Tensor:
     """The mean of ``probabilities_of(view_images)`` (B, K) over the first ``views`` orientations (1: as is; 8: all).
 
-    The views go through the model as one batch of ``views`` x B images, view-major (an
-    eval-mode model's outputs do not depend on what shares its batch).
+    One view at a time, so a batch needs the memory of one view (a GPU batch of 256 large
+    images stacked 8 times would not fit), at ``views`` times one view's compute.
     """
     if views not in (1, ORIENTATIONS):
         raise ValueError(f"views must be 1 or {ORIENTATIONS}, got {views}")
-    if views == 1:
-        return probabilities_of(images)
-    stacked = torch.cat([orient(images, view) for view in range(views)])
-    return probabilities_of(stacked).reshape(views, images.shape[0], -1).mean(dim=0)
+    total = probabilities_of(images)
+    for view in range(1, views):
+        total = total + probabilities_of(orient(images, view))
+    return total / views
