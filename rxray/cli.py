@@ -16,7 +16,7 @@ import typing
 from typing import Any
 
 from rxray.errors import ConfigError, StepFailed
-from rxray.options import load_config, unwrap_optional
+from rxray.options import field_default, load_config, unwrap_optional
 from rxray import steps
 from rxray.steps import BENCHMARKS, Step
 
@@ -32,8 +32,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         meta = f.metadata
         tp, _ = unwrap_optional(hints[f.name])
-        default = "required" if meta.get("required") else f.default if f.default is not dataclasses.MISSING \
-            else f.default_factory()  # type: ignore[misc]
+        default = "required" if meta.get("required") else field_default(f)
         help_text = meta.get("help", "")
         if "(default:" not in help_text:  # a help text that explains its own default keeps that wording
             help_text += f" (default: {default})"

@@ -55,6 +55,15 @@ def option(
 # --------------------------------------------------------------------------- coercion
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A config field's default value (a fresh one for list defaults), or dataclasses.MISSING when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """(T, True) for an ``Optional[T]`` annotation, (tp, False) for any other."""
     origin = typing.get_origin(tp)

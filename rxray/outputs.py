@@ -141,9 +141,11 @@ def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any,
     newer than the run) counts as its default, the behaviour the run was made with; a
     field without a default is skipped.
     """
+    from rxray.options import field_default
+
     current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    defaults = json.loads(json.dumps({f.name: _field_default(f) for f in dataclasses.fields(cfg)
-                                      if _field_default(f) is not dataclasses.MISSING}, default=str))
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(cfg)}
+    defaults = json.loads(json.dumps({k: v for k, v in defaults.items() if v is not dataclasses.MISSING}, default=str))
     changed = {}
     for name, value in current.items():
         if name in recorded or name in defaults:
@@ -151,15 +153,6 @@ def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any,
             if old != value:
                 changed[name] = (old, value)
     return changed
-
-
-def _field_default(field: dataclasses.Field) -> Any:
-    """A dataclass field's default value, or dataclasses.MISSING when it has none."""
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
 
 
 def recorded_config(out: str, section: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
