@@ -23,15 +23,16 @@ def leaderboard_findings(rows: list[dict[str, Any]], correction: str | None) -> 
     board = pd.DataFrame(rows)
     by_active = board.sort_values("active_treatments", ascending=False, kind="stable")
     mechanism = board.dropna(subset=["moa_top1"]).copy()
-    compounds = mechanism["moa_compounds"] if "moa_compounds" in mechanism else pd.Series(float("nan"),
-                                                                                          index=mechanism.index)
-    mechanism["compounds"] = pd.to_numeric(compounds, errors="coerce")
-    mechanism["named"] = (mechanism["moa_top1"] * mechanism["compounds"]).round()
+    if "moa_compounds" not in mechanism:  # a board written before the column
+        mechanism["moa_compounds"] = None
+    mechanism["moa_compounds"] = pd.to_numeric(mechanism["moa_compounds"], errors="coerce")
+    mechanism["named"] = (mechanism["moa_top1"] * mechanism["moa_compounds"]).round()
     mechanism = mechanism.sort_values(["named", "moa_top1"], ascending=False, kind="stable", na_position="last")
     return {"correction": correction,
             "active": [(r.representation, r.active_treatments, r.treatments_scored) for r in by_active.itertuples()],
             "mechanism": [(r.representation, r.moa_top1, r.moa_p_value,
-                           None if r.compounds != r.compounds else int(r.compounds)) for r in mechanism.itertuples()]}
+                           None if pd.isna(r.moa_compounds) else int(r.moa_compounds))
+                          for r in mechanism.itertuples()]}
 
 
 def leaderboard_lines(findings: dict[str, Any] | None) -> list[str]:
