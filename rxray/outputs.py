@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from rxray import storage
 from rxray.errors import ConfigError
+from rxray.options import field_default
 
 MANIFEST_FILE = "_manifest.json"
 CONFIG_FILE = "config.yaml"  # the resolved config a training run saves before its first epoch
@@ -141,8 +142,6 @@ def changed_settings(recorded: dict[str, Any], cfg: Any) -> dict[str, tuple[Any,
     newer than the run) counts as its default, the behaviour the run was made with; a
     field without a default is skipped.
     """
-    from rxray.options import field_default
-
     current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     defaults = {f.name: field_default(f) for f in dataclasses.fields(cfg)}
     defaults = json.loads(json.dumps({k: v for k, v in defaults.items() if v is not dataclasses.MISSING}, default=str))

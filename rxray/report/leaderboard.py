@@ -50,7 +50,7 @@ def leaderboard_lines(findings: dict[str, Any] | None) -> list[str]:
 
 def _mechanism_entry(name: str, top1: float, p: float | None, compounds: int | None = None) -> str:
     """``name k of n right (top-1 x, p = y)``, or ``name x (p = y)`` when the board does not say n."""
-    p_text = f"p = {p:.3g}" if p is not None and p == p else ""
+    p_text = "" if p is None or pd.isna(p) else f"p = {p:.3g}"
     if compounds is None:
         return f"{name} {top1:.2f}" + (f" ({p_text})" if p_text else "")
     return f"{name} {round(top1 * compounds)} of {compounds} right (top-1 {top1:.2f}" + (f", {p_text})" if p_text
