@@ -29,6 +29,8 @@ __all__ = ["BACKBONES", "CACHE_HELP", "FEATURE_MEASUREMENTS", "PROBE_CORRECTIONS
 # (an epoch's first streamed batch) are 1.3-4 s on 2 cores (docs/benchmarks.md); 120 s fails an incurable stall
 # after (max_failures + 1) x 2 minutes, not 30. Workers say every 30 s what they wait for.
 STALL_TIMEOUT_S = 120.0
+LR_SCHEDULES = ["cosine", "constant"]
+LR_SCHEDULE_HELP = "learning rate per epoch: cosine decay from --lr towards 0 over --epochs, or constant"
 STALL_TIMEOUT_HELP = ("seconds a training worker waits for its next batch before it fails and Ray Train restarts "
                       "the workers from the last checkpoint (a lost node's data never arrives)")
 
@@ -150,8 +152,7 @@ class PretrainConfig:
     lr: float = option(1e-3, "Adam learning rate", minimum=0.0)
     weight_decay: float = option(1e-6, "weight decay", minimum=0.0)
     temperature: float = option(0.2, "NT-Xent temperature", minimum=1e-4)
-    lr_schedule: str = option("cosine", "learning rate per epoch: cosine decay from --lr towards 0 over --epochs, "
-                                        "or constant", choices=["cosine", "constant"])
+    lr_schedule: str = option("cosine", LR_SCHEDULE_HELP, choices=LR_SCHEDULES)
     proj_dim: int = option(128, "projection head output size", minimum=2, role="identity")
     dropout: float = option(0.1, "projection head dropout", minimum=0.0, maximum=0.95)
     crop_size: Optional[int] = option(None, "augmented view side in pixels (default: the shard image size)",
@@ -295,6 +296,7 @@ class FinetuneConfig:
     lr: float = option(1e-3, "learning rate of the head", minimum=0.0)
     encoder_lr_scale: float = option(0.1, "encoder learning rate as a fraction of --lr when fine-tuning",
                                      minimum=0.0)
+    lr_schedule: str = option("constant", LR_SCHEDULE_HELP, choices=LR_SCHEDULES)
     weight_decay: float = option(1e-4, "AdamW weight decay", minimum=0.0)
     dropout: float = option(0.3, "head dropout", minimum=0.0, maximum=0.95)
     head_hidden: int = option(256, "head hidden units", minimum=1, role="identity")

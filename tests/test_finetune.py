@@ -4,6 +4,7 @@ and plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -25,9 +26,10 @@ from rxray.models.classifier import load_classifier
 from rxray.outputs import read_manifest
 from rxray.models.checkpoints import load_checkpoint
 from rxray.models.classifier import build_classifier, slice_stem_channels
-from rxray.train.classifier_step import EarlyStopping
+from rxray.train.classifier_step import ClassifierStep, EarlyStopping, make_optimizer
 from rxray.train.classify import RUN_NAME, finetune
 from rxray.train.epoch_log import read_metrics
+from rxray.train.epochs import scheduled_learning_rate
 from rxray.train.plate_norm import control_sums
 from rxray.train.predictions import FIGURES, WORKER_PREDICTIONS_FILE, PredictBatch, read_worker_predictions
 from rxray.train.tasks import label_batch, make_splits, plan_task, read_metadata
@@ -260,6 +262,26 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     assert not stopping.stopped
     assert not stopping.update(0.4, 0.1, epoch=4)
     assert stopping.stopped and stopping.best_epoch == 2
+
+
+def test_a_cosine_schedule_decays_the_head_and_encoder_rates_together():
+    cfg = FinetuneConfig(data="unused", out="unused", positive="IFN-beta", freeze=False, epochs=4, lr=1e-3,
+                         encoder_lr_scale=0.1, lr_schedule="cosine")
+    step = ClassifierStep(cfg=cfg, run=None, plan=None, start=None, class_weights=[1.0, 1.0], has_val=False)
+    model = build_classifier(cfg, 2, backbone="resnet18", stem="adapt")
+    optimizer = make_optimizer(cfg, model)
+    rates = []
+    for epoch in range(cfg.epochs):
+        recorded = step.begin_epoch(model, optimizer, epoch)
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        assert recorded == {"lr": rates[-1][0]}
+    assert rates[0] == pytest.approx([1e-3, 1e-4])  # epoch 0 starts at --lr, the encoder at its fraction
+    assert rates[2] == pytest.approx([5e-4, 5e-5])  # half way down the cosine
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(rates, rates[1:]))
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    assert [scheduled_learning_rate(constant.lr, constant.lr_schedule, e, 4) for e in range(4)] == [1e-3] * 4
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_learning_rate(1e-3, "step", 0, 4)
 
 
 # --------------------------------------------------------------------------- real runs on Ray Train

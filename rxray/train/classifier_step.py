@@ -27,7 +27,7 @@ from rxray.models.classifier import build_classifier, class_probabilities, freez
 from rxray.models.device import autocast_for
 from rxray.models.orientation import ORIENTATIONS, RandomOrientation
 from rxray.ssl.augment import SimCLRAugment
-from rxray.train.epochs import RunSettings, TrainingStep
+from rxray.train.epochs import RunSettings, TrainingStep, scheduled_learning_rate
 from rxray.train.tasks import GAIN_COLUMN, TaskPlan, selection_metric
 from rxray.train.worker import TrainWorker, unwrap
 
@@ -149,11 +149,16 @@ class ClassifierStep(TrainingStep):
         return ORIENTATIONS if self.cfg.tta else 1
 
     def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
-        """Train mode; a frozen encoder keeps its batch-norm running statistics (eval mode)."""
+        """Train mode (a frozen encoder keeps its batch-norm running statistics) and the epoch's learning rates."""
         model.train()
         if self.cfg.freeze:
             unwrap(model).encoder.eval()
-        return {}
+        cfg = self.cfg
+        head_lr = scheduled_learning_rate(cfg.lr, cfg.lr_schedule, epoch, cfg.epochs)
+        # make_optimizer's groups: the head, then (fine-tuning) the encoder at its fraction of the head's rate.
+        for group, scale in zip(optimizer.param_groups, (1.0, cfg.encoder_lr_scale)):
+            group["lr"] = head_lr * scale
+        return {"lr": head_lr}
 
     def batch_inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Plate-normalised, augmented images (and concentrations with --with-conc)."""

@@ -15,6 +15,7 @@ and the step's own config), never as untyped dicts.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,6 +35,20 @@ from rxray.train.worker import ThroughputMeter, TrainWorker, unwrap, worker_prin
 
 # Spacing of the per-worker view seeds: far apart, so worker r's epoch e never reuses worker r+1's seeds.
 _RANK_SEED_STRIDE = 1_000_003
+
+
+def scheduled_learning_rate(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of a 0-based epoch: ``lr`` (constant), or cosine-decayed from it towards 0 over ``epochs``.
+
+    Set per epoch from the epoch number alone, so a resumed run continues the same schedule;
+    the last epochs at a small rate make the final model a settled point, not a sample of
+    a noisy trajectory.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose cosine or constant")
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ the loss alone falls when augmentations get easier, so `rxray tune` ranks runs b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from rxray.runner import step_function
 from rxray.runtime import Timer, ensure_ray
 from rxray.train.epoch_log import read_metrics
 from rxray.models.inputs import InputRecipe
-from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step
+from rxray.train.epochs import RunSettings, TrainingStep, optimisation_step, scheduled_learning_rate
 from rxray.train.launch import INPUT_TASK_CPUS, check_rerun, input_statistics, launch, worker_cpus
 from rxray.train.worker import TrainWorker, unwrap
 
@@ -93,16 +92,12 @@ def train_step(model: nn.Module, augment: nn.Module, optimizer: torch.optim.Opti
 
 
 def epoch_learning_rate(cfg: PretrainConfig, epoch: int) -> float:
-    """The learning rate of a 0-based epoch: constant, or cosine-decayed from ``lr`` towards 0 (SimCLR's schedule).
+    """The learning rate of a 0-based epoch under ``cfg.lr_schedule`` (SimCLR's: cosine).
 
-    Set per epoch from the epoch number alone, so a resumed run continues the same schedule;
-    the last epochs at a small rate make the final encoder a settled point, not a sample of
-    a noisy trajectory (on the demo's 6 epochs the probe scores of consecutive epochs at a
-    constant 1e-3 differed by up to 0.04).
+    On the demo's 6 epochs the probe scores of consecutive epochs at a constant 1e-3
+    differed by up to 0.04: the cosine's last epochs settle the encoder.
     """
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return scheduled_learning_rate(cfg.lr, cfg.lr_schedule, epoch, cfg.epochs)
 
 
 def make_optimizer(cfg: PretrainConfig, model: nn.Module) -> torch.optim.Optimizer:
