@@ -72,7 +72,10 @@ def test_score_and_report_read_at_433_treatments(midsize_screen, tmp_path, ray_l
     active = table.set_index("treatment")["active"]
     assert active[layout.TREATMENT_GROUPS["interferons"]].all()
     null_names = [name for name, null in nulls.items() if null]
-    assert len(null_names) > 50 and active[null_names].mean() <= 0.05
+    # Benjamini-Hochberg bounds the false share of the calls, not each null's chance of a call: with ~85% of the
+    # treatments active a null is called at p <= ~0.04, so of 65 nulls 4 or more are called on ~30% of draws and 7
+    # or more on ~2-4% (binomial). 10% catches anti-conservative p-values without failing a third of the draws.
+    assert len(null_names) > 50 and active[null_names].mean() <= 0.10
     assert active[[n for n, null in nulls.items() if not null]].mean() > 0.5
     assert summary.summary["treatment_map"]["center"]["n_treatments"] == 433
 

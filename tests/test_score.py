@@ -306,11 +306,16 @@ def test_correction_does_not_make_a_null_treatment_active(method):
 # --------------------------------------------------------------------------- the step
 
 
-def test_load_embeddings_reads_embed_parquet_and_rxrx2_csv(tmp_path):
+def test_load_embeddings_reads_embed_parquet_and_rxrx2_csv_in_site_order(tmp_path):
     meta, X = synthetic_embeddings(dim=8, n_plates=2, control_wells=2, wells_per_treatment=1, sites=2)
-    got_meta, got_X = load_embeddings(write_embed_parquet(meta, X, str(tmp_path / "embed")))
-    pd.testing.assert_frame_equal(got_meta, meta.astype(got_meta.dtypes.to_dict()))
-    np.testing.assert_array_equal(got_X, X)
+    # Written out of order, as blocks that finish out of order leave them: read back in site_id order.
+    written = np.random.default_rng(0).permutation(len(meta))
+    got_meta, got_X = load_embeddings(write_embed_parquet(meta.iloc[written].reset_index(drop=True), X[written],
+                                                          str(tmp_path / "embed")))
+    in_site_order = np.argsort(meta["site_id"].to_numpy(dtype=str), kind="stable")
+    expected = meta.iloc[in_site_order].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got_meta, expected.astype(got_meta.dtypes.to_dict()))
+    np.testing.assert_array_equal(got_X, X[in_site_order])
     csv_meta, csv_X = load_embeddings(write_rxrx2_csv(meta, X, str(tmp_path / "rxrx2")))
     order = meta.set_index("site_id").index.get_indexer(csv_meta["site_id"])
     np.testing.assert_allclose(csv_X, X[order], rtol=1e-6)

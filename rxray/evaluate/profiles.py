@@ -151,7 +151,21 @@ def _cellprofiler_profiles(uri: str, table: pa.Table) -> tuple[pd.DataFrame, np.
 
 
 def load_embeddings(uri: str, metadata: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Site metadata (9 RxRx2 columns) and the (n_sites, d) float32 embedding matrix, row-aligned.
+    """Site metadata (9 RxRx2 columns) and the (n_sites, d) float32 embedding matrix, row-aligned, in site_id order.
+
+    Writers leave rows in the order their blocks finished (`rxray embed` on a loaded machine
+    wrote a plate's sites out of order), and the seeded permutations and forests downstream
+    draw by row: sorted by site_id, the same profiles give the same scores whoever wrote them.
+    """
+    meta, X = _read_profiles(uri, metadata)
+    order = np.argsort(meta["site_id"].to_numpy(dtype=str), kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return meta, X
+    return meta.iloc[order].reset_index(drop=True), X[order]
+
+
+def _read_profiles(uri: str, metadata: str | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Site metadata and the embedding matrix, row-aligned, in the order the files hold them.
 
     ``uri`` is `rxray embed` output (Parquet with the metadata columns and an
     ``embedding`` vector column), `rxray features` output or any Parquet in CellProfiler's
