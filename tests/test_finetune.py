@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from rxray import storage
 from rxray.config import ConfigError, FinetuneConfig, load_config
 from rxray.data.shards import images_from_table
-from rxray.evaluate.metrics import best_f1_threshold, classification_metrics
+from rxray.evaluate.metrics import best_f1_threshold, classification_metrics, roc_auc_interval
 from rxray.layout import RIM_GAIN_KEY
 from rxray.models.backbones import build_encoder
 from rxray.models.classifier import load_classifier
@@ -96,6 +97,10 @@ def _check_outputs(out: str, classes: list[str]) -> None:
     manifest = read_manifest(out)
     assert manifest["step"] == "finetune" and manifest["figures"] == list(FIGURES)
     assert manifest["timings"]["fit"] > 0 and manifest["timings"]["evaluate"] > 0
+    if len(classes) == 2:  # the held-out ROC-AUC with its bootstrap over the test split's wells
+        interval = metrics["roc_auc_interval"]
+        assert interval["unit"] == "wells" and interval["positive_groups"] >= 1
+        assert interval["low"] <= metrics["roc_auc"] + 1e-9 and metrics["roc_auc"] <= interval["high"] + 1e-9
     assert storage.exists(storage.join(out, "config.yaml")) and storage.exists(storage.join(out, "splits.csv"))
     splits = splits_of(out)
     history = read_metrics(out)
@@ -239,6 +244,25 @@ def test_stain_subset_of_a_simclr_encoder_equals_zeros_for_the_dropped_stains(st
         assert torch.allclose(model.features(images), six(zeroed), atol=1e-5)
     with pytest.raises(ValueError, match="exactly one input convolution"):
         slice_stem_channels(six.state_dict(), six.state_dict(), [1, 2])
+
+
+def test_the_roc_auc_interval_resamples_wells_not_their_sites():
+    rng = np.random.default_rng(3)
+    positive = np.r_[np.ones(4, bool), np.zeros(10, bool)]
+    score = rng.normal(size=14) + 1.5 * positive
+    per_well = roc_auc_interval(positive, score)  # one site a well
+    # Two identical sites in each well: resampled by well, the same draws give the same interval; taken as
+    # independent sites, the copies would pass for twice the evidence and narrow it.
+    twice, wells = np.repeat(score, 2), np.repeat(np.arange(14), 2)
+    by_well = roc_auc_interval(np.repeat(positive, 2), twice, wells)
+    by_site = roc_auc_interval(np.repeat(positive, 2), twice)
+    assert (by_well["low"], by_well["high"]) == pytest.approx((per_well["low"], per_well["high"]))
+    assert (by_well["positive_groups"], by_well["negative_groups"], by_site["unit"]) == (4, 10, "sites")
+    assert by_site["high"] - by_site["low"] < by_well["high"] - by_well["low"]
+    assert per_well["low"] < roc_auc_score(positive, score) <= per_well["high"] <= 1.0
+    assert roc_auc_interval(positive, positive.astype(float)) | {"level": 0.95} == \
+        {"low": 1.0, "high": 1.0, "level": 0.95, "unit": "sites", "positive_groups": 4, "negative_groups": 10}
+    assert np.isnan(roc_auc_interval(np.zeros(3, bool), np.arange(3.0))["low"])  # one class: undefined
 
 
 def test_validation_threshold_maximises_f1_and_moves_the_calls():

@@ -502,6 +502,21 @@ def test_findings_lines_say_when_no_two_treatments_share_an_moa():
         "treatment map: no two treatments share an MoA (4 annotated): nothing to benchmark"]
 
 
+def test_a_classifier_line_gives_the_roc_auc_interval_and_the_wells_behind_it():
+    """One held-out plate holds a handful of positive wells: the line says how many, and how far the ROC-AUC could move."""
+    from rxray.report.findings import findings_lines
+
+    interval = {"low": 0.875, "high": 1.0, "level": 0.95, "unit": "wells", "positive_groups": 3, "negative_groups": 8}
+    classifier = {"name": "finetune/ifn-beta", "task": "binary", "positive": "IFN-beta", "split_by": "plate",
+                  "f1": 0.8, "roc_auc": 0.969, "roc_auc_interval": interval, "compound_accuracy": None}
+    assert findings_lines({"classifiers": [classifier]}) == [
+        "classifier finetune/ifn-beta (held-out plates): test F1 0.8, ROC-AUC 0.969 (95% CI 0.875-1.0 over 3 IFN-beta "
+        "and 8 negative wells)"]
+    classifier.update(roc_auc_interval=None)  # a run from before the interval, or a multiclass task
+    assert findings_lines({"classifiers": [classifier]}) == [
+        "classifier finetune/ifn-beta (held-out plates): test F1 0.8, ROC-AUC 0.969"]
+
+
 def test_the_probe_line_names_the_method_that_decides_the_verdict():
     """A tie by one method fails the verdict even where another wins: the console line shows the tie, not the win."""
     from rxray.report.findings import findings_lines

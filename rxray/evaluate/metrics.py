@@ -45,6 +45,44 @@ def _one_vs_rest_scores(true_idx: np.ndarray, proba: np.ndarray) -> tuple[float,
     return (float(np.mean(roc)) if roc else nan), (float(np.mean(pr)) if pr else nan)
 
 
+def roc_auc_interval(positive: Sequence[bool], score: Sequence[float], groups: Sequence[Any] | None = None,
+                     unit: str = "wells", level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """A bootstrap confidence interval of the ROC-AUC, resampling whole groups (wells) within each class.
+
+    A held-out plate gives a handful of positive wells, so one borderline well moves the
+    ROC-AUC by several hundredths: the interval says how far. Sites of one well share
+    its treatment and its position on the plate, so wells, not sites, are resampled
+    (each site its own group, ``unit`` "sites", when ``groups`` is None); positives and negatives are
+    resampled apart (a stratified bootstrap, as pROC's), so every draw has both. The
+    AUC of a draw is exact: pairwise site comparisons are summed per pair of wells
+    once, and a draw weighs them by how often it took each well. Percentile interval.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    groups, unit = (np.arange(len(score)), "sites") if groups is None else (np.asarray(groups), unit)
+    result: dict[str, Any] = {"low": float("nan"), "high": float("nan"), "level": level, "unit": unit,
+                              "positive_groups": int(len(np.unique(groups[positive]))),
+                              "negative_groups": int(len(np.unique(groups[~positive])))}
+    if not positive.any() or positive.all():
+        return result
+    # Site-pair comparisons (1 above, 0.5 tied), summed into (positive well, negative well) blocks.
+    wins = (np.sign(score[positive][:, None] - score[~positive][None, :]) + 1.0) / 2.0
+    pos_index = np.unique(groups[positive], return_inverse=True)[1]
+    neg_index = np.unique(groups[~positive], return_inverse=True)[1]
+    n_pos, n_neg = pos_index.max() + 1, neg_index.max() + 1
+    pos_onehot = np.eye(n_pos)[pos_index]  # (positive sites, positive wells)
+    neg_onehot = np.eye(n_neg)[neg_index]
+    well_wins = pos_onehot.T @ wins @ neg_onehot
+    well_pairs = np.outer(pos_onehot.sum(axis=0), neg_onehot.sum(axis=0))
+    rng = np.random.default_rng(seed)
+    taken_pos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=resamples).astype(np.float64)
+    taken_neg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=resamples).astype(np.float64)
+    auc = np.sum((taken_pos @ well_wins) * taken_neg, axis=1) / np.sum((taken_pos @ well_pairs) * taken_neg, axis=1)
+    tail = (1.0 - level) / 2.0
+    result["low"], result["high"] = (float(v) for v in np.quantile(auc, [tail, 1.0 - tail]))
+    return result
+
+
 def best_f1_threshold(positive: Sequence[bool], score: Sequence[float]) -> float:
     """The decision threshold on ``score`` that maximises the positive class's F1 (for a validation split).
 

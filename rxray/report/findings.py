@@ -160,10 +160,26 @@ def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
         found.append({"name": output.label, "task": result.task, "positive": config.get("positive"),
                       "label_col": config.get("label_col"), "split_by": config.get("split_by"),
                       "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
+                      "roc_auc_interval": _rounded_interval(test.get("roc_auc_interval")),
                       "accuracy": _round(test.get("accuracy")), "compound_accuracy": _round(compounds.get("accuracy")),
                       "n_compounds": compounds.get("n"), "n": test.get("n"), "threshold": _round(test.get("threshold")),
                       "unlabelled": test.get("unlabelled") or []})
     return found
+
+
+def _rounded_interval(interval: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ROC-AUC interval (rxray.evaluate.metrics.roc_auc_interval) with its bounds rounded like the findings."""
+    if not interval:
+        return None
+    return {**interval, "low": _round(interval.get("low")), "high": _round(interval.get("high"))}
+
+
+def interval_text(interval: dict[str, Any] | None, positive: str | None = None) -> str:
+    """' (95% CI 0.9-1.0 over 3 IFN-beta and 8 negative wells)', or '' without an interval."""
+    if not interval or interval.get("low") is None:
+        return ""
+    return (f" ({interval['level']:.0%} CI {interval['low']}-{interval['high']} over {interval['positive_groups']} "
+            f"{positive or 'positive'} and {interval['negative_groups']} negative {interval.get('unit', 'wells')})")
 
 
 def split_leaks(classifiers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -343,8 +359,9 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         held_out = "compounds" if classifier.get("split_by") == "treatment" else f"{classifier.get('split_by')}s"
         per_compound = (f", per-compound accuracy {classifier['compound_accuracy']} of {classifier['n_compounds']}"
                         if classifier.get("compound_accuracy") is not None and classifier["task"] != "binary" else "")
+        interval = interval_text(classifier.get("roc_auc_interval"), classifier.get("positive"))
         lines.append(f"classifier {classifier['name']} (held-out {held_out}): test F1 {classifier['f1']}, ROC-AUC "
-                     f"{classifier['roc_auc']}{per_compound}")
+                     f"{classifier['roc_auc']}{interval}{per_compound}")
     for leak in findings.get("split_leaks") or []:
         lines.append(f"{leak['label']} classifier on compounds it has seen ({leak['split']} split) vs never seen "
                      f"(compound split): per-compound accuracy {leak['compound_accuracy']} vs "

@@ -128,6 +128,12 @@ def finetune_html(output: StepOutput, ctx: Context) -> str:
         headline = {k: metrics.get(k) for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
                                                 "precision_macro", "recall_macro", "f1_macro", "n")
                     if k in metrics}
+        interval = metrics.get("roc_auc_interval")
+        if interval and interval.get("low") is not None:
+            headline[f"ROC-AUC {interval['level']:.0%} CI"] = (
+                f"{format_value(interval['low'])}-{format_value(interval['high'])} (bootstrap over "
+                f"{interval['positive_groups']} positive and {interval['negative_groups']} negative "
+                f"{interval.get('unit', 'wells')})")
         parts.append("<h4>Test split</h4>" + kv_table(headline))
         per_class = metrics.get("per_class")
         if isinstance(per_class, dict) and per_class and all(isinstance(v, dict) for v in per_class.values()):

@@ -69,11 +69,13 @@ def _mechanisms(mechanisms: dict[str, Any] | None, planted: dict[str, Any]) -> d
 
 
 def _classifiers(findings: dict[str, Any]) -> dict[str, Any]:
-    """The IFN-beta classifier's test ranking and F1; per-compound accuracy of plate- and compound-split MoA runs."""
+    """The IFN-beta classifier's test ranking (and its interval's lower bound) and F1; per-compound accuracy of plate- and compound-split MoA runs."""
     result: dict[str, Any] = {}
     for classifier in findings.get("classifiers") or []:
         if classifier.get("positive") == "IFN-beta":
-            result.update(ifn_beta_roc_auc=classifier["roc_auc"], ifn_beta_f1=classifier["f1"])
+            interval = classifier.get("roc_auc_interval") or {}
+            result.update(ifn_beta_roc_auc=classifier["roc_auc"], ifn_beta_roc_auc_low=interval.get("low"),
+                          ifn_beta_f1=classifier["f1"])
     for leak in findings.get("split_leaks") or []:
         result.update(moa_site_accuracy_plate_split=leak["site_accuracy"],
                       moa_site_accuracy_compound_split=leak["compound_split_site_accuracy"],

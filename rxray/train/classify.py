@@ -367,6 +367,6 @@ def _headline(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The test metrics a summary shows."""
     if metrics is None:
         return None
-    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "pr_auc", "prevalence", "threshold", "n",
-            "compounds", "unlabelled")
+    keys = ("accuracy", "precision", "recall", "f1", "f1_macro", "roc_auc", "roc_auc_interval", "pr_auc", "prevalence",
+            "threshold", "n", "compounds", "unlabelled")
     return {k: metrics[k] for k in keys if k in metrics}

@@ -179,7 +179,7 @@ def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
     is called positive, chosen on the validation split; the headline metrics use
     it and ``at_argmax`` keeps the plain highest-probability ones.
     """
-    from rxray.evaluate.metrics import classification_metrics
+    from rxray.evaluate.metrics import classification_metrics, roc_auc_interval
     from rxray.evaluate.plots import plot_confusion_matrix, plot_pr_curve, plot_roc_curve
 
     y = predictions["label"].to_numpy(dtype=np.int64)
@@ -192,6 +192,8 @@ def write_evaluation(out: str, predictions: "pd.DataFrame", plan: TaskPlan,
         argmax = classification_metrics(names, probs, labels=plan.classes)
         metrics["at_argmax"] = {key: argmax[key] for key in ("accuracy", "precision", "recall", "f1",
                                                              "confusion_matrix")}
+        wells = predictions["well_id"].to_numpy() if "well_id" in predictions else None
+        metrics["roc_auc_interval"] = roc_auc_interval(y == 1, probs[:, 1], wells)
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), plan.classes, storage.join(out, FIGURES[0]))
     plot_pr_curve(y, probs, storage.join(out, FIGURES[1]), labels=plan.classes)
     plot_roc_curve(y, probs, storage.join(out, FIGURES[2]), labels=plan.classes)
