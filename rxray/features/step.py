@@ -44,7 +44,7 @@ from rxray.evaluate.profiles import CP_METADATA_PREFIX as METADATA_PREFIX
 from rxray.outputs import read_manifest
 from rxray.results import FeaturesResult
 from rxray.runner import step_function
-from rxray.runtime import Timer, ensure_ray
+from rxray.runtime import Timer, ensure_ray, wait_for_a_free_cpu
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -276,6 +276,7 @@ def features(cfg: FeaturesConfig) -> FeaturesResult:
           f"{plan.actors} actors", file=sys.stderr, flush=True)
     with timer.time("profile"):
         _write(profiled, sites_uri)
+    wait_for_a_free_cpu()  # the profiling actors give their CPUs back: the next read would warn it "will hang"
     flags = _local_table(sites_uri, columns=[NO_CELLS_COLUMN]).column(NO_CELLS_COLUMN)  # 4 bytes a site
     rows_out = len(flags)
     if rows_out != rows_in:
