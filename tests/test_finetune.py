@@ -262,6 +262,9 @@ def test_the_roc_auc_interval_resamples_wells_not_their_sites():
     assert per_well["low"] < roc_auc_score(positive, score) <= per_well["high"] <= 1.0
     assert roc_auc_interval(positive, positive.astype(float)) | {"level": 0.95} == \
         {"low": 1.0, "high": 1.0, "level": 0.95, "unit": "sites", "positive_groups": 4, "negative_groups": 10}
+    # Every pair tied: half a win each, in every draw.
+    assert roc_auc_interval(positive, np.full(14, 0.4)) | {"level": 0.95} == \
+        {"low": 0.5, "high": 0.5, "level": 0.95, "unit": "sites", "positive_groups": 4, "negative_groups": 10}
     assert np.isnan(roc_auc_interval(np.zeros(3, bool), np.arange(3.0))["low"])  # one class: undefined
 
 
