@@ -27,7 +27,7 @@ from rxray.cli import main
 from rxray.config import ConfigError, ReportConfig, load_config
 from rxray import layout
 from rxray.report import step_outputs
-from rxray.evaluate.metrics import classification_metrics
+from rxray.evaluate.metrics import classification_metrics, roc_auc_interval
 from rxray.report.page import report
 from rxray.report.step_outputs import find_step_outputs
 from rxray.outputs import write_manifest
@@ -123,6 +123,8 @@ def write_finetune(uri: str, with_plots: bool) -> None:
     scores /= scores.sum(axis=1, keepdims=True)
     metrics = classification_metrics([labels[i] for i in y_true], scores if len(labels) > 2 else scores[:, 1],
                                      labels)
+    if len(labels) == 2:  # as rxray.train.predictions.write_evaluation adds it: two sites a well
+        metrics["roc_auc_interval"] = roc_auc_interval(y_true == 1, scores[:, 1], np.arange(40) // 2)
     storage.write_text(storage.join(uri, "metrics.json"), json.dumps(metrics))
     if with_plots:
         for name in ("confusion_matrix.png", "pr_curve.png", "roc_curve.png"):
@@ -323,6 +325,7 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     assert "100 of 150 sites (seeded sample)" in page
     assert len([f for f in figures if f.startswith("finetune-clf_ifn-beta")]) == 4  # 3 copied PNGs + curves
     assert len([f for f in figures if f.startswith("finetune-clf_multi") and "confusion" in f]) == 1
+    assert page.count("roc_auc 95% CI") == 1  # the binary classifier's interval; the multiclass one has none
     assert len([f for f in figures if "panels" in f]) == 3  # max_panels
     assert {"IFN-beta", "IFN-gamma"} <= {f.split("panels_")[1].split("__")[0] for f in figures if "panels" in f}
     assert any(f.startswith("pretrain-") for f in figures) and "timings.png" in figures

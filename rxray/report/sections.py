@@ -113,6 +113,19 @@ def _class_names(metrics: dict[str, Any], n: int) -> list[str]:
     return [str(k) for k in range(n)]
 
 
+def _with_roc_auc_interval(headline: dict[str, Any], metrics: dict[str, Any], positive: str | None) -> dict[str, Any]:
+    """The headline metrics with the ROC-AUC's bootstrap interval (binary tasks) in the row after the ROC-AUC."""
+    interval = metrics.get("roc_auc_interval")
+    if not interval or interval.get("low") is None:
+        return headline
+    ci = (f"{interval['low']:.3f} to {interval['high']:.3f} (bootstrap over {interval['positive_groups']} "
+          f"{positive or 'positive'} and {interval['negative_groups']} negative {interval.get('unit', 'wells')})")
+    rows = list(headline.items())
+    rows.insert(list(headline).index("roc_auc") + 1 if "roc_auc" in headline else len(rows),
+                (f"roc_auc {interval['level']:.0%} CI", ci))
+    return dict(rows)
+
+
 def finetune_html(output: StepOutput, ctx: Context) -> str:
     """Test metrics, per-class detail, confusion matrix, PR and ROC curves and training curves of one classifier."""
     config = output.config
@@ -128,13 +141,8 @@ def finetune_html(output: StepOutput, ctx: Context) -> str:
         headline = {k: metrics.get(k) for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
                                                 "precision_macro", "recall_macro", "f1_macro", "n")
                     if k in metrics}
-        interval = metrics.get("roc_auc_interval")
-        if interval and interval.get("low") is not None:
-            headline[f"ROC-AUC {interval['level']:.0%} CI"] = (
-                f"{format_value(interval['low'])}-{format_value(interval['high'])} (bootstrap over "
-                f"{interval['positive_groups']} positive and {interval['negative_groups']} negative "
-                f"{interval.get('unit', 'wells')})")
-        parts.append("<h4>Test split</h4>" + kv_table(headline))
+        parts.append("<h4>Test split</h4>" + kv_table(_with_roc_auc_interval(headline, metrics,
+                                                                             config.get("positive"))))
         per_class = metrics.get("per_class")
         if isinstance(per_class, dict) and per_class and all(isinstance(v, dict) for v in per_class.values()):
             frame = pd.DataFrame([{"class": name, **values} for name, values in per_class.items()])
