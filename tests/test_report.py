@@ -325,7 +325,8 @@ def test_report_renders_and_links_every_figure(full_run, tmp_path):
     assert "100 of 150 sites (seeded sample)" in page
     assert len([f for f in figures if f.startswith("finetune-clf_ifn-beta")]) == 4  # 3 copied PNGs + curves
     assert len([f for f in figures if f.startswith("finetune-clf_multi") and "confusion" in f]) == 1
-    assert page.count("roc_auc 95% CI") == 1  # the binary classifier's interval; the multiclass one has none
+    # The binary classifier's interval, in its section and in the Findings' classifier table; the multiclass has none.
+    assert page.count("roc_auc 95% CI") == 2 and '&quot;low&quot;' not in page
     assert len([f for f in figures if "panels" in f]) == 3  # max_panels
     assert {"IFN-beta", "IFN-gamma"} <= {f.split("panels_")[1].split("__")[0] for f in figures if "panels" in f}
     assert any(f.startswith("pretrain-") for f in figures) and "timings.png" in figures

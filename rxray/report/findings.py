@@ -174,6 +174,14 @@ def _rounded_interval(interval: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**interval, "low": _round(interval.get("low")), "high": _round(interval.get("high"))}
 
 
+def interval_cell(interval: dict[str, Any] | None) -> str | None:
+    """'0.875-1.0 (3 vs 8 wells)': a findings table's cell for a ROC-AUC interval; None without one."""
+    if not interval or interval.get("low") is None:
+        return None
+    return (f"{interval['low']}-{interval['high']} ({interval['positive_groups']} vs {interval['negative_groups']} "
+            f"{interval.get('unit', 'wells')})")
+
+
 def interval_text(interval: dict[str, Any] | None, positive: str | None = None) -> str:
     """' (95% CI 0.9-1.0 over 3 IFN-beta and 8 negative wells)', or '' without an interval."""
     if not interval or interval.get("low") is None:
