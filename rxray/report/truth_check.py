@@ -69,7 +69,8 @@ def _mechanisms(mechanisms: dict[str, Any] | None, planted: dict[str, Any]) -> d
 
 
 def _classifiers(findings: dict[str, Any]) -> dict[str, Any]:
-    """The IFN-beta classifier's test ranking (and its interval's lower bound) and F1; per-compound accuracy of plate- and compound-split MoA runs."""
+    """The IFN-beta classifier's test ranking (with its interval's lower bound) and F1; per-compound accuracy of
+    plate- and compound-split MoA runs."""
     result: dict[str, Any] = {}
     for classifier in findings.get("classifiers") or []:
         if classifier.get("positive") == "IFN-beta":
