@@ -160,34 +160,26 @@ def classifier_findings(outputs: Iterable[StepOutput]) -> list[dict[str, Any]]:
         found.append({"name": output.label, "task": result.task, "positive": config.get("positive"),
                       "label_col": config.get("label_col"), "split_by": config.get("split_by"),
                       "f1": _round(test.get("f1", test.get("f1_macro"))), "roc_auc": _round(test.get("roc_auc")),
-                      "roc_auc_interval": _rounded_interval(test.get("roc_auc_interval")),
+                      "roc_auc_interval": rounded_interval(test.get("roc_auc_interval")),
                       "accuracy": _round(test.get("accuracy")), "compound_accuracy": _round(compounds.get("accuracy")),
                       "n_compounds": compounds.get("n"), "n": test.get("n"), "threshold": _round(test.get("threshold")),
                       "unlabelled": test.get("unlabelled") or []})
     return found
 
 
-def _rounded_interval(interval: dict[str, Any] | None) -> dict[str, Any] | None:
+def rounded_interval(interval: dict[str, Any] | None) -> dict[str, Any] | None:
     """A ROC-AUC interval (rxray.evaluate.metrics.roc_auc_interval) with its bounds rounded like the findings."""
     if not interval:
         return None
     return {**interval, "low": _round(interval.get("low")), "high": _round(interval.get("high"))}
 
 
-def interval_cell(interval: dict[str, Any] | None) -> str | None:
-    """'0.875-1.0 (3 vs 8 wells)': a findings table's cell for a ROC-AUC interval; None without one."""
+def interval_summary(interval: dict[str, Any] | None, positive: str | None = None) -> str | None:
+    """'0.875-1.0 over 3 IFN-beta and 8 negative wells' for a rounded interval; None without one."""
     if not interval or interval.get("low") is None:
         return None
-    return (f"{interval['low']}-{interval['high']} ({interval['positive_groups']} vs {interval['negative_groups']} "
-            f"{interval.get('unit', 'wells')})")
-
-
-def interval_text(interval: dict[str, Any] | None, positive: str | None = None) -> str:
-    """' (95% CI 0.9-1.0 over 3 IFN-beta and 8 negative wells)', or '' without an interval."""
-    if not interval or interval.get("low") is None:
-        return ""
-    return (f" ({interval['level']:.0%} CI {interval['low']}-{interval['high']} over {interval['positive_groups']} "
-            f"{positive or 'positive'} and {interval['negative_groups']} negative {interval.get('unit', 'wells')})")
+    return (f"{interval['low']}-{interval['high']} over {interval['positive_groups']} {positive or 'positive'} and "
+            f"{interval['negative_groups']} negative {interval.get('unit', 'wells')}")
 
 
 def split_leaks(classifiers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -367,7 +359,8 @@ def findings_lines(findings: dict[str, Any]) -> list[str]:
         held_out = "compounds" if classifier.get("split_by") == "treatment" else f"{classifier.get('split_by')}s"
         per_compound = (f", per-compound accuracy {classifier['compound_accuracy']} of {classifier['n_compounds']}"
                         if classifier.get("compound_accuracy") is not None and classifier["task"] != "binary" else "")
-        interval = interval_text(classifier.get("roc_auc_interval"), classifier.get("positive"))
+        interval = interval_summary(classifier.get("roc_auc_interval"), classifier.get("positive"))
+        interval = f" ({classifier['roc_auc_interval']['level']:.0%} CI {interval})" if interval else ""
         lines.append(f"classifier {classifier['name']} (held-out {held_out}): test F1 {classifier['f1']}, ROC-AUC "
                      f"{classifier['roc_auc']}{interval}{per_compound}")
     for leak in findings.get("split_leaks") or []:

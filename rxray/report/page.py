@@ -24,7 +24,7 @@ import pandas as pd
 
 from rxray import storage
 from rxray.config import ConfigError, ReportConfig
-from rxray.report.findings import collect_findings, interval_cell, untestable_reason
+from rxray.report.findings import collect_findings, interval_summary, untestable_reason
 from rxray.report.folder import ReportFolder
 from rxray.report.representations import leaderboard_findings_html
 from rxray.report.html import CSS, escape, format_value, html_table, link_html, provenance_html
@@ -139,7 +139,8 @@ def findings_html(findings: dict[str, Any]) -> str:
     if findings.get("classifiers"):
         shown = pd.DataFrame(findings["classifiers"]).drop(columns=["unlabelled"], errors="ignore")
         if "roc_auc_interval" in shown:
-            shown["roc_auc_interval"] = [interval_cell(interval) for interval in shown["roc_auc_interval"]]
+            shown["roc_auc_interval"] = [interval_summary(interval, positive) for interval, positive
+                                         in zip(shown["roc_auc_interval"], shown["positive"])]
             shown = shown.rename(columns={"roc_auc_interval": "roc_auc 95% CI"})
         parts.append("<p>Classifiers on their held-out split (split_by: plate or experiment, or treatment: compounds "
                      "never seen in training):</p>" + html_table(shown))

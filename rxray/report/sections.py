@@ -21,7 +21,8 @@ import pandas as pd
 from rxray import storage
 from rxray.config import ReportConfig
 from rxray.layout import CHANNEL_NAMES, CONTROL
-from rxray.report.findings import headline_correction, read_table, score_table_uri
+from rxray.report.findings import (headline_correction, interval_summary, read_table, rounded_interval,
+                                   score_table_uri)
 from rxray.evaluate.plots import plot_confusion_matrix
 from rxray.evaluate.probe_step import PROBE_TABLE
 from rxray.report.folder import ReportFolder
@@ -115,14 +116,13 @@ def _class_names(metrics: dict[str, Any], n: int) -> list[str]:
 
 def _with_roc_auc_interval(headline: dict[str, Any], metrics: dict[str, Any], positive: str | None) -> dict[str, Any]:
     """The headline metrics with the ROC-AUC's bootstrap interval (binary tasks) in the row after the ROC-AUC."""
-    interval = metrics.get("roc_auc_interval")
-    if not interval or interval.get("low") is None:
+    interval = rounded_interval(metrics.get("roc_auc_interval"))
+    summary = interval_summary(interval, positive)
+    if summary is None:
         return headline
-    ci = (f"{interval['low']:.3f} to {interval['high']:.3f} (bootstrap over {interval['positive_groups']} "
-          f"{positive or 'positive'} and {interval['negative_groups']} negative {interval.get('unit', 'wells')})")
     rows = list(headline.items())
     rows.insert(list(headline).index("roc_auc") + 1 if "roc_auc" in headline else len(rows),
-                (f"roc_auc {interval['level']:.0%} CI", ci))
+                (f"roc_auc {interval['level']:.0%} CI", f"{summary} (bootstrap)"))
     return dict(rows)
 
 
